@@ -1,0 +1,388 @@
+"""Public ops: argument checks, the randomness plan, backend choice and torch.library registration.
+
+Two custom ops carry the work, so that both run under ``torch.compile`` and pass
+``torch.library.opcheck``:
+
+* ``sma_kernels::self_guided_mask`` -> (B, L) bool. Not differentiable.
+* ``sma_kernels::masked_attention`` -> (out, lse), with autograd through q, k, v by
+  ``sma_kernels::masked_attention_backward``.
+
+Both take a ``backend`` name; each backend supplies the same three functions as
+:mod:`sma_kernels.reference` (``self_guided_mask``, ``attention_forward``, ``attention_backward``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from . import reference
+from .plan import MaskPlan, make_plan
+
+HEAD_MIXES = ("mean", "random")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Backend(NamedTuple):
+    """What one backend provides, and on which device type."""
+
+    device_type: str  # "cpu", "cuda", or "any"
+    self_guided_mask: Callable[..., torch.Tensor]
+    attention_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    attention_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _load_backends() -> tuple[dict[str, Backend], dict[str, str]]:
+    """Backends that loaded here, and for the others the reason they did not."""
+    loaded = {"reference": Backend("any", reference.self_guided_mask, reference.attention_forward,
+                                   reference.attention_backward)}
+    missing: dict[str, str] = {}
+    from . import cpu
+    if cpu.UNAVAILABLE is None:
+        loaded["cpp"] = Backend("cpu", cpu.self_guided_mask, reference.attention_forward,
+                                reference.attention_backward)
+    else:
+        missing["cpp"] = cpu.UNAVAILABLE
+    from . import triton as triton_backend
+    if triton_backend.UNAVAILABLE is None:
+        loaded["triton"] = Backend("cuda", triton_backend.self_guided_mask,
+                                   triton_backend.attention_forward, triton_backend.attention_backward)
+    else:
+        missing["triton"] = triton_backend.UNAVAILABLE
+    return loaded, missing
+
+
+_BACKENDS, _MISSING = _load_backends()
+BACKEND_NAMES = ("auto", "reference", "cpp", "triton")
+# "auto" picks the first available backend of the tensor's device type, in this order.
+_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
+
+
+def backends() -> dict[str, dict[str, Any]]:
+    """Every backend: whether it is available here, for which device, and if not, why not."""
+    info: dict[str, dict[str, Any]] = {}
+    for name in BACKEND_NAMES[1:]:
+        if name in _BACKENDS:
+            info[name] = {"available": True, "device": _BACKENDS[name].device_type, "reason": None}
+        else:
+            info[name] = {"available": False, "device": {"cpp": "cpu"}.get(name, "cuda"),
+                          "reason": _MISSING[name]}
+    return info
+
+
+def _resolve_backend(backend: object, device: torch.device) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKEND_NAMES}, got {type(backend).__name__}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        order = _AUTO_ORDER.get(device.type, ("reference",))
+        return next(name for name in order if name in _BACKENDS)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not available here: {_MISSING[backend]}")
+    wanted = _BACKENDS[backend].device_type
+    if wanted != "any" and wanted != device.type:
+        raise ValueError(f"backend={backend!r} runs on {wanted} tensors, but the inputs are on {device}")
+    return backend
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_tensor(name: str, x: object, rank: int, shape_doc: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
+    return x
+
+
+def _check_mask_tensor(name: str, x: object, shape: tuple[int, int], shape_doc: str,
+                       device: torch.device) -> torch.Tensor:
+    x = _check_tensor(name, x, 2, shape_doc)
+    if x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    return x
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class _Call(NamedTuple):
+    """A checked call: tensors on one device, every default filled in."""
+
+    valid: torch.Tensor
+    query_pool: torch.Tensor
+    plan: MaskPlan
+    ratio: float
+    num_per_query: int
+    head_mix: str
+    mask_self: bool
+    noise: float
+    scale: float
+    backend: str
+
+
+def _check_call(q: object, k: object, valid: object, *, ratio: object, num_per_query: object,
+                head_mix: object, query_valid: object, mask_self: object, noise: object,
+                scale: object, generator: object, plan: object, backend: object) -> _Call:
+    q = _check_tensor("q", q, 4, "(B, H, Q, d)")
+    k = _check_tensor("k", k, 4, "(B, H, L, d)")
+    for name, x in (("q", q), ("k", k)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}")
+    batch, heads, num_queries, dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != dim:
+        raise ValueError(f"k must have shape (B, H, L, d) = ({batch}, {heads}, L, {dim}) to match q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    num_tokens = k.shape[2]
+    if min(batch, heads, num_queries, num_tokens, dim) == 0:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have no empty dimension")
+
+    if valid is None:
+        valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=q.device)
+    valid = _check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", q.device)
+
+    ratio = _check_real("ratio", ratio)
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
+    if isinstance(num_per_query, bool) or not isinstance(num_per_query, numbers.Integral):
+        raise TypeError(f"num_per_query must be an int, got {type(num_per_query).__name__}")
+    if num_per_query < 1:
+        raise ValueError(f"num_per_query must be >= 1, got {num_per_query}")
+    if not isinstance(head_mix, str):
+        raise TypeError(f"head_mix must be a str, one of {HEAD_MIXES}, got {type(head_mix).__name__}")
+    if head_mix not in HEAD_MIXES:
+        raise ValueError(f"head_mix must be one of {HEAD_MIXES}, got {head_mix!r}")
+    if not isinstance(mask_self, bool):
+        raise TypeError(f"mask_self must be a bool, got {type(mask_self).__name__}")
+    if mask_self and num_queries != num_tokens:
+        raise ValueError(f"mask_self=True needs self-attention inputs with Q == L, got Q={num_queries}, "
+                         f"L={num_tokens}")
+    noise = _check_real("noise", noise)
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must lie in [0, 1], got {noise}")
+    if scale is None:
+        scale = dim ** -0.5
+    scale = _check_real("scale", scale)
+    if scale <= 0.0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+    if query_valid is None:
+        query_pool = valid if mask_self else torch.ones(batch, num_queries, dtype=torch.bool,
+                                                        device=q.device)
+    else:
+        query_pool = _check_mask_tensor("query_valid", query_valid, (batch, num_queries), "(B, Q)",
+                                        q.device)
+        if mask_self:  # a chosen query token is masked itself, so it must be a real token
+            query_pool = query_pool & valid
+
+    if plan is None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        plan = make_plan(batch, num_queries, num_tokens, heads, generator=generator, device=q.device)
+    else:
+        plan = _check_plan(plan, batch, num_queries, num_tokens, heads, q.device)
+    return _Call(valid, query_pool, plan, ratio, int(num_per_query), head_mix, mask_self, noise,
+                 scale, _resolve_backend(backend, q.device))
+
+
+def _check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, heads: int,
+                device: torch.device) -> MaskPlan:
+    if not isinstance(plan, tuple) or len(plan) != 3:
+        raise TypeError(f"plan must be a MaskPlan from make_plan, got {type(plan).__name__}")
+    plan = MaskPlan(*plan)
+    expected = {"query_rank": ((batch, num_queries), num_queries),
+                "head": ((batch, num_queries), heads),
+                "token_rank": ((batch, num_tokens), num_tokens)}
+    for field, (shape, bound) in expected.items():
+        x = getattr(plan, field)
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+            raise TypeError(f"plan.{field} must be an int32 tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"plan.{field} must have shape {shape} for these inputs, got {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"plan.{field} is on {x.device} but q is on {device}")
+        # Out-of-range entries would index out of bounds inside a kernel: refuse them here.
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
+            raise ValueError(f"plan.{field} entries must lie in [0, {bound}), got "
+                             f"[{int(x.min())}, {int(x.max())}]")
+    return plan
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("sma_kernels::self_guided_mask", mutates_args=())
+def _mask_op(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
+             query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
+             num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
+             backend: str) -> torch.Tensor:
+    return _BACKENDS[backend].self_guided_mask(
+        q, k, valid, query_pool, MaskPlan(query_rank, head, token_rank), ratio=ratio,
+        num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
+
+
+@_mask_op.register_fake
+def _(q, k, valid, query_pool, query_rank, head, token_rank, ratio, num_per_query, head_mix,
+      mask_self, noise, scale, backend):
+    return valid.new_empty(valid.shape)
+
+
+@torch.library.custom_op("sma_kernels::masked_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                  scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _BACKENDS[backend].attention_forward(q, k, v, keep, scale=scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, keep, scale, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("sma_kernels::masked_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _BACKENDS[backend].attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, keep, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, keep, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, keep, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, keep, out, lse = ctx.saved_tensors
+    d_q, d_k, d_v = _attention_backward_op(grad_out.contiguous(), q, k, v, keep, out, lse,
+                                           ctx.scale, ctx.backend)
+    return d_q, d_k, d_v, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None, *,
+                     ratio: float, num_per_query: int, head_mix: str = "mean",
+                     query_valid: torch.Tensor | None = None, mask_self: bool = False,
+                     noise: float = 0.0, scale: float | None = None,
+                     generator: torch.Generator | None = None, plan: MaskPlan | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """Choose SMA's self-guided mask from the first layer's attention (DESIGN.md section 2).
+
+    Args:
+        q: (B, H, Q, d) queries: learned latents (cross-attention) or the tokens (self-attention).
+        k: (B, H, L, d) keys of the L input tokens, same dtype and device as q.
+        valid: (B, L) bool, True = real token; padding may sit anywhere. Default: all real.
+        ratio: masking ratio r in (0, 1); k = clamp(round(r * n_b), 1, n_b - 1) tokens are masked.
+        num_per_query: npq >= 1; k_q = clamp(round(n_b * r / npq), 1, pool size) rows are summed.
+        head_mix: "mean" over heads, or "random": one head per (sample, query row) from the plan.
+        query_valid: (B, Q) bool, the rows that may be chosen. Default: all Q rows, or ``valid``
+            under ``mask_self``.
+        mask_self: self-attention only (Q == L): the chosen query tokens are always masked.
+        noise: curriculum eta in [0, 1]; round(eta * (k - f)) of the masked tokens are uniform
+            random picks instead of top scores (eta = 1 gives a uniform random mask).
+        scale: logit scale, default d ** -0.5.
+        generator: randomness for the plan when ``plan`` is not given.
+        plan: a :class:`MaskPlan` from :func:`make_plan`; the same plan gives the same mask on
+            every backend.
+        backend: "auto", "reference", "cpp" (CPU tensors) or "triton" (CUDA tensors).
+
+    Returns:
+        (B, L) bool, True = masked. Padding is never masked; each sample with n_b >= 2 real
+        tokens has exactly k masked.
+    """
+    call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
+                       query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
+                       generator=generator, plan=plan, backend=backend)
+    return _mask_op(q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
+                    call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale,
+                    call.backend)
+
+
+def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          valid: torch.Tensor | None = None, *, ratio: float, num_per_query: int,
+                          head_mix: str = "mean", query_valid: torch.Tensor | None = None,
+                          mask_self: bool = False, noise: float = 0.0, scale: float | None = None,
+                          generator: torch.Generator | None = None, plan: MaskPlan | None = None,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first SMA layer in one op: choose the mask, then attend with it applied.
+
+    Takes the arguments of :func:`self_guided_mask`, plus ``v`` (B, H, L, dv). Returns
+    ``out`` (B, H, Q, dv) = softmax(scale q k^T with masked and padded key columns removed) v,
+    differentiable with respect to q, k and v, and ``mask`` (B, L) bool. A sample with no real
+    token gets a zero output.
+    """
+    call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
+                       query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
+                       generator=generator, plan=plan, backend=backend)
+    v = _check_tensor("v", v, 4, "(B, H, L, dv)")
+    if v.dtype != q.dtype:
+        raise TypeError(f"v must have q's dtype {q.dtype}, got {v.dtype}")
+    if v.device != q.device:
+        raise ValueError(f"v is on {v.device} but q is on {q.device}")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] == 0:
+        raise ValueError(f"v must have shape (B, H, L, dv) = {tuple(k.shape[:3])} + (dv,), "
+                         f"got {tuple(v.shape)}")
+    mask = _mask_op(q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
+                    call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale,
+                    call.backend)
+    out, _ = _attention_op(q, k, v, call.valid & ~mask, call.scale, call.backend)
+    return out, mask
+
+
+def drop_masked(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE-style repack: move each sample's kept tokens to the front, in order, and re-pad.
+
+    Args:
+        x: (B, L, ...) token features.
+        keep: (B, L) bool, True = keep (e.g. ``valid & ~mask``); the dropped tokens may sit anywhere.
+
+    Returns:
+        ``x_packed`` (B, L', ...) with L' = the largest kept count (zeros past each sample's count),
+        ``valid_packed`` (B, L') bool, and ``index`` (B, L') int64: the position in ``x`` of each
+        packed token (0 where ``valid_packed`` is False). Differentiable with respect to ``x``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, L, ...), got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (B, L, ...), got {tuple(x.shape)}")
+    keep = _check_mask_tensor("keep", keep, tuple(x.shape[:2]), "(B, L)", x.device)
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if keep.numel() else 0
+    # A stable sort of "dropped" flags puts the kept tokens first, in their original order.
+    order = (~keep).to(torch.uint8).sort(dim=1, stable=True).indices[:, :width]
+    valid_packed = torch.arange(width, device=x.device)[None, :] < counts[:, None]
+    index = order.masked_fill(~valid_packed, 0)
+    gather_index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    fill = valid_packed.view(*valid_packed.shape, *([1] * (x.dim() - 2)))
+    x_packed = torch.where(fill, torch.gather(x, 1, gather_index), torch.zeros((), dtype=x.dtype,
+                                                                                device=x.device))
+    return x_packed, valid_packed, index

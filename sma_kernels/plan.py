@@ -1,0 +1,131 @@
+"""The randomness plan: every random draw of the self-guided mask, made once, shared by all backends.
+
+SMA's mask has three sources of randomness (DESIGN.md section 2): which query rows are summed,
+which head each row reads under ``head_mix="random"``, and which tokens the curriculum noise
+``noise`` (eta) picks at random. A :class:`MaskPlan` holds all three as small integer tensors
+(O(B*Q + B*L)), drawn from one ``torch.Generator``. Every backend consumes the same plan, so with
+a fixed plan the reference, the C++ kernel and the Triton kernels return the same mask, and a seed
+reproduces a run.
+
+How each backend reads the plan:
+
+* ``query_rank[b]`` is a random permutation of ``0..Q-1``. The chosen rows of sample ``b`` are the
+  ``k_q`` rows of the query pool with the smallest rank, i.e. a uniform draw without replacement.
+* ``head[b, i]`` is the head that row ``i`` reads under ``head_mix="random"``.
+* ``token_rank[b]`` is a random permutation of ``0..L-1``. The ``k_rand`` random picks are the
+  free valid tokens with the smallest rank.
+
+The helpers below derive the per-sample counts and the chosen rows from a plan, vectorized over
+the batch; the reference and the Triton backend share them, the C++ kernel re-derives them per
+sample and is tested against them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MaskPlan(NamedTuple):
+    """Random draws for one call of the self-guided mask (see the module docstring)."""
+
+    query_rank: torch.Tensor  # (B, Q) int32, a permutation per row
+    head: torch.Tensor  # (B, Q) int32 in [0, H)
+    token_rank: torch.Tensor  # (B, L) int32, a permutation per row
+
+    def to(self, device: torch.device | str) -> MaskPlan:
+        return MaskPlan(*(t.to(device) for t in self))
+
+
+class MaskCounts(NamedTuple):
+    """Per-sample counts of DESIGN.md section 2, steps 4 and 6; each is (B,) int64."""
+
+    num_masked: torch.Tensor  # k: tokens masked in total
+    num_rows: torch.Tensor  # k_q: query rows summed into the token score
+    num_forced: torch.Tensor  # f: chosen query tokens forced in under mask_self, else 0
+    num_top: torch.Tensor  # k - f - k_rand: tokens taken by score
+    num_random: torch.Tensor  # k_rand: uniform random picks (curriculum noise)
+
+
+def _random_permutations(rows: int, n: int, generator: torch.Generator | None,
+                         device: torch.device) -> torch.Tensor:
+    # argsort of i.i.d. uniforms is a uniform random permutation; drawn on the generator's
+    # device so that a CPU generator reproduces the same plan for any target device.
+    gen_device = generator.device if generator is not None else device
+    keys = torch.rand(rows, n, generator=generator, device=gen_device)
+    return keys.argsort(dim=-1).to(device=device, dtype=torch.int32)
+
+
+def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int, *,
+              generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> MaskPlan:
+    """Draw a :class:`MaskPlan` for inputs of shape (B, H, Q, d) / (B, H, L, d).
+
+    Args:
+        batch_size, num_queries, num_tokens, num_heads: B, Q, L and H of the call it is for.
+        generator: source of randomness; a seeded generator reproduces the plan.
+        device: where the plan's tensors live (default: the generator's device, else CPU).
+    """
+    for name, value in (("batch_size", batch_size), ("num_queries", num_queries),
+                        ("num_tokens", num_tokens), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"make_plan: {name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"make_plan: {name} must be >= 1, got {value}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"make_plan: generator must be a torch.Generator, got {type(generator).__name__}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+    query_rank = _random_permutations(batch_size, num_queries, generator, device)
+    head = torch.randint(num_heads, (batch_size, num_queries), generator=generator,
+                         device=gen_device).to(device=device, dtype=torch.int32)
+    token_rank = _random_permutations(batch_size, num_tokens, generator, device)
+    return MaskPlan(query_rank, head, token_rank)
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    """Round a float64 tensor half-to-even and return int64 (Python's and torch's rule)."""
+    return torch.round(x.double()).long()
+
+
+def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
+                num_per_query: int, mask_self: bool, noise: float) -> MaskCounts:
+    """Counts of DESIGN.md section 2 for every sample at once.
+
+    ``valid`` is (B, L) bool, ``query_pool`` (B, Q) bool (already intersected with ``valid``
+    under ``mask_self``). k = clamp(round(r*n), 1, n-1) for n >= 2, else 0;
+    k_q = clamp(round(n*r/npq), 1, pool size), and under ``mask_self`` also at most k so that
+    the forced tokens never exceed the masked count.
+    """
+    n = valid.sum(dim=1)
+    pool = query_pool.sum(dim=1)
+    k = torch.minimum(round_half_even(n * ratio).clamp_min(1), n - 1).clamp_min(0)
+    k_q = torch.minimum(round_half_even(n * ratio / num_per_query).clamp_min(1), pool)
+    if mask_self:
+        k_q = torch.minimum(k_q, k)
+        forced = k_q
+    else:
+        forced = torch.zeros_like(k)
+    num_random = round_half_even((k - forced) * noise)
+    return MaskCounts(k, k_q, forced, k - forced - num_random, num_random)
+
+
+def take_smallest(keys: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Per row, a bool mask of the ``count`` eligible entries with the smallest ``keys``.
+
+    ``keys`` are distinct per row (ranks), so the result is unique. Used for chosen query rows
+    (keys = query_rank) and for the random picks (keys = token_rank).
+    """
+    width = keys.shape[1]
+    # Ineligible entries sort after every eligible one; keys < width keep rows distinct.
+    ordered = torch.where(eligible, keys.long(), keys.long() + width).argsort(dim=1)
+    take_sorted = torch.arange(width, device=keys.device)[None, :] < count[:, None]
+    return torch.zeros_like(eligible).scatter(1, ordered, take_sorted)
+
+
+def chosen_rows(plan: MaskPlan, query_pool: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor:
+    """(B, Q) bool: the query rows whose attention is summed into the token score."""
+    return take_smallest(plan.query_rank, query_pool, num_rows)

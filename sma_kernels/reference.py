@@ -1,0 +1,120 @@
+"""Pure-PyTorch self-guided masking: the oracle for every backend and the CPU fallback.
+
+This is DESIGN.md section 2, vectorized over the batch (no Python loop over samples):
+
+1. Logits S = scale * q k^T in fp32, padded key columns at -inf.
+2. P = softmax over tokens; all-padding rows give P = 0 rather than NaN.
+3. Head mix: mean over heads, or the plan's head per (sample, row).
+4. Token score s[b, j] = sum of A[b, i, j] over the chosen rows i (see :mod:`sma_kernels.plan`).
+5. Selection: the forced tokens (chosen query tokens under ``mask_self``), then the ``num_top``
+   best scores among the other valid tokens (ties to the lower index), then ``num_random`` random
+   picks among the valid tokens still free, ordered by the plan's ``token_rank``.
+6. Attention with masked and padded key columns removed, autograd through q, k, v, and its
+   backward written out (the FlashAttention recomputation) as the oracle of the kernels' backward.
+
+It materializes the (B, H, Q, L) probabilities on purpose: it is the readable statement of the
+math and the "vectorized" baseline of the benchmarks. The kernels never build that tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import MaskCounts, MaskPlan, chosen_rows, mask_counts, take_smallest
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
+                 head: torch.Tensor, *, head_mix: str, scale: float) -> torch.Tensor:
+    """(B, L) fp32: summed attention of the chosen rows on each token; -inf at padding."""
+    logits = scale * torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, Q, L)
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no valid token -> 0
+    if head_mix == "mean":
+        mixed = probs.mean(dim=1)
+    else:
+        index = head.long()[:, None, :, None].expand(-1, 1, -1, probs.shape[-1])
+        mixed = probs.gather(1, index).squeeze(1)
+    scores = torch.einsum("bq,bql->bl", chosen.float(), mixed)
+    return scores.masked_fill(~valid, float("-inf"))
+
+
+def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor,
+                  counts: MaskCounts, token_rank: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask: forced tokens, then the top scores, then the random picks."""
+    free = valid & ~forced
+    # A stable descending sort keeps equal scores in index order: ties go to the lower index.
+    order = scores.masked_fill(~free, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+    width = scores.shape[1]
+    top_sorted = torch.arange(width, device=scores.device)[None, :] < counts.num_top[:, None]
+    top = torch.zeros_like(valid).scatter(1, order, top_sorted)
+    picked = take_smallest(token_rank, free & ~top, counts.num_random)
+    return forced | top | picked
+
+
+def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
+                     query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+                     num_per_query: int, head_mix: str, mask_self: bool, noise: float,
+                     scale: float) -> torch.Tensor:
+    """(B, L) bool, True = masked. Arguments are already checked and completed by the API."""
+    counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
+                         mask_self=mask_self, noise=noise)
+    chosen = chosen_rows(plan, query_pool, counts.num_rows)
+    with torch.no_grad():
+        scores = token_scores(q.detach(), k.detach(), valid, chosen, plan.head,
+                              head_mix=head_mix, scale=scale)
+    forced = chosen if mask_self else torch.zeros_like(valid)
+    return select_tokens(scores, valid, forced, counts, plan.token_rank)
+
+
+def _masked_logits(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    # Half inputs are computed in fp32, so the oracle is never less accurate than the kernels.
+    work = torch.promote_types(q.dtype, torch.float32)
+    logits = scale * torch.matmul(q.to(work), k.to(work).transpose(-1, -2))
+    return logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale * q k^T on the ``keep`` key columns) v and the row log-sum-exp.
+
+    Returns ``out`` (B, H, Q, dv) in q's dtype and ``lse`` (B, H, Q) in fp32 (fp64 for fp64
+    inputs). A sample with no key kept gets ``out = 0`` and ``lse = +inf``, so that
+    exp(S - lse) = 0 in the backward instead of NaN. Differentiable as plain PyTorch.
+    """
+    logits = _masked_logits(q, k, keep, scale)
+    lse = torch.logsumexp(logits, dim=-1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    probs = torch.exp(logits - lse[..., None])
+    out = torch.matmul(probs, v.to(probs.dtype))
+    return out.to(q.dtype), lse
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of :func:`attention_forward`, by the FlashAttention recomputation.
+
+    P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)); dQ = scale dS K;
+    dK = scale dS^T Q. This is the math every backend's backward must reproduce.
+    """
+    work = lse.dtype
+    probs = torch.exp(_masked_logits(q, k, keep, scale).to(work) - lse[..., None])
+    d_out = grad_out.to(work)
+    d_v = torch.matmul(probs.transpose(-1, -2), d_out)
+    d_probs = torch.matmul(d_out, v.to(work).transpose(-1, -2))
+    delta = (d_out * out.to(work)).sum(dim=-1, keepdim=True)
+    d_logits = probs * (d_probs - delta)
+    d_q = scale * torch.matmul(d_logits, k.to(work))
+    d_k = scale * torch.matmul(d_logits.transpose(-1, -2), q.to(work))
+    return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
+
+
+def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Q, dv), mask (B, L)): the first SMA layer with its own mask applied."""
+    mask = self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio, num_per_query=num_per_query,
+                            head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
+    out, _ = attention_forward(q, k, v, valid & ~mask, scale=scale)
+    return out, mask
