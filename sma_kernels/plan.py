@@ -87,8 +87,8 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
 
 
 def round_half_even(x: torch.Tensor) -> torch.Tensor:
-    """Round a float64 tensor half-to-even and return int64 (Python's and torch's rule)."""
-    return torch.round(x.double()).long()
+    """Round half-to-even (Python's and torch's rule) and return int64."""
+    return torch.round(x).long()
 
 
 def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
@@ -102,14 +102,16 @@ def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
     """
     n = valid.sum(dim=1)
     pool = query_pool.sum(dim=1)
-    k = torch.minimum(round_half_even(n * ratio).clamp_min(1), n - 1).clamp_min(0)
-    k_q = torch.minimum(round_half_even(n * ratio / num_per_query).clamp_min(1), pool)
+    # Products in float64, as in Python, so every backend rounds the same values.
+    n_float = n.double()
+    k = torch.minimum(round_half_even(n_float * ratio).clamp_min(1), n - 1).clamp_min(0)
+    k_q = torch.minimum(round_half_even(n_float * ratio / num_per_query).clamp_min(1), pool)
     if mask_self:
         k_q = torch.minimum(k_q, k)
         forced = k_q
     else:
         forced = torch.zeros_like(k)
-    num_random = round_half_even((k - forced) * noise)
+    num_random = round_half_even((k - forced).double() * noise)
     return MaskCounts(k, k_q, forced, k - forced - num_random, num_random)
 
 
