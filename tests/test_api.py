@@ -1,0 +1,205 @@
+"""Public API: argument checks (listed and fuzzed), torch.library registration, autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sma_kernels as sk
+
+B, H, Q, L, D = 2, 2, 3, 6, 4
+
+
+def inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, H, Q, D, generator=g, dtype=dtype),
+            torch.randn(B, H, L, D, generator=g, dtype=dtype),
+            torch.randn(B, H, L, 5, generator=g, dtype=dtype))
+
+
+def call_mask(**overrides):
+    q, k, _ = inputs()
+    args = {"q": q, "k": k, "valid": None, "ratio": 0.3, "num_per_query": 1}
+    args.update(overrides)
+    return sk.self_guided_mask(**args)
+
+
+BAD_MASK_ARGS = [
+    # (overrides, exception, text the message must contain)
+    ({"q": torch.randn(B, Q, D)}, ValueError, "q"),
+    ({"k": torch.randn(B, H, L)}, ValueError, "k"),
+    ({"q": [[1.0]]}, TypeError, "q"),
+    ({"k": torch.randn(B + 1, H, L, D)}, ValueError, "k"),
+    ({"k": torch.randn(B, H + 1, L, D)}, ValueError, "k"),
+    ({"k": torch.randn(B, H, L, D + 1)}, ValueError, "k"),
+    ({"k": torch.randn(B, H, L, D, dtype=torch.float64)}, TypeError, "k"),
+    ({"q": torch.ones(B, H, Q, D, dtype=torch.int32)}, TypeError, "q"),
+    ({"valid": torch.ones(B, L)}, TypeError, "valid"),
+    ({"valid": torch.ones(B, L + 1, dtype=torch.bool)}, ValueError, "valid"),
+    ({"valid": torch.ones(B, dtype=torch.bool)}, ValueError, "valid"),
+    ({"ratio": 0.0}, ValueError, "ratio"),
+    ({"ratio": 1.0}, ValueError, "ratio"),
+    ({"ratio": -0.2}, ValueError, "ratio"),
+    ({"ratio": float("nan")}, ValueError, "ratio"),
+    ({"ratio": "0.3"}, TypeError, "ratio"),
+    ({"num_per_query": 0}, ValueError, "num_per_query"),
+    ({"num_per_query": 1.5}, TypeError, "num_per_query"),
+    ({"mask_self": True}, ValueError, "mask_self"),
+    ({"head_mix": "max"}, ValueError, "head_mix"),
+    ({"head_mix": None}, TypeError, "head_mix"),
+    ({"backend": "cuda-magic"}, ValueError, "backend"),
+    ({"noise": 1.5}, ValueError, "noise"),
+    ({"scale": -1.0}, ValueError, "scale"),
+    ({"query_valid": torch.ones(B, Q + 1, dtype=torch.bool)}, ValueError, "query_valid"),
+    ({"query_valid": torch.ones(B, Q)}, TypeError, "query_valid"),
+    ({"generator": 123}, TypeError, "generator"),
+    ({"plan": (1, 2, 3)}, TypeError, "plan"),
+    ({"plan": sk.make_plan(B, Q + 1, L, H)}, ValueError, "plan"),
+    ({"plan": sk.make_plan(B, Q, L, H)._replace(head=torch.full((B, Q), H, dtype=torch.int32))},
+     ValueError, "plan.head"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,name", BAD_MASK_ARGS)
+def test_bad_arguments_name_the_argument(overrides, error, name):
+    with pytest.raises(error, match=name):
+        call_mask(**overrides)
+
+
+def test_bad_v_names_v():
+    q, k, v = inputs()
+    for bad, error in ((v[:, :, :-1], ValueError), (v.double(), TypeError), (v[0], ValueError),
+                       (torch.randn(B, H + 1, L, 5), ValueError)):
+        with pytest.raises(error, match="v"):
+            sk.self_guided_attention(q, k, bad, ratio=0.3, num_per_query=1)
+
+
+def test_unavailable_backend_says_why():
+    missing = [name for name, info in sk.backends().items() if not info["available"]]
+    for name in missing:
+        with pytest.raises(ValueError, match=f"backend={name!r}"):
+            call_mask(backend=name)
+    info = sk.backends()
+    assert info["reference"]["available"]
+    assert all(isinstance(i["reason"], str) for i in info.values() if not i["available"])
+
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.floats(allow_nan=True),
+                      st.text(max_size=6), st.just(torch.ones(2)), st.just([0.3]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ratio=ANY_VALUE, num_per_query=ANY_VALUE,
+       head_mix=st.one_of(ANY_VALUE, st.sampled_from(["mean", "random"])), mask_self=ANY_VALUE,
+       noise=ANY_VALUE, scale=ANY_VALUE, backend=st.one_of(ANY_VALUE, st.just("auto")))
+def test_fuzzed_arguments_raise_clean_errors(ratio, num_per_query, head_mix, mask_self, noise, scale,
+                                             backend):
+    """Any argument either works (a correct mask) or raises ValueError/TypeError, never anything else."""
+    try:
+        mask = call_mask(ratio=ratio, num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self,
+                         noise=noise, scale=scale, backend=backend)
+    except (ValueError, TypeError):
+        return
+    assert mask.shape == (B, L) and mask.dtype == torch.bool
+    expected = min(max(round(float(ratio) * L), 1), L - 1)
+    assert mask.sum(dim=1).tolist() == [expected] * B
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape_q=st.lists(st.integers(0, 4), min_size=0, max_size=5),
+       shape_k=st.lists(st.integers(0, 4), min_size=0, max_size=5),
+       valid_shape=st.lists(st.integers(0, 4), min_size=0, max_size=3))
+def test_fuzzed_shapes_raise_clean_errors(shape_q, shape_k, valid_shape):
+    q, k = torch.randn(tuple(shape_q)), torch.randn(tuple(shape_k))
+    valid = torch.ones(tuple(valid_shape), dtype=torch.bool)
+    try:
+        mask = sk.self_guided_mask(q, k, valid, ratio=0.5, num_per_query=1)
+    except (ValueError, TypeError):
+        return
+    assert mask.shape == valid.shape
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+def available_cpu_backends():
+    return [name for name, info in sk.backends().items()
+            if info["available"] and info["device"] in ("cpu", "any")]
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_opcheck_mask(backend):
+    q, k, _ = inputs()
+    valid = torch.tensor([[True] * L, [False, True, True, False, True, True]])
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(1))
+    args = (q, k, valid, torch.ones(B, Q, dtype=torch.bool), *plan, 0.3, 1, "random", False, 0.5, 0.5,
+            backend)
+    torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, args)
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_opcheck_attention(backend):
+    q, k, v = (x.requires_grad_() for x in inputs())
+    keep = torch.tensor([[True, False, True, True, False, True], [False] * L])
+    torch.library.opcheck(torch.ops.sma_kernels.masked_attention.default, (q, k, v, keep, 0.5, backend))
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_gradcheck_attention_fp64(backend):
+    q, k, v = (x.requires_grad_() for x in inputs(torch.float64))
+    valid = torch.tensor([[True] * L, [True, False, True, True, False, True]])
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(2))
+
+    def attention(q, k, v):
+        return sk.self_guided_attention(q, k, v, valid, ratio=0.3, num_per_query=1, plan=plan,
+                                        backend=backend)[0]
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+    keep = torch.tensor([[True, False, True, True, False, True], [False] * L])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.sma_kernels.masked_attention(q, k, v, keep, 0.7, backend)[0], (q, k, v))
+
+
+def test_torch_compile_matches_eager():
+    q, k, v = inputs()
+    valid = torch.tensor([[True] * L, [True, True, False, True, True, False]])
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(3))
+
+    def layer(q, k, v):
+        out, mask = sk.self_guided_attention(q, k, v, valid, ratio=0.3, num_per_query=1, plan=plan)
+        return out.sum() + mask.sum()
+
+    compiled = torch.compile(layer, backend="aot_eager")
+    assert torch.allclose(compiled(q, k, v), layer(q, k, v))
+
+
+# ----------------------------------------------------------------------------- drop_masked
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_drop_masked_packs_kept_tokens_in_order(batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, 3, generator=g, requires_grad=True)
+    keep = torch.rand(batch, length, generator=g) < 0.5
+    packed, valid, index = sk.drop_masked(x, keep)
+    assert packed.shape[:2] == valid.shape == index.shape
+    assert packed.shape[1] == int(keep.sum(1).max())
+    for b in range(batch):
+        kept = keep[b].nonzero().flatten()
+        n = len(kept)
+        assert valid[b].tolist() == [True] * n + [False] * (packed.shape[1] - n)
+        assert torch.equal(index[b, :n], kept)
+        assert torch.equal(packed[b, :n], x[b, kept])
+        assert bool((packed[b, n:] == 0).all())
+    packed.sum().backward()
+    assert torch.equal(x.grad, keep[..., None].expand_as(x).float())
+
+
+def test_drop_masked_bad_input():
+    with pytest.raises(TypeError, match="keep"):
+        sk.drop_masked(torch.randn(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="keep"):
+        sk.drop_masked(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x"):
+        sk.drop_masked(torch.randn(3), torch.ones(3, dtype=torch.bool))
