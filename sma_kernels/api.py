@@ -49,7 +49,9 @@ def _load_backends() -> tuple[dict[str, Backend], dict[str, str]]:
         missing["cpp"] = cpu.UNAVAILABLE
     from . import triton as triton_backend
     if triton_backend.UNAVAILABLE is None:
-        loaded["triton"] = Backend("cuda", triton_backend.self_guided_mask,
+        # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests without a GPU).
+        loaded["triton"] = Backend("any" if triton_backend.INTERPRET else "cuda",
+                                   triton_backend.self_guided_mask,
                                    triton_backend.attention_forward, triton_backend.attention_backward)
     else:
         missing["triton"] = triton_backend.UNAVAILABLE

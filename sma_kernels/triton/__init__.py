@@ -1,3 +1,54 @@
-"""Triton GPU backend (mask scores, selection, masked attention)."""
+"""Triton backend: fused mask scores, in-kernel selection and masked attention.
 
-UNAVAILABLE: str | None = "the Triton backend is not built yet"
+The three functions have the signatures and contracts of their namesakes in
+:mod:`sma_kernels.reference`; :mod:`sma_kernels.api` registers them as the ``"triton"`` backend.
+Kernels live one family per file: ``mask_scores.py`` (token scores from the chosen rows),
+``select.py`` (forced, top and random picks without a sort), ``attention.py`` (FlashAttention
+forward and backward with masked keys skipped). They run on CUDA tensors, or on CPU tensors
+under ``TRITON_INTERPRET=1`` (slow; for tests).
+"""
+
+from __future__ import annotations
+
+
+def _unavailable() -> str | None:
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    from ._common import INTERPRET
+    if not (INTERPRET or torch.cuda.is_available()):
+        return "no CUDA GPU here (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    return None
+
+
+UNAVAILABLE: str | None = _unavailable()
+
+if UNAVAILABLE is None:
+    import torch
+
+    from ..plan import MaskPlan, chosen_rows, mask_counts
+    from ._common import INTERPRET as INTERPRET
+    from .attention import attention_backward as attention_backward
+    from .attention import attention_forward as attention_forward
+    from .mask_scores import token_scores
+    from .select import select_tokens
+
+    def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
+                         query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+                         num_per_query: int, head_mix: str, mask_self: bool, noise: float,
+                         scale: float) -> torch.Tensor:
+        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton."""
+        counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
+                             mask_self=mask_self, noise=noise)
+        chosen = chosen_rows(plan, query_pool, counts.num_rows)
+        # Each sample's chosen row indices in ascending order, padding (index Q) last: the
+        # kernels read the first num_rows entries. O(B*Q), no host sync.
+        num_q = chosen.shape[1]
+        index = torch.arange(num_q, dtype=torch.int32, device=chosen.device)
+        rows = torch.where(chosen, index, num_q).sort(dim=1).values.to(torch.int32)
+        scores = token_scores(q.detach(), k.detach(), valid, rows, counts.num_rows.to(torch.int32),
+                              plan.head, head_mix=head_mix, scale=scale)
+        return select_tokens(scores, valid, chosen if mask_self else None, counts.num_top,
+                             counts.num_random, plan.token_rank)

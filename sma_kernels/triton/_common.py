@@ -1,0 +1,45 @@
+"""Helpers shared by the Triton kernel files: interpreter detection and autotuning.
+
+``TRITON_INTERPRET=1`` runs every kernel in NumPy, one program at a time, on CPU tensors. Two
+things differ there and are decided here once:
+
+* Autotuning would time each config in the interpreter, which is slow and meaningless, so
+  :func:`autotune` keeps a single fixed config (large blocks: fewer, bigger NumPy steps).
+* The interpreter's ``tl.dot`` computes wrong results for bf16 operands, so the kernels take a
+  ``DOT_F32`` constexpr that casts dot operands to fp32 under the interpreter only; on a GPU the
+  dots stay in the input dtype (tensor cores, fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+
+# Triton reads the variable when a kernel is decorated, so this must match import time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Kernels use exp2/log2 (one MUFU instruction each) with log2(e) folded into the logit scale,
+# instead of exp/log: same result up to rounding, fewer instructions, no libdevice.
+LOG2E = math.log2(math.e)
+
+
+def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str]):
+    """``triton.autotune`` on a GPU; under the interpreter, one fixed config and no timing."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config], key=[])
+    return triton.autotune(configs=list(configs), key=key)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (PyTorch's own fp32 matmul
+    does not use TF32 by default), the native tensor-core path for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_dim(d: int) -> int:
+    """Padded head-dim block: a power of two and at least 16 (``tl.dot``'s minimum K and N)."""
+    return max(16, triton.next_power_of_2(d))

@@ -1,0 +1,306 @@
+"""Masked attention with the self-guided mask applied: FlashAttention forward and backward.
+
+Forward (one program per (query tile, sample, head)). For a tile of BLOCK_M query rows we stream
+the L keys in tiles of BLOCK_N and keep, per row, the running maximum m and the running sum
+l = sum exp(S - m), rescaling the output accumulator by exp(m_old - m_new) whenever the maximum
+grows (the online softmax of FlashAttention). Key columns that are masked or padded
+(``keep`` False) get S = -inf; a key tile with no kept column is skipped without loading K or V,
+so masking 15-30% of the tokens also saves that share of the work. At the end
+out = acc / l and lse = m + log(l) per row. ``keep`` is per (sample, token), the same for every
+row and head, so a row has no kept key only when its whole sample has none: then out = 0 and
+lse = +inf, which makes exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
+
+Backward (FlashAttention-2 recomputation). With P = exp(S - lse) recomputed tile by tile from the
+saved lse, and delta = rowsum(dO * O):
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
+Two kernels, so that every output element has exactly one writer and no atomics are needed
+(deterministic bits): one program per key tile accumulates dK and dV over all query tiles, one
+program per query tile accumulates dQ over all key tiles. Both skip key tiles with no kept key.
+
+Exponentials are base 2: S is computed as (scale * log2 e) q.k, so exp(x) becomes exp2(x') and
+no libdevice call is needed (the kernels also run under ``TRITON_INTERPRET=1``). The saved lse
+is in natural-log units, as the reference returns it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision
+
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # lse is saved in natural-log units
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+                         (128, 128, 8, 2)]
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
+]
+# Under the interpreter: one config, blocks small enough that the tests still cover several
+# tiles, large enough to keep NumPy busy per step.
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+
+
+@autotune(_FWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"])
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, KEEP, OUT, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_keep_b,
+    H, NQ, NK, D, DV, qk_scale,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # int64 bases: B*H*L*dv can pass 2^31 elements at the pixel workload.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < NQ
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
+        if tl.max(keep.to(tl.int32), axis=0) > 0:  # skip tiles that are all masked or padding
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(keep[None, :], s, float("-inf"))
+            # The tile has a kept column, so m_new is finite and exp2(m_i - m_new) is never NaN.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 where no key was kept
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E_C,
+                   float("inf"))
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+             + offs_dv[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _probs_tile(q, k, keep, lse2, qk_scale, PRECISION: tl.constexpr):
+    """P = exp(S - lse) for one (query tile, key tile), 0 on dropped keys and rows without keys."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(s - lse2[:, None])  # lse2 = +inf (no kept key, or a padding row) gives 0
+    return tl.where(keep[None, :], p, 0.0)
+
+
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"])
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, KEEP, DO, LSE, DELTA, DK, DV_OUT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_keep_b,
+    H, NQ, NK, D, DV, scale, qk_scale,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < NK
+
+    keep = tl.load(KEEP + b * stride_keep_b + cols, mask=col_ok, other=0) != 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if tl.max(keep.to(tl.int32), axis=0) > 0:  # a tile with no kept key has zero gradient
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
+                    + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
+                    + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        for start_m in range(0, NQ, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < NQ
+            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok,
+                           other=float("inf")) * LOG2E_C
+            delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok, other=0.0)
+            p = _probs_tile(q, k, keep, lse2, qk_scale, PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"])
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, KEEP, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_keep_b,
+    H, NQ, NK, D, DV, scale, qk_scale,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < NQ
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok,
+                   other=float("inf")) * LOG2E_C
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
+        if tl.max(keep.to(tl.int32), axis=0) > 0:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            p = _probs_tile(q, k, keep, lse2, qk_scale, PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
+    """Constexprs shared by the three kernels: padded head dims and the dot mode."""
+    return {"BLOCK_D": block_dim(q.shape[-1]), "BLOCK_DV": block_dim(v.shape[-1]),
+            "DOT_F32": INTERPRET, "PRECISION": dot_precision(q.dtype)}
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`sma_kernels.reference.attention_forward` (same contract)."""
+    if q.dtype == torch.float64:  # no fp64 tensor-core path worth a kernel: use the oracle
+        return reference.attention_forward(q, k, v, keep, scale=scale)
+    batch, heads, num_q, dim = q.shape
+    num_k, dim_v = k.shape[2], v.shape[3]
+    out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    keep_u8 = keep.contiguous().view(torch.uint8)
+
+    def grid(meta):
+        return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
+
+    _attention_fwd_kernel[grid](
+        q, k, v, keep_u8, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        keep_u8.stride(0), heads, num_q, num_k, dim, dim_v, scale * LOG2E, **_common_args(q, v))
+    return out, lse
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`sma_kernels.reference.attention_backward` (same contract)."""
+    if q.dtype == torch.float64:
+        return reference.attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
+    batch, heads, num_q, dim = q.shape
+    num_k, dim_v = k.shape[2], v.shape[3]
+    # delta = rowsum(dO * O): (B, H, Q) fp32, output-sized, cheaper in PyTorch than a kernel.
+    delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
+    lse = lse.contiguous()
+    keep_u8 = keep.contiguous().view(torch.uint8)
+    d_q = torch.empty_like(q)
+    d_k = torch.empty_like(k)
+    d_v = torch.empty_like(v)
+    common = _common_args(q, v)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+
+    def grid_keys(meta):
+        return (triton.cdiv(num_k, meta["BLOCK_N"]), batch * heads)
+
+    def grid_queries(meta):
+        return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
+
+    _attention_bwd_dkdv_kernel[grid_keys](
+        q, k, v, keep_u8, grad_out, lse, delta, d_k, d_v, *strides, *d_k.stride(), *d_v.stride(),
+        keep_u8.stride(0), heads, num_q, num_k, dim, dim_v, scale, scale * LOG2E, **common)
+    _attention_bwd_dq_kernel[grid_queries](
+        q, k, v, keep_u8, grad_out, lse, delta, d_q, *strides, *d_q.stride(),
+        keep_u8.stride(0), heads, num_q, num_k, dim, dim_v, scale, scale * LOG2E, **common)
+    return d_q, d_k, d_v

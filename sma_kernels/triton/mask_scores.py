@@ -1,0 +1,182 @@
+"""Token scores of the self-guided mask without the (B, H, Q, L) attention matrix.
+
+score[b, j] = sum over the chosen rows i of A[b, i, j], where A is the softmax over tokens of
+S = scale * q.k (padding at -inf), mixed over heads: the mean over heads, or under "random" the
+plan's head of row i. Only the k_q chosen rows of each sample matter (the plan picks them), and
+the softmax runs over the token axis, so every chosen row needs its full log-sum-exp before any
+of its probabilities is known. Two passes, as in the FlashAttention forward:
+
+Pass 1 (one program per (chosen-row tile, sample, head)) gathers BLOCK_M chosen query rows,
+streams the valid keys in BLOCK_N tiles with a running maximum m and running sum
+l = sum exp(S - m), and writes lse = m + log(l) per (sample, head, chosen row). No V, no output.
+
+Pass 2 (one program per (sample, token tile)) recomputes S for its BLOCK_N token columns against
+every chosen row of every head, forms P = exp(S - lse) and sums it over the rows, times the head
+weight (1/H for "mean"; 1 for the row's own head and 0 otherwise for "random"). The program owns
+its columns and walks heads and rows in a fixed order, so the sum is deterministic without
+atomics. Padding columns get -inf, which the selection never takes.
+
+Work: both passes are k_q * L * H * d multiply-adds per sample, a fraction k_q / Q of one
+attention pass; memory is the (B, H, k_q) lse buffer and the (B, L) scores.
+
+The chosen rows come in as a (B, Q) int32 table: each sample's chosen row indices in ascending
+order, then padding, with the (B,) count k_q. Logits are in base 2 (log2 e folded into the scale)
+so the kernels use exp2 / log2 and no libdevice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(16, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+                         (32, 128, 4, 3)]
+]
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+
+
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"])
+@triton.jit
+def _chosen_row_lse_kernel(
+    Q, K, VALID, ROWS, COUNT, LSE2,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    H, NQ, NK, D, qk_scale,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Pass 1: LSE2[b, h, r] = log2-sum-exp2 of the r-th chosen row over the valid tokens."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    count = tl.load(COUNT + b)
+    if pid_r * BLOCK_M < count:  # tiles past k_q have nothing to do
+        offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_r < count
+        rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + h * stride_kh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, NK, BLOCK_N):
+            cols = start_n + offs_n
+            valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
+            if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip all-padding tiles
+                k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid key
+                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+                m_i = m_new
+        # A sample without valid tokens: +inf makes every probability of pass 2 exactly 0.
+        lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+        tl.store(LSE2 + pid_bh.to(tl.int64) * NQ + offs_r, lse2, mask=row_ok)
+
+
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"])
+@triton.jit
+def _token_scores_kernel(
+    Q, K, VALID, ROWS, COUNT, LSE2, HEAD, SCORES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_head_b, stride_head_q,
+    H, NQ, NK, D, qk_scale, head_weight,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    MIX_RANDOM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Pass 2: SCORES[b, j] = sum over heads and chosen rows of the weighted probabilities."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < NK
+    valid = tl.load(VALID + b * NK + cols, mask=col_ok, other=0) != 0
+    count = tl.load(COUNT + b)
+
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        # Per-head bases advance by pointer increments: 64-bit pointers, no int32 overflow.
+        q_head = Q + b * stride_qb
+        k_head = K + b * stride_kb
+        lse_head = LSE2 + b * H * NQ
+        for head in range(H):
+            k = tl.load(k_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            for start_m in range(0, count, BLOCK_M):
+                offs_r = start_m + offs_m
+                row_ok = offs_r < count
+                rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
+                q = tl.load(q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                if DOT_F32:
+                    q = q.to(tl.float32)
+                # Rows past k_q read lse = +inf, so their probabilities are exactly 0.
+                lse2 = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p = tl.exp2(s - lse2[:, None])
+                if MIX_RANDOM:  # each row reads only its plan head
+                    row_head = tl.load(HEAD + b * stride_head_b + rows * stride_head_q,
+                                       mask=row_ok, other=-1)
+                    p = tl.where((row_head == head)[:, None], p, 0.0)
+                p = tl.where(valid[None, :], p, 0.0)  # padding keys may overflow exp2: drop them
+                acc += tl.sum(p, axis=0)
+            q_head += stride_qh
+            k_head += stride_kh
+            lse_head += NQ
+    scores = tl.where(valid, acc * head_weight, float("-inf"))
+    tl.store(SCORES + b * NK + cols, scores, mask=col_ok)
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
+                 count: torch.Tensor, head: torch.Tensor, *, head_mix: str,
+                 scale: float) -> torch.Tensor:
+    """(B, L) fp32 token scores, as :func:`sma_kernels.reference.token_scores` computes them.
+
+    ``rows`` (B, Q) int32 holds each sample's chosen row indices first (``count`` (B,) int32 of
+    them); ``head`` (B, Q) int32 is the plan's head per row. fp64 inputs are scored in fp32, as
+    the reference does.
+    """
+    if q.dtype == torch.float64:
+        q, k = q.float(), k.float()
+    batch, heads, num_q, dim = q.shape
+    num_k = k.shape[2]
+    valid_u8 = valid.contiguous().view(torch.uint8)
+    rows = rows.contiguous()
+    count = count.contiguous()
+    lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
+    common = {"BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET, "PRECISION": dot_precision(q.dtype)}
+
+    def grid_rows(meta):
+        return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
+
+    def grid_tokens(meta):
+        return (triton.cdiv(num_k, meta["BLOCK_N"]), batch)
+
+    _chosen_row_lse_kernel[grid_rows](
+        q, k, valid_u8, rows, count, lse2, *q.stride(), *k.stride(), heads, num_q, num_k, dim,
+        scale * LOG2E, **common)
+    mix_random = head_mix == "random"
+    _token_scores_kernel[grid_tokens](
+        q, k, valid_u8, rows, count, lse2, head, scores, *q.stride(), *k.stride(), *head.stride(),
+        heads, num_q, num_k, dim, scale * LOG2E, 1.0 if mix_random else 1.0 / heads,
+        MIX_RANDOM=mix_random, **common)
+    return scores
