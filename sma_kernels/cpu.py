@@ -6,16 +6,30 @@ mask in place, with O(B*L) extra memory. Attention on the CPU uses the reference
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 
 from .plan import MaskPlan
 
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.sma_kernels_C)
-    UNAVAILABLE: str | None = None
-except ImportError as error:
-    UNAVAILABLE = f"the compiled extension sma_kernels._C did not load ({error}); reinstall with " \
-                  "`pip install --no-build-isolation -e .`"
+
+def _load_extension() -> str | None:
+    """Import sma_kernels._C (which registers torch.ops.sma_kernels_C); the reason if it fails."""
+    # find_spec first: a missing module would otherwise surface as a confusing partial-import error.
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return ("the compiled extension sma_kernels._C is not installed: it was skipped "
+                "(SMA_KERNELS_NO_EXT=1) or its C++ build failed (see the log of "
+                "`pip install -v --no-build-isolation .`)")
+    try:
+        importlib.import_module(f"{__package__}._C")
+    except (ImportError, OSError) as error:
+        return (f"the compiled extension sma_kernels._C did not load ({error}); rebuild it against "
+                f"this torch {torch.__version__} with `pip install --no-build-isolation .`")
+    return None
+
+
+UNAVAILABLE: str | None = _load_extension()
 
 
 def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
