@@ -1,0 +1,231 @@
+"""The SMA network: a Perceiver-style encoder whose first layer masks itself, a per-position
+reconstruction decoder for pretraining, and a one-query head for fine-tuning.
+
+Encoder (two variants of the first layer, DESIGN.md section 6):
+
+* ``"cross"`` (Perceiver): N learned latents cross-attend to the L input tokens; the following
+  layers self-attend over the latents. The mask removes key columns, so no latent sees a masked
+  token.
+* ``"self"``: the tokens attend to themselves in layer 1; then the masked (and padded) tokens are
+  dropped with ``sma_kernels.drop_masked`` and the following layers run on the visible tokens only,
+  as in an MAE encoder.
+
+During pretraining the first layer is ``sma_kernels.self_guided_attention``: it picks the mask from
+its own attention map (detached) and attends with the masked keys removed, in one op. Without
+masking (fine-tuning, evaluation) it is plain attention with the padding mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sma_kernels
+
+from .layers import AttentionLayer
+from .masking import MaskingConfig
+from .tokens import VOCAB_SIZE, ByteEmbedding, FeatureEmbedding
+
+INPUT_KINDS = ("bytes", "features")
+ENCODERS = ("cross", "self")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the network.
+
+    Attributes:
+        input_kind: "bytes" (ids of the 262-token vocabulary) or "features" (one token per scalar).
+        max_len: longest byte sequence (bytes) or number of features (features).
+        encoder: "cross" (learned latents) or "self" (tokens as queries, MAE-style dropping).
+        width: channels of every layer.
+        depth: self-attention layers after the first layer.
+        heads: attention heads of every layer.
+        latents: number of learned latents (cross encoder only).
+        widening: MLP widening factor.
+        dropout: dropout in the embedding, attention outputs and MLPs.
+    """
+
+    input_kind: str = "bytes"
+    max_len: int = 128
+    encoder: str = "cross"
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    latents: int = 32
+    widening: int = 2
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.input_kind not in INPUT_KINDS:
+            raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {self.input_kind!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EncoderOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, M, D): latents, or the visible tokens packed to the left
+    valid: torch.Tensor  # (B, M) bool
+    mask: torch.Tensor | None  # (B, L) bool, True = masked; None without masking
+
+
+def _init_weights(model: nn.Module) -> None:
+    # The published initialisation: N(0, 0.02) weights, latents and queries, zero biases,
+    # unit LayerNorms.
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for name, param in model.named_parameters():
+        if name.endswith(("latents", "queries")):
+            nn.init.normal_(param, std=0.02)
+
+
+class Encoder(nn.Module):
+    """Input embedding, the (masking) first layer, then ``depth`` self-attention layers."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        width = config.width
+        if config.input_kind == "bytes":
+            self.embed: nn.Module = ByteEmbedding(width, config.max_len, config.dropout)
+        else:
+            self.embed = FeatureEmbedding(width, config.max_len, config.dropout)
+        if config.encoder == "cross":
+            self.latents = nn.Parameter(torch.empty(config.latents, width))
+        self.first = AttentionLayer(width, config.heads, widening=config.widening,
+                                    dropout=config.dropout)
+        self.layers = nn.ModuleList(
+            AttentionLayer(width, config.heads, widening=config.widening, dropout=config.dropout)
+            for _ in range(config.depth))
+
+    def forward(self, inputs: torch.Tensor, valid: torch.Tensor, *,
+                masking: MaskingConfig | None = None, noise: float = 0.0,
+                generator: torch.Generator | None = None) -> EncoderOutput:
+        """Encode ``inputs`` ((B, L) ids or (B, L) feature values) with ``valid`` (B, L) bool.
+
+        With ``masking`` the first layer masks itself (curriculum eta = ``noise``, randomness from
+        ``generator``); without it nothing is masked.
+        """
+        x = self.embed(inputs)
+        batch = x.shape[0]
+        cross = self.config.encoder == "cross"
+        x_q = self.latents.expand(batch, -1, -1) if cross else x
+        q, k, v = self.first.project(x_q, x)
+        if masking is None:
+            mask = None
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        else:
+            noise = 1.0 if masking.strategy == "random" else noise
+            attended, mask = sma_kernels.self_guided_attention(
+                q, k, v, valid, ratio=masking.ratio, num_per_query=masking.num_per_query,
+                head_mix=masking.head_mix, query_valid=None if cross else valid,
+                mask_self=masking.mask_self and not cross, noise=noise, generator=generator,
+                backend=self.backend)
+        hidden = self.first.finish(x_q, attended)
+        if cross:
+            hidden_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        else:
+            keep = valid if mask is None else valid & ~mask
+            hidden, hidden_valid, _ = sma_kernels.drop_masked(hidden, keep)
+        for layer in self.layers:
+            hidden = layer(hidden, kv_valid=hidden_valid)
+        return EncoderOutput(hidden, hidden_valid, mask)
+
+
+class Readout(nn.Module):
+    """Learned queries cross-attending to LN(encoder output), then LN and a linear projection.
+
+    With one query per input position it is the reconstruction decoder; with one query it is
+    the fine-tuning head.
+    """
+
+    def __init__(self, width: int, heads: int, num_queries: int, out_features: int,
+                 widening: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(num_queries, width))
+        self.norm_kv = nn.LayerNorm(width)
+        self.layer = AttentionLayer(width, heads, widening=widening, dropout=dropout)
+        self.norm_out = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_features)
+
+    def forward(self, encoded: EncoderOutput, positions: torch.Tensor) -> torch.Tensor:
+        """(B, P, out_features): the outputs of the queries ``positions`` (B, P) int64."""
+        out = self.layer(self.queries[positions], self.norm_kv(encoded.hidden), encoded.valid)
+        return self.proj(self.norm_out(out))
+
+
+def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                        input_kind: str) -> torch.Tensor:
+    """Mean reconstruction loss over the masked positions only.
+
+    Args:
+        prediction: (B, L, 262) logits for bytes, (B, L, 1) values for features.
+        target: (B, L) ids or values.
+        mask: (B, L) bool, True = masked; every other position is ignored.
+    """
+    picked = prediction[mask]
+    if picked.shape[0] == 0:  # nothing masked (all samples shorter than 2 tokens)
+        return prediction.sum() * 0.0
+    if input_kind == "bytes":
+        return F.cross_entropy(picked.float(), target[mask])
+    return F.mse_loss(picked[:, 0].float(), target[mask].float())
+
+
+class SMAPretrainer(nn.Module):
+    """Encoder + reconstruction decoder; the loss counts the masked positions only."""
+
+    def __init__(self, config: ModelConfig, masking: MaskingConfig, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.masking = masking
+        self.encoder = Encoder(config, backend)
+        out = VOCAB_SIZE if config.input_kind == "bytes" else 1
+        self.decoder = Readout(config.width, config.heads, config.max_len, out, config.widening)
+        _init_weights(self)
+
+    def forward(self, inputs: torch.Tensor, valid: torch.Tensor, *, noise: float = 0.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, mask (B, L) bool) for one batch.
+
+        The loss counts the masked positions only, so the decoder runs only their queries:
+        they are packed to the left with ``drop_masked`` (the result is the same as decoding
+        every position and discarding the others, since decoder queries do not interact).
+        """
+        encoded = self.encoder(inputs, valid, masking=self.masking, noise=noise, generator=generator)
+        positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
+        _, packed_valid, packed_positions = sma_kernels.drop_masked(positions, encoded.mask)
+        prediction = self.decoder(encoded, packed_positions)
+        target = torch.gather(inputs, 1, packed_positions)
+        return reconstruction_loss(prediction, target, packed_valid, self.config.input_kind), \
+            encoded.mask
+
+
+class SMAPredictor(nn.Module):
+    """Encoder (no masking) + one-query cross-attention head with ``num_outputs`` outputs."""
+
+    def __init__(self, config: ModelConfig, num_outputs: int = 1, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config, backend)
+        self.head = Readout(config.width, config.heads, 1, num_outputs, config.widening,
+                            config.dropout)
+        _init_weights(self)
+
+    def forward(self, inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, num_outputs) predictions."""
+        query = torch.zeros(inputs.shape[0], 1, dtype=torch.long, device=inputs.device)
+        return self.head(self.encoder(inputs, valid), query)[:, 0]
