@@ -28,6 +28,7 @@ UNAVAILABLE: str | None = _unavailable()
 if UNAVAILABLE is None:
     import torch
 
+    from .. import reference
     from ..plan import MaskPlan, chosen_rows, mask_counts
     from ._common import INTERPRET as INTERPRET
     from .attention import attention_backward as attention_backward
@@ -39,16 +40,18 @@ if UNAVAILABLE is None:
                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                          scale: float) -> torch.Tensor:
-        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton."""
+        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton.
+
+        fp64 inputs (gradient checks) take the reference: the kernels serve fp16, bf16 and fp32.
+        """
+        if q.dtype == torch.float64:
+            return reference.self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio,
+                                              num_per_query=num_per_query, head_mix=head_mix,
+                                              mask_self=mask_self, noise=noise, scale=scale)
         counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
                              mask_self=mask_self, noise=noise)
         chosen = chosen_rows(plan, query_pool, counts.num_rows)
-        # Each sample's chosen row indices in ascending order, padding (index Q) last: the
-        # kernels read the first num_rows entries. O(B*Q), no host sync.
-        num_q = chosen.shape[1]
-        index = torch.arange(num_q, dtype=torch.int32, device=chosen.device)
-        rows = torch.where(chosen, index, num_q).sort(dim=1).values.to(torch.int32)
-        scores = token_scores(q.detach(), k.detach(), valid, rows, counts.num_rows.to(torch.int32),
-                              plan.head, head_mix=head_mix, scale=scale)
-        return select_tokens(scores, valid, chosen if mask_self else None, counts.num_top,
-                             counts.num_random, plan.token_rank)
+        scores = token_scores(q.detach(), k.detach(), valid, chosen, plan.head, head_mix=head_mix,
+                              scale=scale)
+        forced = chosen if mask_self else torch.zeros_like(valid)
+        return select_tokens(scores, valid, forced, counts, plan.token_rank)

@@ -19,8 +19,8 @@ atomics. Padding columns get -inf, which the selection never takes.
 Work: both passes are k_q * L * H * d multiply-adds per sample, a fraction k_q / Q of one
 attention pass; memory is the (B, H, k_q) lse buffer and the (B, L) scores.
 
-The chosen rows come in as a (B, Q) int32 table: each sample's chosen row indices in ascending
-order, then padding, with the (B,) count k_q. Logits are in base 2 (log2 e folded into the scale)
+The chosen rows reach the kernels as a (B, Q) int32 table: each sample's chosen row indices in
+ascending order, then padding, with the (B,) count k_q. Logits are in base 2 (log2 e folded into the scale)
 so the kernels use exp2 / log2 and no libdevice.
 """
 
@@ -145,22 +145,21 @@ def _token_scores_kernel(
     tl.store(SCORES + b * NK + cols, scores, mask=col_ok)
 
 
-def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
-                 count: torch.Tensor, head: torch.Tensor, *, head_mix: str,
-                 scale: float) -> torch.Tensor:
-    """(B, L) fp32 token scores, as :func:`sma_kernels.reference.token_scores` computes them.
+def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
+                 head: torch.Tensor, *, head_mix: str, scale: float) -> torch.Tensor:
+    """(B, L) fp32: :func:`sma_kernels.reference.token_scores` (same arguments) in two passes.
 
-    ``rows`` (B, Q) int32 holds each sample's chosen row indices first (``count`` (B,) int32 of
-    them); ``head`` (B, Q) int32 is the plan's head per row. fp64 inputs are scored in fp32, as
-    the reference does.
+    ``chosen`` (B, Q) bool marks the rows to sum, ``head`` (B, Q) int32 is the plan's head per
+    row. q and k are fp16, bf16 or fp32.
     """
-    if q.dtype == torch.float64:
-        q, k = q.float(), k.float()
     batch, heads, num_q, dim = q.shape
     num_k = k.shape[2]
     valid_u8 = valid.contiguous().view(torch.uint8)
-    rows = rows.contiguous()
-    count = count.contiguous()
+    # Each sample's chosen row indices in ascending order, then padding (index Q): the kernels
+    # read the first `count` entries. O(B*Q) and no host sync.
+    index = torch.arange(num_q, dtype=torch.int32, device=q.device)
+    rows = torch.where(chosen, index, num_q).sort(dim=1).values.to(torch.int32)
+    count = chosen.sum(dim=1, dtype=torch.int32)
     lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
     common = {"BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET, "PRECISION": dot_precision(q.dtype)}

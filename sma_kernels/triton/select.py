@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plan import MaskCounts
 from ._common import autotune
 
 _CONFIGS = [
@@ -40,14 +41,12 @@ _INTERPRET_CONFIG = triton.Config({"BLOCK": 4096})
 
 
 @triton.jit
-def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK,
-                STAGE: tl.constexpr, MASK_SELF: tl.constexpr):
+def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK, STAGE: tl.constexpr):
     """Order-preserving int32 keys of one block, and which of its tokens may be picked."""
     in_row = offs < NK
     eligible = tl.load(VALID + base + offs, mask=in_row, other=0) != 0
     if STAGE == 1:  # top scores among the valid, not forced tokens
-        if MASK_SELF:
-            eligible = eligible & (tl.load(FORCED + base + offs, mask=in_row, other=0) == 0)
+        eligible = eligible & (tl.load(FORCED + base + offs, mask=in_row, other=0) == 0)
         bits = tl.load(SCORES + base + offs, mask=in_row, other=0.0).to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     else:  # random picks among the valid tokens not taken yet: smallest rank = largest key
@@ -57,22 +56,21 @@ def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK,
 
 
 @triton.jit
-def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need,
-                     STAGE: tl.constexpr, MASK_SELF: tl.constexpr, BLOCK: tl.constexpr,
-                     RADIX_BITS: tl.constexpr):
+def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: tl.constexpr,
+                     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
     """The largest int32 t with count(eligible & key >= t) >= need (need >= 1)."""
     offs = tl.arange(0, BLOCK)
     digits = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
     lo = tl.full((), -2147483648, tl.int64)  # invariant: count(key >= lo) >= need
     for sweep in tl.static_range(32 // RADIX_BITS):
-        shift: tl.constexpr = 32 - (sweep + 1) * RADIX_BITS
+        shift = 32 - (sweep + 1) * RADIX_BITS
         # lo + c * 2^shift stays inside int32 for every digit: lo's low `shift` bits are 0 and
         # the search interval [lo, lo + 2^(shift + RADIX_BITS)) lies in the int32 range.
         cand = (lo + (digits << shift)).to(tl.int32)
         counts = tl.zeros([1 << RADIX_BITS], tl.int32)
         for start in range(0, NK, BLOCK):
             key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, start + offs,
-                                        NK, STAGE, MASK_SELF)
+                                        NK, STAGE)
             hit = eligible[:, None] & (key[:, None] >= cand[None, :])
             counts += tl.sum(hit.to(tl.int32), axis=0)
         # counts fall as c grows and counts[0] >= need, so the digit is #(counts >= need) - 1.
@@ -81,10 +79,10 @@ def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need,
     return lo.to(tl.int32)
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NK", "MASK_SELF"])
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NK"])
 @triton.jit
 def _select_kernel(SCORES, VALID, FORCED, RANK, NUM_TOP, NUM_RANDOM, OUT, NK,
-                   MASK_SELF: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                   RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * NK
     offs = tl.arange(0, BLOCK)
@@ -93,24 +91,21 @@ def _select_kernel(SCORES, VALID, FORCED, RANK, NUM_TOP, NUM_RANDOM, OUT, NK,
     num_top = tl.load(NUM_TOP + b)
     t = tl.full((), 2147483647, tl.int32)  # with num_top = 0 nothing is taken (ties = 0)
     if num_top > 0:
-        t = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_top, 1, MASK_SELF,
-                             BLOCK, RADIX_BITS)
+        t = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_top, 1, BLOCK,
+                             RADIX_BITS)
     above = 0
     for start in range(0, NK, BLOCK):
-        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, start + offs, NK,
-                                    1, MASK_SELF)
+        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, start + offs, NK, 1)
         above += tl.sum((eligible & (key > t)).to(tl.int32), axis=0)
     ties = num_top - above  # how many of the keys equal to t are taken, lowest index first
     ties_before = 0
     for start in range(0, NK, BLOCK):
         cols = start + offs
-        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK,
-                                    1, MASK_SELF)
+        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 1)
         tie = (eligible & (key == t)).to(tl.int32)
         tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count
         take = eligible & ((key > t) | ((tie != 0) & (tie_rank < ties)))
-        if MASK_SELF:
-            take = take | (tl.load(FORCED + base + cols, mask=cols < NK, other=0) != 0)
+        take = take | (tl.load(FORCED + base + cols, mask=cols < NK, other=0) != 0)
         tl.store(OUT + base + cols, take.to(tl.uint8), mask=cols < NK)
         ties_before += tl.sum(tie, axis=0)
 
@@ -119,31 +114,28 @@ def _select_kernel(SCORES, VALID, FORCED, RANK, NUM_TOP, NUM_RANDOM, OUT, NK,
     num_random = tl.load(NUM_RANDOM + b)
     if num_random > 0:
         t_rand = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_random, 2,
-                                  MASK_SELF, BLOCK, RADIX_BITS)
+                                  BLOCK, RADIX_BITS)
         for start in range(0, NK, BLOCK):
             cols = start + offs
-            key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK,
-                                        2, MASK_SELF)
+            key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 2)
             # Ranks are distinct: exactly num_random keys reach the threshold. Only free tokens
             # are written, so no block reads a value another block of this sweep changed.
             tl.store(OUT + base + cols, tl.full([BLOCK], 1, tl.uint8),
                      mask=(cols < NK) & eligible & (key >= t_rand))
 
 
-def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None,
-                  num_top: torch.Tensor, num_random: torch.Tensor,
-                  token_rank: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool mask, as :func:`sma_kernels.reference.select_tokens` returns it.
+def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor,
+                  counts: MaskCounts, token_rank: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask: :func:`sma_kernels.reference.select_tokens` (same arguments) in-kernel.
 
-    ``forced`` is (B, L) bool or None (no ``mask_self``); ``num_top`` and ``num_random`` are
-    (B,) counts; ``token_rank`` (B, L) int32 is the plan's random order.
+    ``forced`` (B, L) bool is always masked; ``counts`` gives each sample's ``num_top`` and
+    ``num_random``; ``token_rank`` (B, L) int32 is the plan's random order.
     """
     batch, num_k = scores.shape
     out = torch.empty((batch, num_k), dtype=torch.bool, device=scores.device)
-    valid_u8 = valid.contiguous().view(torch.uint8)
-    forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
     _select_kernel[(batch,)](
-        scores.contiguous(), valid_u8, forced_u8, token_rank.contiguous(),
-        num_top.to(torch.int32).contiguous(), num_random.to(torch.int32).contiguous(),
-        out.view(torch.uint8), num_k, MASK_SELF=forced is not None, RADIX_BITS=4)
+        scores.float().contiguous(), valid.contiguous().view(torch.uint8),
+        forced.contiguous().view(torch.uint8), token_rank.to(torch.int32).contiguous(),
+        counts.num_top.to(torch.int32).contiguous(), counts.num_random.to(torch.int32).contiguous(),
+        out.view(torch.uint8), num_k, RADIX_BITS=4)
     return out

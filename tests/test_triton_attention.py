@@ -1,0 +1,291 @@
+"""Triton masked attention (attention.py): forward and backward against an fp64 oracle.
+
+Accuracy rule (as FlashAttention tests it): the kernel's error against the fp64 reference is at
+most twice the error of plain PyTorch attention computed in the same dtype, plus a tiny atol.
+Without a GPU these run in Triton's interpreter on CPU (tests/conftest.py), in fp32 and fp16 at
+tiny shapes. On a GPU the same tests run compiled, plus bf16, the DESIGN.md section 9 workloads
+(reduced batch), determinism, peak memory, opcheck and torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sma_kernels as sk
+from sma_kernels import reference
+
+triton_backend = pytest.importorskip("sma_kernels.triton")
+if triton_backend.UNAVAILABLE is not None:
+    pytest.skip(f"Triton backend unavailable: {triton_backend.UNAVAILABLE}", allow_module_level=True)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# The tiny atol of the rule, per dtype, relative to the largest value compared: a few roundings
+# (the kernel's and PyTorch's summation orders differ, and PyTorch is sometimes lucky).
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def keep_patterns(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, L) bool cycling through: random drops, right padding, left padding, a hole in the
+    middle, a single kept key, no kept key at all."""
+    keep = torch.rand(batch, length, generator=generator) < 0.7
+    for b in range(batch):
+        kind = b % 6
+        if kind == 1:
+            keep[b, length * 2 // 3:] = False
+        elif kind == 2:
+            keep[b, : length // 2] = False
+        elif kind == 3:
+            keep[b, length // 4: length * 3 // 4] = False
+        elif kind == 4:
+            keep[b] = False
+            keep[b, length - 1] = True
+        elif kind == 5:
+            keep[b] = False
+    return keep
+
+
+def plain_attention(q, k, v, keep, scale):
+    """Attention as a user would write it in PyTorch, entirely in the inputs' dtype."""
+    logits = (q @ k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return (torch.softmax(logits, dim=-1) @ v).nan_to_num(0.0)
+
+
+def max_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    return float((x.detach().double() - oracle).abs().max())
+
+
+def check_attention(batch, heads, num_q, length, dim, dim_v, dtype, seed, keep=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, heads, n, dim, generator=g) for n in (num_q, length))
+    v = torch.randn(batch, heads, length, dim_v, generator=g)
+    if keep is None:
+        keep = keep_patterns(batch, length, g)
+    grad_out = torch.randn(batch, heads, num_q, dim_v, generator=g)
+    q, k, v, grad_out = (x.to(DEVICE, dtype) for x in (q, k, v, grad_out))
+    keep = keep.to(DEVICE)
+    scale = dim ** -0.5
+
+    out, lse = triton_backend.attention_forward(q, k, v, keep, scale=scale)
+    grads = triton_backend.attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
+
+    q64, k64, v64, go64 = (x.double() for x in (q, k, v, grad_out))
+    out64, lse64 = reference.attention_forward(q64, k64, v64, keep, scale=scale)
+    grads64 = reference.attention_backward(go64, q64, k64, v64, keep, out64, lse64, scale=scale)
+
+    plain_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    plain_out = plain_attention(*plain_in, keep, scale)
+    plain_out.backward(grad_out)
+    plain_grads = [x.grad.nan_to_num(0.0) for x in plain_in]
+
+    assert out.dtype == dtype and out.shape == (batch, heads, num_q, dim_v)
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads, num_q)
+    # lse: +inf exactly where the sample keeps no key, fp32-accurate elsewhere.
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse64))
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse[finite].double(), lse64[finite], rtol=1e-5, atol=1e-5)
+    for name, got, plain, oracle in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                        (plain_out, *plain_grads), (out64, *grads64)):
+        assert got.dtype == dtype and got.shape == oracle.shape, name
+        err, plain_err = max_error(got, oracle), max_error(plain, oracle)
+        atol = ATOL[dtype] * max(1.0, float(oracle.abs().max()))
+        assert err <= 2 * plain_err + atol, f"{name}: error {err:.3g} vs PyTorch {plain_err:.3g}"
+    empty = ~keep.any(dim=1)  # samples with no kept key: zero output and zero gradients
+    for x in (out, *grads):
+        assert not x[empty].any()
+    return out, lse, grads
+
+
+# (B, H, Q, L, d, dv)
+SHAPES = {
+    "L37-Q28-d16": (6, 2, 28, 37, 16, 16),
+    "dv-ne-d": (6, 2, 5, 70, 16, 32),
+    "Q1": (6, 1, 1, 45, 32, 16),
+    "higgs-like": (6, 2, 28, 28, 16, 16),
+    "d-not-pow2": (6, 1, 9, 40, 24, 40),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_attention_matches_reference(shape, dtype):
+    check_attention(*shape, dtype, seed=sum(shape))
+
+
+def test_attention_strided_inputs():
+    # Non-contiguous q, k, v (a transposed layout) give the same result as contiguous ones.
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g).to(DEVICE).transpose(1, 2)
+               for n in (7, 33, 33))
+    keep = keep_patterns(2, 33, g).to(DEVICE)
+    out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.25)
+    want, want_lse = triton_backend.attention_forward(q.contiguous(), k.contiguous(),
+                                                      v.contiguous(), keep, scale=0.25)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_self_guided_attention_matches_reference():
+    g = torch.Generator().manual_seed(8)
+    batch, heads, length, dim = 4, 2, 28, 16
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(DEVICE).requires_grad_()
+               for _ in range(3))
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, 20:] = False
+    valid[2, :5] = False
+    valid = valid.to(DEVICE)
+    plan = sk.make_plan(batch, length, length, heads, generator=g).to(DEVICE)
+    kwargs = {"ratio": 0.2, "num_per_query": 3, "head_mix": "random", "mask_self": True,
+              "noise": 0.3, "plan": plan}
+    results = []
+    for backend in ("triton", "reference"):
+        out, mask = sk.self_guided_attention(q, k, v, valid, backend=backend, **kwargs)
+        out.square().sum().backward()
+        results.append((out.detach(), mask, *(x.grad.clone() for x in (q, k, v))))
+        for x in (q, k, v):
+            x.grad = None
+    (out, mask, *grads), (want_out, want_mask, *want_grads) = results
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck_attention_op():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 5, 16, generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(2, 2, 20, 16, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(2, 2, 20, 32, generator=g).to(DEVICE).requires_grad_()
+    keep = torch.rand(2, 20, generator=g) < 0.7
+    keep[1] = False
+    torch.library.opcheck(torch.ops.sma_kernels.masked_attention.default,
+                          (q, k, v, keep.to(DEVICE), 0.25, "triton"))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+# DESIGN.md section 9 workloads at reduced batch: (B, H, Q, L, d, dv)
+WORKLOADS = {
+    "proteins": (4, 8, 256, 1024, 32, 128),
+    "molecules": (2, 12, 512, 512, 64, 64),
+    "higgs": (32, 8, 28, 28, 16, 16),
+    "pixels": (1, 8, 256, 36864, 32, 128),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", WORKLOADS.keys())
+def test_gpu_workload_attention_bf16(name):
+    batch, heads, num_q, length, dim, dim_v = WORKLOADS[name]
+    g = torch.Generator().manual_seed(0)
+    keep = keep_patterns(batch, length, g)
+    keep[0] = torch.rand(length, generator=g) < 0.8  # the first sample is always a realistic one
+    check_attention(batch, heads, num_q, length, dim, dim_v, torch.bfloat16, seed=1, keep=keep)
+
+
+@needs_gpu
+def test_gpu_attention_is_deterministic():
+    batch, heads, num_q, length, dim, dim_v = WORKLOADS["proteins"]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(batch, heads, num_q, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, heads, length, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, heads, length, dim_v, generator=g, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(batch, heads, num_q, dim_v, generator=g, device="cuda",
+                           dtype=torch.bfloat16)
+    keep = torch.rand(batch, length, generator=g, device="cuda") < 0.8
+    runs = []
+    for _ in range(2):
+        out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.2)
+        runs.append((out, lse, *triton_backend.attention_backward(grad_out, q, k, v, keep, out, lse,
+                                                                  scale=0.2)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def _pixels_inputs(batch, seed=5):
+    _, heads, num_q, length, dim, dim_v = WORKLOADS["pixels"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, e, generator=g, device="cuda", dtype=torch.bfloat16)
+               for n, e in ((num_q, dim), (length, dim), (length, dim_v)))
+    valid = torch.arange(length, device="cuda")[None, :] < torch.tensor(
+        [length, length * 3 // 4], device="cuda")[:batch, None]
+    return q, k, v, valid
+
+
+@needs_gpu
+def test_gpu_peak_memory_has_no_attention_matrix():
+    batch = 2
+    q, k, v, valid = _pixels_inputs(batch)
+    heads, num_q, length = q.shape[1], q.shape[2], k.shape[2]
+    element = q.element_size()
+    attention_matrix = batch * heads * num_q * length * element
+    kwargs = {"ratio": 0.15, "num_per_query": 4, "generator": torch.Generator(device="cuda"),
+              "backend": "triton"}
+    for x in (q, k, v):
+        x.requires_grad_()
+    out, _ = sk.self_guided_attention(q, k, v, valid, **kwargs)
+    out.sum().backward()  # autotuning allocates its own scratch: measure a second call
+    for x in (q, k, v):
+        x.grad = None
+    torch.cuda.synchronize()
+
+    def peak_extra(fn):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+
+    out, forward = peak_extra(lambda: sk.self_guided_attention(q, k, v, valid, **kwargs)[0])
+    _, backward = peak_extra(lambda: out.sum().backward())
+    # Forward: the output, its lse and O(B*L) plan, scores and masks.
+    out_bytes = out.numel() * element
+    forward_bound = out_bytes + 16 * batch * heads * num_q + 64 * batch * length + (1 << 20)
+    # Backward: dq, dk, dv, plus output-sized temporaries (the incoming gradient, fp32 delta).
+    grad_bytes = (q.numel() + k.numel() + v.numel()) * element
+    backward_bound = grad_bytes + 5 * out.numel() * 4 + (1 << 20)
+    assert forward < min(forward_bound, attention_matrix / 8), f"forward extra {forward} B"
+    assert backward < min(backward_bound, grad_bytes + attention_matrix / 8), \
+        f"backward extra {backward} B"
+
+
+@needs_gpu
+def test_gpu_torch_compile_self_guided_attention():
+    q, k, v, valid = _pixels_inputs(1, seed=6)
+    q, k, v = (x[..., :2048, :].contiguous() if x.shape[2] > 2048 else x for x in (q, k, v))
+    valid = valid[:, :2048]
+    plan = sk.make_plan(1, q.shape[2], k.shape[2], q.shape[1], generator=torch.Generator(
+        device="cuda").manual_seed(1))
+
+    def layer(q, k, v):
+        out, mask = sk.self_guided_attention(q, k, v, valid, ratio=0.15, num_per_query=4,
+                                             plan=plan, backend="triton")
+        return out.float().square().mean(), mask
+
+    results = []
+    for fn in (layer, torch.compile(layer)):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        loss, mask = fn(*inputs)
+        loss.backward()
+        results.append((mask, loss.detach(), *(x.grad for x in inputs)))
+    (mask, *values), (compiled_mask, *compiled_values) = results
+    assert torch.equal(compiled_mask, mask)
+    for eager, compiled in zip(values, compiled_values):  # fused elementwise code may round apart
+        torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-5)
+
+
+@needs_gpu
+def test_gpu_opcheck_mask_and_attention_bf16():
+    q, k, v, valid = _pixels_inputs(1, seed=7)
+    q, k, v = (x[..., :300, :].contiguous() for x in (q, k, v))
+    valid = valid[:, :300]
+    plan = sk.make_plan(1, 256, 300, 8, generator=torch.Generator(device="cuda"))
+    torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default,
+                          (q, k, valid, torch.ones(1, 256, dtype=torch.bool, device="cuda"), *plan,
+                           0.15, 4, "mean", False, 0.0, 0.2, "triton"))
+    torch.library.opcheck(torch.ops.sma_kernels.masked_attention.default,
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), valid, 0.2,
+                           "triton"))

@@ -1,0 +1,225 @@
+"""Triton mask kernels (mask_scores.py, select.py) against the reference, under the same plan.
+
+Without a GPU these run in Triton's interpreter on CPU (tests/conftest.py), at tiny shapes. On a
+GPU the same tests run compiled, plus bf16 at the DESIGN.md section 9 workloads (reduced batch),
+determinism and torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_masks_match
+
+import sma_kernels as sk
+from sma_kernels import reference
+from sma_kernels.plan import chosen_rows, mask_counts
+
+triton_backend = pytest.importorskip("sma_kernels.triton")
+if triton_backend.UNAVAILABLE is not None:
+    pytest.skip(f"Triton backend unavailable: {triton_backend.UNAVAILABLE}", allow_module_level=True)
+
+from sma_kernels.triton.mask_scores import token_scores
+from sma_kernels.triton.select import select_tokens
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def padded_valid(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, L) bool cycling through padding layouts: none, right, left, a middle hole, one valid
+    token, no valid token, random; so every case covers each layout."""
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        kind = b % 7
+        if kind == 1:
+            valid[b, length * 2 // 3:] = False
+        elif kind == 2:
+            valid[b, : length // 2] = False
+        elif kind == 3:
+            valid[b, length // 4: length * 3 // 4] = False
+        elif kind == 4:
+            valid[b] = False
+            valid[b, length // 3] = True
+        elif kind == 5:
+            valid[b] = False
+        elif kind == 6:
+            valid[b] = torch.rand(length, generator=generator) < 0.6
+    return valid
+
+
+def make_inputs(batch, heads, num_q, length, dim, dtype, seed, *, zero_q=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(batch, heads, num_q, dim) if zero_q else torch.randn(batch, heads, num_q, dim,
+                                                                           generator=g)
+    k = torch.randn(batch, heads, length, dim, generator=g)
+    valid = padded_valid(batch, length, g)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), valid.to(DEVICE), plan.to(DEVICE)
+
+
+# (B, H, Q, L, d, dtype, head_mix, mask_self, self-attention pool, noise, ratio, npq)
+MASK_CASES = {
+    "cross-mean-L37": (7, 2, 5, 37, 16, torch.float32, "mean", False, False, 0.0, 0.3, 2),
+    "cross-random-noise-fp16": (7, 3, 7, 70, 32, torch.float16, "random", False, False, 0.5, 0.3, 1),
+    "higgs-like-self-random": (7, 2, 28, 28, 16, torch.float32, "random", True, True, 0.3, 0.2, 3),
+    "self-mean-full-noise-fp16": (7, 2, 28, 28, 16, torch.float16, "mean", True, True, 1.0, 0.3, 3),
+    "self-pool-no-mask-self": (7, 2, 37, 37, 64, torch.float32, "mean", False, True, 0.0, 0.4, 2),
+    "cross-L1000": (7, 2, 4, 1000, 16, torch.float16, "mean", False, False, 0.0, 0.15, 4),
+    "cross-pool-exhausted": (7, 2, 3, 45, 16, torch.float32, "random", False, False, 0.2, 0.9, 1),
+}
+
+
+@pytest.mark.parametrize("case", MASK_CASES.values(), ids=MASK_CASES.keys())
+def test_mask_matches_reference(case):
+    batch, heads, num_q, length, dim, dtype, head_mix, mask_self, self_pool, noise, ratio, npq = case
+    q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=length + num_q)
+    query_valid = valid if self_pool else None
+    kwargs = {"ratio": ratio, "num_per_query": npq, "head_mix": head_mix, "mask_self": mask_self,
+              "noise": noise, "query_valid": query_valid, "plan": plan}
+    got = sk.self_guided_mask(q, k, valid, backend="triton", **kwargs)
+    want = sk.self_guided_mask(q, k, valid, backend="reference", **kwargs)
+    assert_masks_match(got, want, q, k, valid, **kwargs)
+
+    pool = query_valid if query_valid is not None else torch.ones_like(plan.head, dtype=torch.bool)
+    counts = mask_counts(valid, pool, ratio=ratio, num_per_query=npq, mask_self=mask_self,
+                         noise=noise)
+    chosen = chosen_rows(plan, pool, counts.num_rows)
+    assert not (got & ~valid).any(), "padding masked"
+    assert torch.equal(got.sum(dim=1), counts.num_masked)
+    if mask_self:
+        assert (got | ~chosen).all(), "a chosen query token is not masked"
+
+
+def test_ties_go_to_the_lower_index():
+    # q = 0 gives uniform attention: every valid token has the same score.
+    q, k, valid, plan = make_inputs(7, 2, 3, 37, 16, torch.float32, seed=3, zero_q=True)
+    kwargs = {"ratio": 0.3, "num_per_query": 1, "plan": plan}
+    got = sk.self_guided_mask(q, k, valid, backend="triton", **kwargs)
+    assert torch.equal(got, sk.self_guided_mask(q, k, valid, backend="reference", **kwargs))
+    for b in range(valid.shape[0]):
+        taken = got[b].nonzero().flatten()
+        first_valid = valid[b].nonzero().flatten()[: taken.numel()]
+        assert torch.equal(taken, first_valid)
+
+
+@pytest.mark.parametrize("head_mix", ["mean", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_scores_close_to_reference(head_mix, dtype):
+    batch, heads, num_q, length, dim = 7, 3, 6, 50, 32
+    q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=11)
+    g = torch.Generator().manual_seed(5)
+    chosen = (torch.rand(batch, num_q, generator=g) < 0.6).to(DEVICE)
+    chosen[0] = False  # a sample with no chosen row scores 0 on every valid token
+    got = token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix, scale=0.3)
+    want = reference.token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert torch.equal(got[0][valid[0]], torch.zeros_like(got[0][valid[0]]))
+
+
+def selection_inputs(batch, length, seed, *, ties):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: most decisions are ties
+        scores = torch.randint(0, 3, (batch, length), generator=g).float()
+    else:  # negative and positive: exercises the float -> ordered int key map on both signs
+        scores = torch.randn(batch, length, generator=g) * 10.0 ** torch.randint(
+            -30, 30, (batch, length), generator=g).float()
+    valid = padded_valid(batch, length, g)
+    plan = sk.make_plan(batch, length, length, 1, generator=g)
+    return scores, valid, plan
+
+
+# L = 9000 and 65,536 span several blocks of the select kernel (4096 under the interpreter).
+@pytest.mark.parametrize(("length", "ties", "mask_self"), [
+    (28, True, False), (28, False, True), (1000, True, True), (1000, False, False),
+    (9000, False, True), (65536, True, True)])
+def test_select_matches_reference(length, ties, mask_self):
+    batch = 7 if length <= 9000 else 2
+    scores, valid, plan = selection_inputs(batch, length, seed=length, ties=ties)
+    counts = mask_counts(valid, valid, ratio=0.3, num_per_query=3, mask_self=mask_self, noise=0.4)
+    forced = chosen_rows(plan, valid, counts.num_rows) if mask_self else torch.zeros_like(valid)
+    want = reference.select_tokens(scores, valid, forced, counts, plan.token_rank)
+    got = select_tokens(scores.to(DEVICE), valid.to(DEVICE), forced.to(DEVICE), counts._replace(
+        **{name: c.to(DEVICE) for name, c in counts._asdict().items()}), plan.token_rank.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+
+
+def test_opcheck_mask_op():
+    q, k, valid, plan = make_inputs(3, 2, 5, 20, 16, torch.float32, seed=1)
+    args = (q, k, valid, torch.ones(3, 5, dtype=torch.bool, device=DEVICE), *plan, 0.3, 1,
+            "random", False, 0.5, 0.25, "triton")
+    torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, args)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+# DESIGN.md section 9 workloads at reduced batch:
+# (B, H, Q, L, d, ratio, npq, head_mix, mask_self, noise)
+WORKLOADS = {
+    "proteins": (4, 8, 256, 1024, 32, 0.15, 4, "mean", False, 0.0),
+    "molecules": (4, 12, 512, 512, 64, 0.3, 3, "random", True, 0.0),
+    "higgs": (32, 8, 28, 28, 16, 0.2, 3, "random", True, 0.5),
+    "pixels": (1, 8, 256, 36864, 32, 0.15, 4, "mean", False, 0.0),
+}
+
+
+def workload_inputs(name, dtype=torch.bfloat16, seed=0):
+    batch, heads, num_q, length, dim, *_ = WORKLOADS[name]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, heads, num_q, dim, generator=g, device="cuda").to(dtype)
+    k = torch.randn(batch, heads, length, dim, generator=g, device="cuda").to(dtype)
+    # Ragged right padding: sample b keeps between half and all of its tokens.
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=g, device="cuda")
+    valid = torch.arange(length, device="cuda")[None, :] < lengths[:, None]
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
+    return q, k, valid, plan
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", WORKLOADS.keys())
+def test_gpu_workload_mask_bf16(name):
+    *_, dim, ratio, npq, head_mix, mask_self, noise = WORKLOADS[name]
+    q, k, valid, plan = workload_inputs(name)
+    pool = valid if mask_self else torch.ones_like(plan.head, dtype=torch.bool)
+    counts = mask_counts(valid, pool, ratio=ratio, num_per_query=npq, mask_self=mask_self,
+                         noise=noise)
+    chosen = chosen_rows(plan, pool, counts.num_rows)
+    got_scores = token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix, scale=dim ** -0.5)
+    want_scores = reference.token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix,
+                                         scale=dim ** -0.5)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+
+    forced = chosen if mask_self else torch.zeros_like(valid)
+    # Selection is exact given the scores ...
+    assert torch.equal(select_tokens(got_scores, valid, forced, counts, plan.token_rank),
+                       reference.select_tokens(got_scores, valid, forced, counts, plan.token_rank))
+    # ... and the whole op matches the reference up to float near-ties of the scores.
+    kwargs = {"ratio": ratio, "num_per_query": npq, "head_mix": head_mix, "mask_self": mask_self,
+              "noise": noise, "plan": plan}
+    got = sk.self_guided_mask(q, k, valid, backend="triton", **kwargs)
+    want = sk.self_guided_mask(q, k, valid, backend="reference", **kwargs)
+    assert_masks_match(got, want, q, k, valid, **kwargs)
+
+
+@needs_gpu
+def test_gpu_mask_is_deterministic():
+    q, k, valid, plan = workload_inputs("pixels", seed=1)
+    chosen = chosen_rows(plan, torch.ones_like(plan.head, dtype=torch.bool),
+                         torch.full((q.shape[0],), 200, device="cuda"))
+    first = token_scores(q, k, valid, chosen, plan.head, head_mix="mean", scale=0.2)
+    second = token_scores(q, k, valid, chosen, plan.head, head_mix="mean", scale=0.2)
+    assert torch.equal(first.view(torch.int32), second.view(torch.int32))
+    masks = [sk.self_guided_mask(q, k, valid, ratio=0.15, num_per_query=4, plan=plan,
+                                 backend="triton") for _ in range(2)]
+    assert torch.equal(masks[0], masks[1])
+
+
+@needs_gpu
+def test_gpu_auto_backend_is_triton():
+    assert sk.backends()["triton"]["available"]
+    q, k, valid, plan = workload_inputs("higgs")
+    kwargs = {"ratio": 0.2, "num_per_query": 3, "head_mix": "random", "mask_self": True,
+              "plan": plan}
+    assert torch.equal(sk.self_guided_mask(q, k, valid, **kwargs),
+                       sk.self_guided_mask(q, k, valid, backend="triton", **kwargs))
