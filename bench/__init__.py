@@ -1,0 +1,1 @@
+"""Benchmarks of sma-kernels against pure-PyTorch routes; run ``python -m bench`` (see __main__)."""

@@ -1,0 +1,126 @@
+"""``python -m bench``: time every sma-kernels backend against the pure-PyTorch baselines.
+
+Default: the four workloads of DESIGN.md section 9 (shrunk on the CPU, full size on a GPU, where
+an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and head dim.
+Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under ``--out``
+(default ``bench/results/``), prints the table last, and exits 1 if any provider's mask or output
+was wrong or an sma-kernels backend failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import cases as bench_cases
+from . import e2e, measure, plots, report, suite
+from .providers import SmaBackend, default_providers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="bigger CPU sizes and all sweeps")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes only (smoke tests)")
+    parser.add_argument("--out", type=Path, default=report.RESULTS, help="directory for JSON and plots")
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
+                        help="input dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (e.g. higgs L=4096)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers")
+    parser.add_argument("--min-run-time", type=float, help="seconds of repeats per timing "
+                        "(default: 0.2 on the CPU, 0.1 on a GPU)")
+    parser.add_argument("--compile-budget", type=float, default=None,
+                        help="seconds of torch.compile allowed in total (default: 120 CPU, 150 GPU)")
+    parser.add_argument("--dense-budget-gb", type=float, default=None,
+                        help="skip routes that would hold more (B, H, Q, L) data than this "
+                             "(default: 6 on the CPU, 60 on a GPU)")
+    parser.add_argument("--time-limit", type=float, help="seconds: start no case after this, and "
+                        "keep the last 10%% for the end-to-end steps (the cases left are listed as not run)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--readme", type=Path, help="also regenerate this README's bench table")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    min_run_time = args.min_run_time or (0.1 if on_gpu else 0.2)
+    compile_budget = args.compile_budget if args.compile_budget is not None else (150.0 if on_gpu else 120.0)
+    dense_budget = args.dense_budget_gb or (60.0 if on_gpu else 6.0)
+
+    if args.tiny:
+        cases = bench_cases.tiny_cases()
+    else:
+        cases = bench_cases.workloads(device.type, args.full) + bench_cases.sweeps(device.type, args.full)
+    if args.cases:
+        cases = [case for case in cases if case.name in args.cases]
+    providers = default_providers()
+    if args.providers:
+        providers = [p for p in providers if p.name in args.providers]
+        for provider in providers:  # asked for by name: run it even under Triton's interpreter
+            if isinstance(provider, SmaBackend):
+                provider.allow_interpreter = True
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    settings = {"full": args.full, "tiny": args.tiny, "dtype": str(dtype).removeprefix("torch."),
+                "min_run_time": min_run_time, "compile_budget_s": compile_budget,
+                "dense_budget_gb": dense_budget, "seed": args.seed, "time_limit_s": args.time_limit}
+    started = time.time()
+    deadline = started + 0.9 * args.time_limit if args.time_limit else None
+    result = suite.run_suite(cases, providers, device, dtype, min_run_time=min_run_time,
+                             compile_budget=compile_budget, dense_budget_gb=dense_budget,
+                             args=settings, log=log, seed=args.seed, deadline=deadline)
+    if args.no_e2e:
+        result["end_to_end"] = {"status": "skipped", "reason": "--no-e2e"}
+    elif args.time_limit and time.time() > started + args.time_limit:
+        result["end_to_end"] = {"status": "skipped", "reason": "--time-limit reached"}
+    else:
+        result["end_to_end"] = e2e.run(device, min_run_time=min_run_time, log=log, tiny=args.tiny)
+    suite.validate(result)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = measure.device_slug(result["device"])
+    text = json.dumps(result, indent=1)
+    dated = args.out / f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    latest = args.out / f"latest-{slug}.json"
+    for path in (dated, latest):
+        path.write_text(text + "\n")
+    written = [dated, latest]
+    if not args.no_plots:
+        try:
+            written += plots.make_plots(result, args.out / f"latest-{slug}")
+        except ImportError as error:
+            log(f"plots skipped: matplotlib is not installed ({error})")
+    if args.readme:
+        report.update_readme(args.readme, [json.loads(p.read_text())
+                                           for p in sorted(report.RESULTS.glob("latest-*.json"))])
+        written.append(args.readme)
+    log("wrote " + ", ".join(str(path) for path in written))
+    log("")
+    log(e2e.text_table(result["end_to_end"]))
+    log(report.text_table(result))
+    if result["failures"]:
+        log(f"benchmark FAILED: {len(result['failures'])} provider(s) gave wrong results or crashed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

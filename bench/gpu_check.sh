@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check, run from the repository root on a CUDA host (torch, Triton, nvcc, ninja installed;
+# no network needed):
+#
+#   bash bench/gpu_check.sh            # results in bench/results/
+#   OUT=/some/dir bash bench/gpu_check.sh
+#
+# 1. installs the package in place against the torch already there (no dependency is fetched),
+# 2. runs the GPU tests (pytest -k "triton or cuda or gpu"),
+# 3. runs the benchmark on the GPU: every backend and baseline at the four DESIGN.md section 9
+#    workloads at full size (forward, forward+backward, peak extra memory), an L sweep and the
+#    end-to-end training steps,
+# and prints a short table last. Every step has a time limit so that the whole check ends in
+# under 5 minutes on an H100; a failing step does not stop the later ones, but the exit status is
+# non-zero if any step failed. Output: $OUT (default bench/results) gets the benchmark JSON
+# (dated + latest-<gpu>.json), the plots, gpu_check.log and the test log (at most 8 files).
+set -u
+export PYTHONUNBUFFERED=1
+OUT_DIR="${OUT:-bench/results}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+: > "$LOG"
+PY="${PYTHON:-python3}"
+# The whole check must end within BUDGET seconds (5 minutes on an H100, with a margin).
+BUDGET="${GPU_CHECK_BUDGET:-285}"
+failed=()
+
+# step NAME SECONDS COMMAND...: run with a time limit (cut to what is left of BUDGET, keeping
+# 15 s for the final table), log everything, remember failures.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - SECONDS - 15))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -le 5 ]; then
+        echo "=== $name: not run, the time budget is spent" | tee -a "$LOG"
+        failed+=("$name (no time left)")
+        return 0
+    fi
+    local start=$SECONDS
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+    if [ "$rc" -ne 0 ]; then failed+=("$name (exit $rc)"); fi
+    return 0
+}
+
+step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
+    $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+\"triton\", triton.__version__, torch.cuda.get_device_name())'; nvcc --version | tail -n 2"
+step install 100 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-isolation --no-deps \
+    --no-index -e .
+step backends 20 "$PY" -c "import json, sma_kernels; print(json.dumps(sma_kernels.backends(), indent=1))"
+step gpu-tests 60 "$PY" -m pytest -q -p no:cacheprovider tests -k "triton or cuda or gpu" \
+    --junitxml="$OUT_DIR/gpu_tests.xml"
+# The benchmark stops starting cases at 90% of its limit and writes what it has.
+bench_limit=$((BUDGET - SECONDS - 25))
+step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" --compile-budget 45 \
+    --min-run-time 0.05 --time-limit "$((bench_limit - 15))"
+
+echo | tee -a "$LOG"
+if ls "$OUT_DIR"/latest-*.json > /dev/null 2>&1; then
+    timeout 15 "$PY" -m bench.report "$OUT_DIR"/latest-*.json 2>&1 | grep -v '^$' | tee -a "$LOG"
+fi
+echo "gpu_check: ${SECONDS}s in all" | tee -a "$LOG"
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "gpu_check FAILED steps: ${failed[*]}" | tee -a "$LOG"
+    exit 1
+fi
+echo "gpu_check: all steps passed" | tee -a "$LOG"

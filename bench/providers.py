@@ -1,0 +1,380 @@
+"""Everything the benchmark times: the sma-kernels backends and the pure-PyTorch routes they replace.
+
+Every provider turns the same :class:`~bench.cases.Inputs` (q, k, v, valid and one shared plan)
+into ``(out, mask)``: the first SMA layer's attention output with the self-guided mask applied.
+Masking providers are checked against the reference mask before they are timed (:func:`check`).
+
+* ``sdpa`` / ``sdpa+pad``: plain scaled-dot-product attention with no mask / the padding mask.
+  They choose no mask: the floor that the fused op is measured against.
+* ``published``: the published algorithm in eager PyTorch (sma_paper_notes.md section 3.3): the
+  (B, H, Q, L) logits and an fp32 softmax of them are materialized, heads mixed, then a Python
+  loop over samples does the row draw, the row sum and ``topk``; masked SDPA follows. It reads
+  the shared plan (rows and random picks ordered by the plan's ranks stand in for ``randperm``)
+  and the counts of :func:`sma_kernels.plan.mask_counts`, so its mask equals the reference's.
+  Its logits are fp32 (the published code computes them in the model dtype, then copies them to
+  fp32 for the softmax) so that half-precision runs can be checked too.
+* ``vectorized``: ``sma_kernels`` with ``backend="reference"``, the same math without the loop.
+* ``compiled``: ``torch.compile`` of that reference math (mask, then attention).
+* ``flex``: the FlexAttention route of DESIGN.md section 9, below.
+* ``sma:<name>``: each sma-kernels backend that ``sma_kernels.backends()`` reports available.
+
+The FlexAttention route: call 1 attends the chosen rows to the valid tokens and returns each
+row's log-sum-exp. Call 2 swaps queries and keys (tokens attend to the chosen rows), shifts every
+score by its row's log-sum-exp and returns its own log-sum-exp, which is then
+log(sum_i P[h, i, j]): the log column sums. "mean" averages exp of that over heads; "random" is
+expressed by a ``mask_mod`` that lets row i through only in its plan head, so the sum over heads
+picks P[head_i, i, j]. Both head mixes are supported. Top-k is the reference's selection; masked
+SDPA gives the output. On the CPU FlexAttention runs unfused (torch.compile of it supports
+neither the CPU with ``return_lse`` nor backward), so there it materializes like the eager routes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import sma_kernels
+from sma_kernels import reference
+from sma_kernels.plan import MaskPlan, chosen_rows, mask_counts
+
+from .cases import Inputs
+
+
+class Provider:
+    """One way to compute the first SMA layer. Subclasses override :meth:`forward` and,
+    when they choose a mask, :meth:`mask`."""
+
+    name = "provider"
+    kind = "baseline"  # "floor", "baseline" or "sma-kernels"
+    produces_mask = True
+    compiles = False  # the first call of each mode compiles (timed apart, under a budget)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this provider cannot run on ``device``, or None."""
+        return None
+
+    def dense(self, device: torch.device) -> bool:
+        """Whether it materializes (B, H, Q, L) tensors (guarded by the memory budget)."""
+        return True
+
+    def prepare(self, x: Inputs) -> None:
+        """Per-case set-up before the first call (e.g. fresh compiled functions)."""
+
+    def mask(self, x: Inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Inputs, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale)
+
+
+class Sdpa(Provider):
+    """SDPA with no mask, or with the padding mask only."""
+
+    kind = "floor"
+    produces_mask = False
+
+    def __init__(self, padding: bool) -> None:
+        self.padding = padding
+        self.name = "sdpa+pad" if padding else "sdpa"
+
+    def dense(self, device: torch.device) -> bool:
+        return False
+
+    def forward(self, x, q, k, v):
+        if self.padding:
+            return _masked_sdpa(q, k, v, x.valid, x.options["scale"]), None
+        return F.scaled_dot_product_attention(q, k, v, scale=x.options["scale"]), None
+
+
+def published_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
+                   plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
+                   mask_self: bool, noise: float, scale: float) -> torch.Tensor:
+    """The published masking algorithm, loop over samples included (see the module docstring)."""
+    q, k = q.detach(), k.detach()
+    logits = scale * torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, Q, L)
+    # The published additive padding mask; exp() of it is exactly 0, as -inf is in the reference.
+    logits = logits + torch.where(valid, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    probs = torch.softmax(logits, dim=-1)
+    if head_mix == "mean":
+        mixed = probs.mean(dim=1)
+    else:
+        mixed = probs.gather(1, plan.head.long()[:, None, :, None].expand(-1, 1, -1, probs.shape[-1]))
+        mixed = mixed.squeeze(1)
+    counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
+                         mask_self=mask_self, noise=noise)
+    num_rows = counts.num_rows.tolist()
+    num_taken = (counts.num_forced + counts.num_top).tolist()
+    num_random = counts.num_random.tolist()
+    mask = torch.zeros_like(valid)
+    for b in range(valid.shape[0]):
+        pool = query_pool[b].nonzero().squeeze(1)
+        chosen = pool[plan.query_rank[b, pool].argsort()[:num_rows[b]]]  # randperm(pool)[:k_q]
+        score = mixed[b, chosen].sum(dim=0)
+        if mask_self:
+            score[chosen] = float("inf")
+        score = score.masked_fill(~valid[b], float("-inf"))
+        mask[b, score.topk(num_taken[b]).indices] = True
+        if num_random[b]:
+            free = (valid[b] & ~mask[b]).nonzero().squeeze(1)
+            mask[b, free[plan.token_rank[b, free].argsort()[:num_random[b]]]] = True
+    return mask
+
+
+class PublishedEager(Provider):
+    name = "published"
+
+    def mask(self, x):
+        return published_mask(x.q, x.k, x.valid, x.query_pool, x.plan, **x.options)
+
+    def forward(self, x, q, k, v):
+        with torch.no_grad():
+            mask = published_mask(q, k, x.valid, x.query_pool, x.plan, **x.options)
+        return _masked_sdpa(q, k, v, x.valid & ~mask, x.options["scale"]), mask
+
+
+class SmaBackend(Provider):
+    """A backend of the public API: ``vectorized`` is ``backend="reference"``."""
+
+    def __init__(self, backend: str, *, allow_interpreter: bool = False) -> None:
+        self.backend = backend
+        self.allow_interpreter = allow_interpreter
+        if backend == "reference":
+            self.name = "vectorized"
+        else:
+            self.name, self.kind = f"sma:{backend}", "sma-kernels"
+
+    def unavailable(self, device):
+        info = sma_kernels.backends()[self.backend]
+        if not info["available"]:
+            return info["reason"]
+        if info["device"] not in ("any", device.type):
+            return f"runs on {info['device']} tensors only"
+        if self.backend == "triton" and device.type == "cpu" and not self.allow_interpreter:
+            return ("CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1): a correctness "
+                    "check, not a timing; name sma:triton in --providers to run it anyway")
+        return None
+
+    def dense(self, device):
+        # The compiled backends never build (B, H, Q, L) on a GPU; on the CPU the attention
+        # itself may still be the reference math.
+        return self.backend == "reference" or device.type == "cpu"
+
+    def _kwargs(self, x: Inputs) -> dict[str, Any]:
+        return {"query_valid": x.query_pool, "plan": x.plan, "backend": self.backend, **x.options}
+
+    def mask(self, x):
+        return sma_kernels.self_guided_mask(x.q, x.k, x.valid, **self._kwargs(x))
+
+    def forward(self, x, q, k, v):
+        return sma_kernels.self_guided_attention(q, k, v, x.valid, **self._kwargs(x))
+
+
+class Compiled(Provider):
+    """``torch.compile`` of the reference math (whole graph, static shapes), fresh per case."""
+
+    name = "compiled"
+    compiles = True
+
+    def prepare(self, x):
+        options = dict(x.options)
+
+        def mask_fn(q, k, valid, query_pool, query_rank, head, token_rank):
+            return reference.self_guided_mask(q, k, valid, query_pool,
+                                              MaskPlan(query_rank, head, token_rank), **options)
+
+        def forward_fn(q, k, v, valid, query_pool, query_rank, head, token_rank):
+            mask = mask_fn(q, k, valid, query_pool, query_rank, head, token_rank)
+            out, _ = reference.attention_forward(q, k, v, valid & ~mask, scale=options["scale"])
+            return out, mask
+
+        # A reset per case keeps earlier shapes from filling dynamo's recompile limit.
+        torch._dynamo.reset()
+        self._mask = torch.compile(mask_fn, dynamic=False, fullgraph=True)
+        self._forward = torch.compile(forward_fn, dynamic=False, fullgraph=True)
+
+    def mask(self, x):
+        return self._mask(x.q, x.k, x.valid, x.query_pool, *x.plan)
+
+    def forward(self, x, q, k, v):
+        return self._forward(q, k, v, x.valid, x.query_pool, *x.plan)
+
+
+class Flex(Provider):
+    """The FlexAttention route (see the module docstring)."""
+
+    name = "flex"
+
+    def __init__(self) -> None:
+        try:
+            from torch.nn.attention import flex_attention as module
+        except ImportError as error:  # torch < 2.5
+            self._module, self._missing = None, f"torch.nn.attention.flex_attention: {error}"
+        else:
+            self._module, self._missing = module, None
+
+    def unavailable(self, device):
+        return self._missing
+
+    def dense(self, device):
+        return device.type == "cpu"
+
+    def prepare(self, x):
+        module = self._module
+        # Compiled on a GPU; on the CPU torch.compile of flex_attention has no return_lse.
+        self.compiles = x.q.device.type == "cuda"
+        if self.compiles:
+            torch._dynamo.reset()
+            self._flex = torch.compile(module.flex_attention, dynamic=False)
+        else:
+            self._flex = module.flex_attention
+        # Newer torch returns auxiliary outputs through AuxRequest, older through return_lse.
+        if hasattr(module, "AuxRequest"):
+            request = module.AuxRequest(lse=True)
+
+            def flex_lse(*args, **kwargs):
+                return self._flex(*args, return_aux=request, **kwargs)[1].lse
+        else:
+            def flex_lse(*args, **kwargs):
+                return self._flex(*args, return_lse=True, **kwargs)[1]
+        self._flex_lse = flex_lse
+
+    def _block_mask(self, mask_mod, batch: int, heads: int | None, rows: int, cols: int,
+                    device: torch.device):
+        return self._module.create_block_mask(mask_mod, batch, heads, rows, cols, device=device,
+                                              _compile=self.compiles)
+
+    def scores(self, x: Inputs, chosen: torch.Tensor) -> torch.Tensor:
+        """(B, L) fp32 token scores of the chosen rows, by the two FlexAttention calls."""
+        q, k, valid, head = x.q.detach(), x.k.detach(), x.valid, x.plan.head
+        batch, heads, num_queries, _ = q.shape
+        num_tokens = k.shape[2]
+        scale = x.options["scale"]
+
+        def row_mod(b, h, i, j):
+            return chosen[b, i] & valid[b, j]
+
+        with warnings.catch_warnings():
+            # On the CPU flex_attention warns that it runs unfused; the docstring says so.
+            warnings.simplefilter("ignore", UserWarning)
+            lse = self._flex_lse(q, k, k, scale=scale, block_mask=self._block_mask(
+                row_mod, batch, None, num_queries, num_tokens, q.device))
+            # Rows left out are fully masked (lse = -inf); zero them so no score_mod sees inf.
+            row_lse = torch.where(chosen[:, None, :], lse.float(), 0.0)
+
+            def shift(score, b, h, j, i):
+                return score - row_lse[b, h, i]
+
+            if x.options["head_mix"] == "mean":
+                def col_mod(b, h, j, i):
+                    return chosen[b, i] & valid[b, j]
+                mask_heads = None
+            else:
+                def col_mod(b, h, j, i):
+                    return chosen[b, i] & valid[b, j] & (head[b, i] == h)
+                mask_heads = heads
+            col_lse = self._flex_lse(k, q, q, score_mod=shift, scale=scale, block_mask=self._block_mask(
+                col_mod, batch, mask_heads, num_tokens, num_queries, q.device))
+        columns = col_lse.float().exp()  # (B, H, L): sum over chosen rows of P[h, i, j]
+        mixed = columns.mean(dim=1) if x.options["head_mix"] == "mean" else columns.sum(dim=1)
+        return mixed.masked_fill(~valid, float("-inf"))
+
+    def mask(self, x):
+        options = x.options
+        counts = mask_counts(x.valid, x.query_pool, ratio=options["ratio"],
+                             num_per_query=options["num_per_query"], mask_self=options["mask_self"],
+                             noise=options["noise"])
+        chosen = chosen_rows(x.plan, x.query_pool, counts.num_rows)
+        forced = chosen if options["mask_self"] else torch.zeros_like(x.valid)
+        return reference.select_tokens(self.scores(x, chosen), x.valid, forced, counts,
+                                       x.plan.token_rank)
+
+    def forward(self, x, q, k, v):
+        with torch.no_grad():
+            mask = self.mask(x)
+        return _masked_sdpa(q, k, v, x.valid & ~mask, x.options["scale"]), mask
+
+
+def default_providers() -> list[Provider]:
+    """The floor, the baselines, then every sma-kernels backend the public API knows of."""
+    providers: list[Provider] = [Sdpa(padding=False), Sdpa(padding=True), PublishedEager(),
+                                 SmaBackend("reference"), Compiled(), Flex()]
+    providers += [SmaBackend(name) for name in sma_kernels.backends() if name != "reference"]
+    return providers
+
+
+# ----------------------------------------------------------------------------- correctness
+
+def reference_scores(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) fp32 token scores of the reference, for judging near-ties, and the forced tokens."""
+    options = x.options
+    counts = mask_counts(x.valid, x.query_pool, ratio=options["ratio"],
+                         num_per_query=options["num_per_query"], mask_self=options["mask_self"],
+                         noise=options["noise"])
+    chosen = chosen_rows(x.plan, x.query_pool, counts.num_rows)
+    with torch.no_grad():
+        scores = reference.token_scores(x.q, x.k, x.valid, chosen, x.plan.head,
+                                        head_mix=options["head_mix"], scale=options["scale"])
+    return scores, chosen if options["mask_self"] else torch.zeros_like(x.valid)
+
+
+def check_mask(mask: torch.Tensor, ref_mask: torch.Tensor, ref_scores: torch.Tensor,
+               valid: torch.Tensor, forced: torch.Tensor, rel_tol: float = 1e-5) -> str:
+    """Compare a provider's mask with the reference (noise 0); raise AssertionError if wrong.
+
+    Exact equality passes. Otherwise each sample must mask the same number of tokens, no
+    padding, every forced token, and every token where the two differ must be a float near-tie:
+    its reference score within ``rel_tol`` (relative) of the score of the weakest token the
+    reference took by score. Returns "exact" or a note on the near-ties accepted.
+    """
+    if mask.dtype != torch.bool or mask.shape != ref_mask.shape:
+        raise AssertionError(f"mask must be bool {tuple(ref_mask.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+    differ = mask != ref_mask
+    if not differ.any():
+        return "exact"
+    if (mask & ~valid).any():
+        raise AssertionError("padding is masked")
+    if (forced & ~mask).any():
+        raise AssertionError("a forced (chosen query) token is not masked")
+    counts, ref_counts = mask.sum(1), ref_mask.sum(1)
+    if not torch.equal(counts, ref_counts):
+        bad = (counts != ref_counts).nonzero().squeeze(1).tolist()
+        raise AssertionError(f"masked counts differ from the reference in samples {bad[:5]}")
+    by_score = ref_mask & ~forced
+    finite = torch.where(by_score & torch.isfinite(ref_scores), ref_scores, float("inf"))
+    threshold = finite.min(dim=1).values  # the weakest token the reference took by score
+    gap = (ref_scores - threshold[:, None]).abs()
+    allowed = gap <= rel_tol * threshold.abs()[:, None]
+    bad = differ & ~allowed
+    if bad.any():
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"mask differs from the reference at sample {b}, token {j}: reference "
+                             f"score {float(ref_scores[b, j]):.9g} vs threshold "
+                             f"{float(threshold[b]):.9g} (not a near-tie)")
+    return f"{int(differ.sum()) // 2} near-tie swap(s) within {rel_tol:g} relative"
+
+
+def check_output(out: torch.Tensor, ref_out: torch.Tensor, same_mask: torch.Tensor) -> float:
+    """Max abs error of ``out`` against the reference on samples whose masks agree exactly;
+    raise AssertionError past the dtype's tolerance (fp32: 1e-4, half types: 3e-2, both
+    relative to max(1, |ref|))."""
+    if out.shape != ref_out.shape:
+        raise AssertionError(f"out must have shape {tuple(ref_out.shape)}, got {tuple(out.shape)}")
+    if not same_mask.any():
+        return 0.0
+    got, want = out[same_mask].float(), ref_out[same_mask].float()
+    tolerance = 1e-4 if out.dtype in (torch.float32, torch.float64) else 3e-2
+    error = (got - want).abs()
+    if not torch.isfinite(got).all() or (error > tolerance * want.abs().clamp_min(1.0)).any():
+        raise AssertionError(f"out differs from the reference by up to {float(error.max()):.3g} "
+                             f"(tolerance {tolerance:g})")
+    return float(error.max())

@@ -1,0 +1,287 @@
+"""Run providers over cases: check each mask against the reference, then time it.
+
+For every case the reference (``sma_kernels`` with ``backend="reference"``) gives the mask and
+output that each masking provider must reproduce under the same plan (exact, or a float
+near-tie; :func:`bench.providers.check_mask`). A provider that fails the check is not timed, and
+the run fails: a fast but wrong provider must not win. A baseline that cannot run here (compile
+error, unsupported op, over the memory or compile budget) is skipped with its reason recorded; an
+sma-kernels backend that raises is a failure.
+
+Per provider and case: ``mask`` (the mask alone), ``fwd`` (mask + attention, no grad) and
+``fwdbwd`` (forward and gradients of q, k, v) times, peak extra memory of fwd and fwdbwd,
+achieved TFLOP/s and GB/s against the measured ceilings, and ratios against the baselines timed
+in the same process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+import sma_kernels
+
+from . import measure
+from .cases import Case, Inputs, make_inputs
+from .providers import Provider, check_mask, check_output, reference_scores
+
+SCHEMA = "sma-kernels-bench/1"
+METRICS = ("mask", "fwd", "fwdbwd")
+# (B, H, Q, L) fp32 tensors that the unfused routes hold at once, for the memory guard.
+DENSE_COPIES = 4
+
+
+class Budget:
+    """Seconds left for torch.compile; compiling stops once they are spent."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+
+    def spend(self, seconds: float) -> None:
+        self.left -= seconds
+
+
+def _first_call(fn: Callable[[], Any], device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    measure.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _cache_hits() -> int:
+    # Inductor reuses compiled graphs from its on-disk cache: a warm cache makes compile_s small.
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"]["fxgraph_cache_hit"])
+
+
+def _achieved(case: Case, metric: str, ms: float, element_size: int,
+              ceiling: dict[str, Any]) -> dict[str, float]:
+    tflops = case.flops(metric) / (ms * 1e-3) / 1e12
+    gbps = case.bytes(metric, element_size) / (ms * 1e-3) / 1e9
+    return {"tflops": tflops, "gbps": gbps, "pct_matmul": 100 * tflops / ceiling["matmul_tflops"],
+            "pct_copy": 100 * gbps / ceiling["copy_gbps"]}
+
+
+def run_provider(provider: Provider, case: Case, x: Inputs, ref: dict[str, torch.Tensor],
+                 device: torch.device, *, min_run_time: float, budget: Budget,
+                 dense_budget_bytes: float, ceiling: dict[str, Any]) -> dict[str, Any]:
+    """Check, then time one provider on one case. Returns its JSON record."""
+    record: dict[str, Any] = {"kind": provider.kind, "status": "ok", "reason": None, "check": None,
+                              "compile_s": {}, "times": {}, "peak_extra_mb": {}, "achieved": {}}
+    reason = provider.unavailable(device)
+    if reason is None and provider.dense(device):
+        need = DENSE_COPIES * case.dense_elements * 4
+        if need > dense_budget_bytes:
+            reason = (f"would hold ~{need / 1e9:.1f} GB of (B, H, Q, L) tensors, over the "
+                      f"{dense_budget_bytes / 1e9:.0f} GB budget (--dense-budget-gb)")
+    if reason is not None:
+        record.update(status="skipped", reason=reason)
+        return record
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        q, k, v = (t.detach().requires_grad_() for t in (x.q, x.k, x.v))
+        out, _ = provider.forward(x, q, k, v)
+        return torch.autograd.grad(out, (q, k, v), ref["grad_out"])
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            return provider.forward(x, x.q, x.k, x.v)
+
+    calls: dict[str, Callable[[], Any]] = {"fwd": forward}
+    if provider.produces_mask:
+        calls["mask"] = lambda: provider.mask(x)
+    if case.backward:
+        calls["fwdbwd"] = grads
+    try:
+        provider.prepare(x)
+        for metric in ("fwd", "mask", "fwdbwd"):  # fwd first: its first call is the check
+            if metric not in calls:
+                continue
+            if provider.compiles:
+                if budget.left <= 0:
+                    if metric == "fwd":
+                        record.update(status="skipped", reason="compile budget spent (--compile-budget)")
+                        return record
+                    continue
+                hits = _cache_hits()
+                record["compile_s"][metric] = seconds = _first_call(calls[metric], device)
+                record["compile_cache_hits"] = record.get("compile_cache_hits", 0) + _cache_hits() - hits
+                budget.spend(seconds)
+            if metric == "fwd":
+                out, mask = forward()
+                if provider.produces_mask:
+                    record["check"] = check_mask(mask, ref["mask"], ref["scores"], x.valid, ref["forced"])
+                    same = (mask == ref["mask"]).all(dim=1)
+                    record["out_max_abs_err"] = check_output(out, ref["out"], same)
+                del out, mask
+            record["times"][metric] = measure.time_call(calls[metric], device, min_run_time)
+            if metric != "mask":
+                record["peak_extra_mb"][metric] = measure.peak_extra_bytes(calls[metric], device) / 1e6
+            record["achieved"][metric] = _achieved(case, metric, record["times"][metric]["median_ms"],
+                                                   x.q.element_size(), ceiling)
+    except AssertionError as error:
+        record.update(status="failed", reason=f"wrong result: {error}")
+    except Exception as error:  # noqa: BLE001  (recorded: a baseline may not run on this torch)
+        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if provider.kind == "sma-kernels":
+            record.update(status="failed", reason=message[:500])
+        else:
+            record.update(status="skipped", reason=message[:500])
+    return record
+
+
+def _ratios(providers: dict[str, dict[str, Any]]) -> None:
+    """Add each provider's time ratios against the baselines of the same case (same process)."""
+    def median(name: str, metric: str) -> float | None:
+        entry = providers.get(name, {})
+        return entry.get("times", {}).get(metric, {}).get("median_ms")
+
+    for record in providers.values():
+        ratios: dict[str, float] = {}
+        for metric in METRICS:
+            mine = median_of(record, metric)
+            if mine is None:
+                continue
+            for base in ("sdpa", "sdpa+pad"):
+                if metric != "mask" and (other := median(base, metric)):
+                    ratios[f"{metric}_over_{base}"] = mine / other
+            for base in ("published", "vectorized", "compiled", "flex"):
+                if (other := median(base, metric)) is not None:
+                    ratios[f"{metric}_speedup_over_{base}"] = other / mine
+        record["ratios"] = ratios
+
+
+def median_of(record: dict[str, Any], metric: str) -> float | None:
+    return record.get("times", {}).get(metric, {}).get("median_ms")
+
+
+def _summary(providers: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The best sma-kernels backend (by forward time), its speed-ups and the 1.3x-of-SDPA gap."""
+    ours = [(median_of(r, "fwd"), name) for name, r in providers.items()
+            if r["kind"] == "sma-kernels" and r["status"] == "ok" and median_of(r, "fwd")]
+    if not ours:
+        return None
+    _, best = min(ours)
+    record = providers[best]
+    return {"best_backend": best, **record["ratios"],
+            "fwd_target_over_sdpa": 1.3,
+            "meets_fwd_target": record["ratios"].get("fwd_over_sdpa", float("inf")) <= 1.3,
+            "meets_fwdbwd_target": record["ratios"].get("fwdbwd_over_sdpa", float("inf")) <= 1.3}
+
+
+def run_case(case: Case, providers: Sequence[Provider], device: torch.device, dtype: torch.dtype, *,
+             min_run_time: float, budget: Budget, dense_budget_bytes: float,
+             ceiling: dict[str, Any], log: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
+    """Every provider on one case; returns the case's JSON record."""
+    x = make_inputs(case, device, dtype, seed)
+    ref_out, ref_mask = sma_kernels.self_guided_attention(
+        x.q, x.k, x.v, x.valid, query_valid=x.query_pool, plan=x.plan, backend="reference", **x.options)
+    scores, forced = reference_scores(x)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ref = {"out": ref_out, "mask": ref_mask, "scores": scores, "forced": forced,
+           "grad_out": torch.randn(ref_out.shape, generator=gen).to(device=device, dtype=dtype)}
+    lengths = x.valid.sum(1)
+    result: dict[str, Any] = {"name": case.name, "group": case.group, "case": case.to_json(),
+                              "dtype": str(dtype).removeprefix("torch."),
+                              "lengths": {"min": int(lengths.min()), "max": int(lengths.max()),
+                                          "mean": float(lengths.float().mean())},
+                              "providers": {}}
+    for provider in providers:
+        started = time.perf_counter()
+        record = run_provider(provider, case, x, ref, device, min_run_time=min_run_time, budget=budget,
+                              dense_budget_bytes=dense_budget_bytes, ceiling=ceiling)
+        result["providers"][provider.name] = record
+        fwd = median_of(record, "fwd")
+        note = f"fwd {fwd:9.3f} ms" if fwd is not None else f"{record['status']}: {record['reason']}"
+        log(f"  {case.name:>10} {provider.name:<12} {note}  ({time.perf_counter() - started:.1f} s)")
+    _ratios(result["providers"])
+    result["summary"] = _summary(result["providers"])
+    return result
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """Every failed provider of a run, as 'case/provider: reason'."""
+    return [f"{case['name']}/{name}: {record['reason']}"
+            for case in result["cases"] for name, record in case["providers"].items()
+            if record["status"] == "failed"]
+
+
+def run_suite(cases: Sequence[Case], providers: Sequence[Provider], device: torch.device,
+              dtype: torch.dtype, *, min_run_time: float, compile_budget: float,
+              dense_budget_gb: float, args: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print, seed: int = 0,
+              deadline: float | None = None) -> dict[str, Any]:
+    """Run every case, in order, until ``deadline`` (a ``time.time()``; the cases left are listed
+    under ``not_run``); returns the whole JSON document (see :func:`validate`)."""
+    started = time.time()
+    result: dict[str, Any] = {"schema": SCHEMA,
+                              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                              **measure.environment(device), "args": args or {},
+                              "timing_method": measure.TIMING_METHOD[device.type],
+                              "memory_method": measure.MEMORY_METHOD[device.type]}
+    log(f"device: {result['device']['name']} ({device.type}), torch {torch.__version__}")
+    result["ceilings"] = ceiling = measure.ceilings(device, min_run_time)
+    log(f"ceilings: matmul {ceiling['matmul_tflops']:.3f} TFLOP/s ({ceiling['matmul_dtype']}), "
+        f"copy {ceiling['copy_gbps']:.1f} GB/s")
+    budget = Budget(compile_budget)
+    result["cases"], result["not_run"] = [], []
+    for case in cases:
+        if deadline is not None and time.time() > deadline:
+            result["not_run"].append(case.name)
+            continue
+        result["cases"].append(run_case(case, providers, device, dtype, min_run_time=min_run_time,
+                                        budget=budget, dense_budget_bytes=dense_budget_gb * 1e9,
+                                        ceiling=ceiling, log=log, seed=seed))
+    if result["not_run"]:
+        log(f"time limit reached; not run: {', '.join(result['not_run'])}")
+    result["failures"] = failures(result)
+    result["wall_s"] = time.time() - started
+    return result
+
+
+def validate(result: dict[str, Any]) -> None:
+    """Raise ValueError (TypeError for a wrongly typed field) unless ``result`` follows the
+    benchmark's JSON schema."""
+    def need(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise ValueError(f"{where}: missing {key!r}")
+        if not isinstance(obj[key], kind):
+            raise TypeError(f"{where}.{key}: expected {kind}, got {type(obj[key]).__name__}")
+        return obj[key]
+
+    if need(result, "schema", str, "result") != SCHEMA:
+        raise ValueError(f"result.schema: expected {SCHEMA!r}")
+    for key in ("created_utc", "timing_method", "memory_method"):
+        need(result, key, str, "result")
+    device = need(result, "device", dict, "result")
+    need(device, "type", str, "device")
+    need(device, "name", str, "device")
+    need(device, "cpu_cores", int, "device")
+    need(need(result, "versions", dict, "result"), "torch", str, "versions")
+    need(need(result, "git", dict, "result"), "commit", (str, type(None)), "git")
+    ceiling = need(result, "ceilings", dict, "result")
+    for key in ("matmul_tflops", "copy_gbps"):
+        need(ceiling, key, float, "ceilings")
+    need(result, "failures", list, "result")
+    for case in need(result, "cases", list, "result"):
+        where = f"cases[{case.get('name')}]"
+        need(case, "name", str, where)
+        need(case, "case", dict, where)
+        for name, record in need(case, "providers", dict, where).items():
+            at = f"{where}.{name}"
+            if need(record, "status", str, at) not in ("ok", "skipped", "failed"):
+                raise ValueError(f"{at}.status: {record['status']!r}")
+            if record["status"] != "ok":
+                need(record, "reason", str, at)
+                continue
+            times = need(record, "times", dict, at)
+            need(times, "fwd", dict, at + ".times")
+            for metric, timing in times.items():
+                if metric not in METRICS:
+                    raise ValueError(f"{at}.times: unknown metric {metric!r}")
+                if need(timing, "median_ms", float, f"{at}.times.{metric}") <= 0:
+                    raise ValueError(f"{at}.times.{metric}.median_ms must be > 0")
+            need(record, "peak_extra_mb", dict, at)
+            need(record, "ratios", dict, at)

@@ -1,0 +1,193 @@
+"""Smoke tests of the benchmark (bench/): every provider at tiny sizes on the CPU, the JSON
+schema, the README table, and that a wrong provider fails the benchmark instead of winning it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import sma_kernels
+from bench import __main__ as bench_main
+from bench import e2e, report, suite
+from bench.cases import make_inputs, tiny_cases
+from bench.providers import (
+    Compiled,
+    Flex,
+    PublishedEager,
+    SmaBackend,
+    check_mask,
+    check_output,
+    reference_scores,
+)
+
+CPU = torch.device("cpu")
+CASES = {case.name: case for case in tiny_cases()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops gain nothing from threads, and on a busy machine thread hand-offs cost more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference(x):
+    out, mask = sma_kernels.self_guided_attention(x.q, x.k, x.v, x.valid, query_valid=x.query_pool,
+                                                  plan=x.plan, backend="reference", **x.options)
+    return out, mask, *reference_scores(x)
+
+
+def test_main_writes_valid_json_and_table(tmp_path, capsys):
+    fast = ["sdpa", "sdpa+pad", "published", "vectorized"] + [
+        f"sma:{name}" for name, info in sma_kernels.backends().items()
+        if info["available"] and info["device"] == "cpu"]
+    code = bench_main.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--no-e2e",
+                            "--no-plots", "--min-run-time", "0.002", "--providers", *fast])
+    assert code == 0
+    latest = json.loads((tmp_path / "latest-cpu.json").read_text())
+    suite.validate(latest)
+    assert [case["name"] for case in latest["cases"]] == list(CASES)
+    for case in latest["cases"]:
+        assert set(case["providers"]) == set(fast)
+        for name, record in case["providers"].items():
+            assert record["status"] == "ok", (case["name"], name, record["reason"])
+            assert set(record["times"]) == ({"fwd", "fwdbwd"} if name.startswith("sdpa")
+                                            else {"mask", "fwd", "fwdbwd"})
+            if name not in ("sdpa", "sdpa+pad"):
+                assert record["check"] is not None
+    # a dated copy of the same run, and the table printed after the files are written
+    assert len(list(tmp_path.glob("cpu-*.json"))) == 1
+    out = capsys.readouterr().out
+    assert out.index("fwd/SDPA") > out.index("wrote ")
+
+
+@pytest.mark.parametrize("case", ["molecules", "pixels"])  # random + mask_self, mean + cross
+def test_flex_route_matches_reference(case):
+    x = make_inputs(CASES[case], CPU, torch.float32)
+    ref_out, ref_mask, scores, forced = reference(x)
+    flex = Flex()
+    if flex.unavailable(CPU):
+        pytest.skip(flex.unavailable(CPU))
+    flex.prepare(x)
+    out, mask = flex.forward(x, x.q, x.k, x.v)
+    check_mask(mask, ref_mask, scores, x.valid, forced)
+    check_output(out, ref_out, (mask == ref_mask).all(1))
+
+
+def test_compiled_route_matches_reference():
+    x = make_inputs(replace(CASES["higgs"], batch=2), CPU, torch.float32)
+    ref_out, ref_mask, scores, forced = reference(x)
+    compiled = Compiled()
+    compiled.prepare(x)
+    out, mask = compiled.forward(x, x.q, x.k, x.v)
+    check_mask(mask, ref_mask, scores, x.valid, forced)
+    check_output(out, ref_out, (mask == ref_mask).all(1))
+
+
+def test_triton_provider_under_the_interpreter():
+    provider = SmaBackend("triton", allow_interpreter=True)
+    if provider.unavailable(CPU):
+        pytest.skip(f"sma:triton: {provider.unavailable(CPU)}")
+    assert SmaBackend("triton").unavailable(CPU) is not None  # never timed by default on the CPU
+    x = make_inputs(CASES["molecules"], CPU, torch.float32)
+    ref_out, ref_mask, scores, forced = reference(x)
+    out, mask = provider.forward(x, x.q, x.k, x.v)
+    check_mask(mask, ref_mask, scores, x.valid, forced)
+    check_output(out, ref_out, (mask == ref_mask).all(1))
+
+
+class FlipsOneToken(PublishedEager):
+    """Fast and wrong: unmasks one masked token and masks the free token of lowest score instead
+    (same count, no padding, but far from any near-tie)."""
+
+    name = "wrong"
+    kind = "sma-kernels"
+
+    def mask(self, x):
+        mask = super().mask(x).clone()
+        scores, _ = reference_scores(x)
+        b = 0
+        taken = mask[b].nonzero()[0, 0]
+        free = (x.valid[b] & ~mask[b]).nonzero().squeeze(1)
+        mask[b, taken] = False
+        mask[b, free[scores[b, free].argmin()]] = True
+        return mask
+
+    def forward(self, x, q, k, v):
+        mask = self.mask(x)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=(x.valid & ~mask)[:, None, None, :], scale=x.options["scale"])
+        return out, mask
+
+
+def test_wrong_provider_fails_the_benchmark():
+    result = suite.run_suite([CASES["proteins"]], [SmaBackend("reference"), FlipsOneToken()], CPU,
+                             torch.float32, min_run_time=0.002, compile_budget=0, dense_budget_gb=1)
+    record = result["cases"][0]["providers"]["wrong"]
+    assert record["status"] == "failed" and "not a near-tie" in record["reason"]
+    assert record["times"] == {}  # never timed
+    assert result["failures"] == [f"proteins/wrong: {record['reason']}"]
+    assert result["cases"][0]["providers"]["vectorized"]["status"] == "ok"
+
+
+def test_check_mask_accepts_only_near_ties():
+    valid = torch.tensor([[True, True, True, True, False]])
+    scores = torch.tensor([[0.5, 0.3, 0.3 * (1 + 1e-7), 0.1, float("-inf")]])
+    forced = torch.zeros_like(valid)
+    ref = torch.tensor([[True, False, True, False, False]])
+    assert check_mask(ref.clone(), ref, scores, valid, forced) == "exact"
+    tie = torch.tensor([[True, True, False, False, False]])
+    assert "near-tie" in check_mask(tie, ref, scores, valid, forced)
+    for wrong in ([[True, False, False, True, False]],  # not a tie
+                  [[True, True, True, False, False]],  # one too many
+                  [[True, False, False, False, True]]):  # padding
+        with pytest.raises(AssertionError):
+            check_mask(torch.tensor(wrong), ref, scores, valid, forced)
+
+
+def test_validate_rejects_broken_json(tmp_path):
+    result = suite.run_suite([CASES["higgs"]], [SmaBackend("reference")], CPU, torch.float32,
+                             min_run_time=0.002, compile_budget=0, dense_budget_gb=1)
+    suite.validate(result)
+    broken = json.loads(json.dumps(result))
+    del broken["cases"][0]["providers"]["vectorized"]["times"]["fwd"]
+    with pytest.raises(ValueError, match="fwd"):
+        suite.validate(broken)
+    broken = json.loads(json.dumps(result))
+    broken["ceilings"]["copy_gbps"] = "fast"
+    with pytest.raises(TypeError, match="copy_gbps"):
+        suite.validate(broken)
+    # the README table is generated between the markers, the rest left as it was
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
+    report.update_readme(readme, [result])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n")
+    assert "old table" not in text and "| higgs (8, 2, 28, 28, 4, 4) | vectorized |" in text
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plots
+    sweep = replace(CASES["pixels"], name="L=300", group="sweep-L", backward=False)
+    result = suite.run_suite([CASES["higgs"], sweep], [PublishedEager(), SmaBackend("reference")], CPU,
+                             torch.float32, min_run_time=0.002, compile_budget=0, dense_budget_gb=1)
+    written = plots.make_plots(result, tmp_path / "run")
+    assert sorted(path.name for path in written) == ["run-speedup.png", "run-time-vs-L.png"]
+    assert all(path.stat().st_size > 1000 for path in written)
+
+
+def test_end_to_end_training_step():
+    record = e2e.run(CPU, min_run_time=0.002, log=lambda line: None, tiny=True,
+                     providers=[PublishedEager(), SmaBackend("reference")])
+    if record["status"] == "skipped":
+        pytest.skip(record["reason"])
+    for setting in record["settings"]:
+        for name, entry in setting["providers"].items():
+            assert entry["status"] == "ok", (setting["name"], name, entry["reason"])
+            assert 0 < entry["mask_share"] < 1
