@@ -27,11 +27,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = math.log2(math.e)
 
 
-def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str]):
-    """``triton.autotune`` on a GPU; under the interpreter, one fixed config and no timing."""
+def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str],
+             bounds: dict[str, str]):
+    """``triton.autotune`` on a GPU; under the interpreter, one fixed config and no timing.
+
+    ``bounds`` maps a block-size meta-parameter to the kernel argument that bounds it (say
+    ``{"BLOCK_N": "NK"}``): configs whose block exceeds the next power of two of that size are
+    dropped before timing, since they only add padding (and each config costs a compilation).
+    """
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=[])
-    return triton.autotune(configs=list(configs), key=key)
+
+    def prune(configs, named_args, **_):
+        def fits(config):
+            return all(config.kwargs[block] <= max(smallest[block],
+                                                   triton.next_power_of_2(named_args[size]))
+                       for block, size in bounds.items())
+        return [config for config in configs if fits(config)]
+
+    smallest = {block: min(config.kwargs[block] for config in configs) for block in bounds}
+    return triton.autotune(configs=list(configs), key=key,
+                           prune_configs_by={"early_config_prune": prune})
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -45,9 +45,10 @@ _BWD_CONFIGS = [
 # Under the interpreter: one config, blocks small enough that the tests still cover several
 # tiles, large enough to keep NumPy busy per step.
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+_BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
 
 
-@autotune(_FWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"])
+@autotune(_FWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, KEEP, OUT, LSE,
@@ -121,7 +122,7 @@ def _probs_tile(q, k, keep, lse2, qk_scale, PRECISION: tl.constexpr):
     return tl.where(keep[None, :], p, 0.0)
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"])
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DK, DV_OUT,
@@ -187,7 +188,7 @@ def _attention_bwd_dkdv_kernel(
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"])
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DQ,

@@ -38,9 +38,10 @@ _CONFIGS = [
                          (32, 128, 4, 3)]
 ]
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+_BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}  # chosen rows are at most Q
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"])
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _chosen_row_lse_kernel(
     Q, K, VALID, ROWS, COUNT, LSE2,
@@ -88,7 +89,7 @@ def _chosen_row_lse_kernel(
         tl.store(LSE2 + pid_bh.to(tl.int64) * NQ + offs_r, lse2, mask=row_ok)
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"])
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _token_scores_kernel(
     Q, K, VALID, ROWS, COUNT, LSE2, HEAD, SCORES,

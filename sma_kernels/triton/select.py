@@ -79,7 +79,7 @@ def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: 
     return lo.to(tl.int32)
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NK"])
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NK"], bounds={"BLOCK": "NK"})
 @triton.jit
 def _select_kernel(SCORES, VALID, FORCED, RANK, NUM_TOP, NUM_RANDOM, OUT, NK,
                    RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
