@@ -203,10 +203,12 @@ def write_metrics(out_dir: Path, metrics: dict, dist: Dist) -> None:
         (out_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def _resume(run: Run, path: Path, resume: bool, device: torch.device) -> dict | None:
+def _resume(run: Run, path: Path, resume: bool) -> dict | None:
     if not (resume and path.exists()):
         return None
-    state = torch.load(path, map_location=device, weights_only=False)
+    # Loaded to the CPU: RNG states must stay CPU byte tensors; load_state_dict moves the
+    # weights and the optimizer moments to the parameters' device.
+    state = torch.load(path, map_location="cpu", weights_only=False)
     run.load_state_dict(state["run"])
     return state
 
@@ -220,7 +222,7 @@ def pretrain(corpus: TokenSet, corpus_name: str, model_config: ModelConfig,
     model = SMAPretrainer(model_config, masking, backend).to(dist.device)
     run = Run(model, config, dist)
     path = out_dir / CHECKPOINT
-    previous = _resume(run, path, resume, dist.device)
+    previous = _resume(run, path, resume)
     elapsed = previous["wall_s"] if previous else 0.0
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -309,7 +311,7 @@ def finetune(task: Task, config: TrainConfig, out_dir: Path, *, dist: Dist,
     stats = (float(labels.mean()), float(labels.std())) if task.problem == "regression" else (0.0, 1.0)
     run = Run(model, config, dist)
     path = out_dir / CHECKPOINT
-    previous = _resume(run, path, resume, dist.device)
+    previous = _resume(run, path, resume)
     elapsed = previous["wall_s"] if previous else 0.0
 
     def loss_fn(step: int) -> torch.Tensor:
