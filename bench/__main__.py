@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dense-budget-gb", type=float, default=None,
                         help="skip routes that would hold more (B, H, Q, L) data than this "
                              "(default: 6 on the CPU, 60 on a GPU)")
-    parser.add_argument("--time-limit", type=float, help="seconds: start no case after this, and "
-                        "keep the last 10%% for the end-to-end steps (the cases left are listed as not run)")
+    parser.add_argument("--time-limit", type=float, help="seconds: start no case after 90%% of it "
+                        "and no end-to-end step after it (what is left is recorded as not run)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--readme", type=Path, help="also regenerate this README's bench table")
@@ -82,30 +82,39 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"full": args.full, "tiny": args.tiny, "dtype": str(dtype).removeprefix("torch."),
                 "min_run_time": min_run_time, "compile_budget_s": compile_budget,
                 "dense_budget_gb": dense_budget, "seed": args.seed, "time_limit_s": args.time_limit}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+    def save(result: dict) -> list[Path]:
+        # Written after every case too, so a run cut short still leaves its results.
+        slug = measure.device_slug(result["device"])
+        text = json.dumps(result, indent=1) + "\n"
+        paths = [args.out / f"{slug}-{stamp}.json", args.out / f"latest-{slug}.json"]
+        for path in paths:
+            path.write_text(text)
+        return paths
+
+    def save_partial(result: dict) -> None:
+        save({**result, "partial": True,
+              "end_to_end": {"status": "skipped", "reason": "not run yet (partial result)"}})
+
     started = time.time()
     deadline = started + 0.9 * args.time_limit if args.time_limit else None
     result = suite.run_suite(cases, providers, device, dtype, min_run_time=min_run_time,
                              compile_budget=compile_budget, dense_budget_gb=dense_budget,
-                             args=settings, log=log, seed=args.seed, deadline=deadline)
+                             args=settings, log=log, seed=args.seed, deadline=deadline,
+                             on_case=save_partial)
     if args.no_e2e:
         result["end_to_end"] = {"status": "skipped", "reason": "--no-e2e"}
-    elif args.time_limit and time.time() > started + args.time_limit:
-        result["end_to_end"] = {"status": "skipped", "reason": "--time-limit reached"}
     else:
-        result["end_to_end"] = e2e.run(device, min_run_time=min_run_time, log=log, tiny=args.tiny)
+        result["end_to_end"] = e2e.run(device, min_run_time=min_run_time, log=log, tiny=args.tiny,
+                                       deadline=started + args.time_limit if args.time_limit else None)
+    result["partial"] = False
     suite.validate(result)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = measure.device_slug(result["device"])
-    text = json.dumps(result, indent=1)
-    dated = args.out / f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    latest = args.out / f"latest-{slug}.json"
-    for path in (dated, latest):
-        path.write_text(text + "\n")
-    written = [dated, latest]
+    written = save(result)
     if not args.no_plots:
         try:
-            written += plots.make_plots(result, args.out / f"latest-{slug}")
+            written += plots.make_plots(result, args.out / f"latest-{measure.device_slug(result['device'])}")
         except ImportError as error:
             log(f"plots skipped: matplotlib is not installed ({error})")
     if args.readme:

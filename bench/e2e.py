@@ -17,6 +17,7 @@ out: compiling them for each model shape would dominate a one-step measurement. 
 from __future__ import annotations
 
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,8 +124,10 @@ def _batch(max_len: int, batch: int, device: torch.device) -> tuple[torch.Tensor
 
 
 def run(device: torch.device, *, min_run_time: float, log: Callable[[str], None] = print,
-        providers: list[Provider] | None = None, tiny: bool = False) -> dict[str, Any]:
-    """Time the training steps; returns the ``end_to_end`` JSON record."""
+        providers: list[Provider] | None = None, tiny: bool = False,
+        deadline: float | None = None) -> dict[str, Any]:
+    """Time the training steps (skipping those not started by ``deadline``, a ``time.time()``);
+    returns the ``end_to_end`` JSON record."""
     model_module, reason = _import_model()
     if model_module is None:
         log(f"end-to-end skipped: {reason}")
@@ -137,6 +140,10 @@ def run(device: torch.device, *, min_run_time: float, log: Callable[[str], None]
         ids, valid = _batch(config.max_len, setting["batch"], device)
         setting["providers"] = {}
         for provider in providers:
+            if deadline is not None and time.time() > deadline:
+                setting["providers"][provider.name] = {"status": "skipped",
+                                                       "reason": "time limit (--time-limit)"}
+                continue
             setting["providers"][provider.name] = entry = _time_step(
                 model_module, provider, config, setting["masking"], ids, valid, device, min_run_time)
             if entry["status"] == "ok":

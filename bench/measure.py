@@ -136,6 +136,11 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _dirty() -> bool | None:
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, core count, versions and git commit, for the JSON header."""
     try:
@@ -149,8 +154,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "triton": triton_version,
                      "python": platform.python_version(), "sma_kernels": sma_kernels.__version__,
                      "cuda": torch.version.cuda},
-        "git": {"commit": _git("rev-parse", "HEAD"),
-                "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
+        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": _dirty()},
         "backends": sma_kernels.backends(),
     }
     if device.type == "cuda":

@@ -8,7 +8,9 @@ error, unsupported op, over the memory or compile budget) is skipped with its re
 sma-kernels backend that raises is a failure.
 
 Per provider and case: ``mask`` (the mask alone), ``fwd`` (mask + attention, no grad) and
-``fwdbwd`` (forward and gradients of q, k, v) times, peak extra memory of fwd and fwdbwd,
+``fwdbwd`` (forward and gradients of q, k, v) times, the time of each mode's first call
+(``first_call_s``: torch.compile's compile time for the compiled routes, JIT compilation and
+autotuning for Triton; routes that compile spend a shared ``--compile-budget``), peak extra memory of fwd and fwdbwd,
 achieved TFLOP/s and GB/s against the measured ceilings, and ratios against the baselines timed
 in the same process.
 """
@@ -43,15 +45,8 @@ class Budget:
         self.left -= seconds
 
 
-def _first_call(fn: Callable[[], Any], device: torch.device) -> float:
-    start = time.perf_counter()
-    fn()
-    measure.synchronize(device)
-    return time.perf_counter() - start
-
-
 def _cache_hits() -> int:
-    # Inductor reuses compiled graphs from its on-disk cache: a warm cache makes compile_s small.
+    # Inductor reuses compiled graphs from its on-disk cache: a warm cache makes first_call_s small.
     from torch._dynamo.utils import counters
     return int(counters["inductor"]["fxgraph_cache_hit"])
 
@@ -69,7 +64,8 @@ def run_provider(provider: Provider, case: Case, x: Inputs, ref: dict[str, torch
                  dense_budget_bytes: float, ceiling: dict[str, Any]) -> dict[str, Any]:
     """Check, then time one provider on one case. Returns its JSON record."""
     record: dict[str, Any] = {"kind": provider.kind, "status": "ok", "reason": None, "check": None,
-                              "compile_s": {}, "times": {}, "peak_extra_mb": {}, "achieved": {}}
+                              "compiles": provider.compiles, "first_call_s": {}, "times": {},
+                              "peak_extra_mb": {}, "achieved": {}}
     reason = provider.unavailable(device)
     if reason is None and provider.dense(device):
         need = DENSE_COPIES * case.dense_elements * 4
@@ -99,23 +95,29 @@ def run_provider(provider: Provider, case: Case, x: Inputs, ref: dict[str, torch
         for metric in ("fwd", "mask", "fwdbwd"):  # fwd first: its first call is the check
             if metric not in calls:
                 continue
-            if provider.compiles:
-                if budget.left <= 0:
-                    if metric == "fwd":
-                        record.update(status="skipped", reason="compile budget spent (--compile-budget)")
-                        return record
-                    continue
-                hits = _cache_hits()
-                record["compile_s"][metric] = seconds = _first_call(calls[metric], device)
-                record["compile_cache_hits"] = record.get("compile_cache_hits", 0) + _cache_hits() - hits
-                budget.spend(seconds)
+            if provider.compiles and budget.left <= 0:
+                if metric == "fwd":
+                    record.update(status="skipped", reason="compile budget spent (--compile-budget)")
+                    return record
+                continue
+            hits = _cache_hits()
+            start = time.perf_counter()
             if metric == "fwd":
                 out, mask = forward()
+                measure.synchronize(device)
+                record["first_call_s"][metric] = time.perf_counter() - start
                 if provider.produces_mask:
                     record["check"] = check_mask(mask, ref["mask"], ref["scores"], x.valid, ref["forced"])
                     same = (mask == ref["mask"]).all(dim=1)
                     record["out_max_abs_err"] = check_output(out, ref["out"], same)
                 del out, mask
+            else:
+                calls[metric]()
+                measure.synchronize(device)
+                record["first_call_s"][metric] = time.perf_counter() - start
+            if provider.compiles:
+                record["compile_cache_hits"] = record.get("compile_cache_hits", 0) + _cache_hits() - hits
+                budget.spend(record["first_call_s"][metric])
             record["times"][metric] = measure.time_call(calls[metric], device, min_run_time)
             if metric != "mask":
                 record["peak_extra_mb"][metric] = measure.peak_extra_bytes(calls[metric], device) / 1e6
@@ -173,8 +175,10 @@ def _summary(providers: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 
 def run_case(case: Case, providers: Sequence[Provider], device: torch.device, dtype: torch.dtype, *,
              min_run_time: float, budget: Budget, dense_budget_bytes: float,
-             ceiling: dict[str, Any], log: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
-    """Every provider on one case; returns the case's JSON record."""
+             ceiling: dict[str, Any], log: Callable[[str], None] = print, seed: int = 0,
+             deadline: float | None = None) -> dict[str, Any]:
+    """Every provider on one case (those not started by ``deadline`` are skipped); returns the
+    case's JSON record."""
     x = make_inputs(case, device, dtype, seed)
     ref_out, ref_mask = sma_kernels.self_guided_attention(
         x.q, x.k, x.v, x.valid, query_valid=x.query_pool, plan=x.plan, backend="reference", **x.options)
@@ -190,8 +194,11 @@ def run_case(case: Case, providers: Sequence[Provider], device: torch.device, dt
                               "providers": {}}
     for provider in providers:
         started = time.perf_counter()
-        record = run_provider(provider, case, x, ref, device, min_run_time=min_run_time, budget=budget,
-                              dense_budget_bytes=dense_budget_bytes, ceiling=ceiling)
+        if deadline is not None and time.time() > deadline:
+            record = {"kind": provider.kind, "status": "skipped", "reason": "time limit (--time-limit)"}
+        else:
+            record = run_provider(provider, case, x, ref, device, min_run_time=min_run_time,
+                                  budget=budget, dense_budget_bytes=dense_budget_bytes, ceiling=ceiling)
         result["providers"][provider.name] = record
         fwd = median_of(record, "fwd")
         note = f"fwd {fwd:9.3f} ms" if fwd is not None else f"{record['status']}: {record['reason']}"
@@ -211,10 +218,11 @@ def failures(result: dict[str, Any]) -> list[str]:
 def run_suite(cases: Sequence[Case], providers: Sequence[Provider], device: torch.device,
               dtype: torch.dtype, *, min_run_time: float, compile_budget: float,
               dense_budget_gb: float, args: dict[str, Any] | None = None,
-              log: Callable[[str], None] = print, seed: int = 0,
-              deadline: float | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] = print, seed: int = 0, deadline: float | None = None,
+              on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every case, in order, until ``deadline`` (a ``time.time()``; the cases left are listed
-    under ``not_run``); returns the whole JSON document (see :func:`validate`)."""
+    under ``not_run``), calling ``on_case`` with the result so far after each case (to save
+    partial results); returns the whole JSON document (see :func:`validate`)."""
     started = time.time()
     result: dict[str, Any] = {"schema": SCHEMA,
                               "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -226,17 +234,20 @@ def run_suite(cases: Sequence[Case], providers: Sequence[Provider], device: torc
     log(f"ceilings: matmul {ceiling['matmul_tflops']:.3f} TFLOP/s ({ceiling['matmul_dtype']}), "
         f"copy {ceiling['copy_gbps']:.1f} GB/s")
     budget = Budget(compile_budget)
-    result["cases"], result["not_run"] = [], []
+    result["cases"], result["not_run"], result["failures"] = [], [], []
     for case in cases:
         if deadline is not None and time.time() > deadline:
             result["not_run"].append(case.name)
             continue
         result["cases"].append(run_case(case, providers, device, dtype, min_run_time=min_run_time,
                                         budget=budget, dense_budget_bytes=dense_budget_gb * 1e9,
-                                        ceiling=ceiling, log=log, seed=seed))
+                                        ceiling=ceiling, log=log, seed=seed, deadline=deadline))
+        result["failures"] = failures(result)
+        result["wall_s"] = time.time() - started
+        if on_case is not None:
+            on_case(result)
     if result["not_run"]:
         log(f"time limit reached; not run: {', '.join(result['not_run'])}")
-    result["failures"] = failures(result)
     result["wall_s"] = time.time() - started
     return result
 
@@ -265,6 +276,7 @@ def validate(result: dict[str, Any]) -> None:
     for key in ("matmul_tflops", "copy_gbps"):
         need(ceiling, key, float, "ceilings")
     need(result, "failures", list, "result")
+    need(need(result, "end_to_end", dict, "result"), "status", str, "end_to_end")
     for case in need(result, "cases", list, "result"):
         where = f"cases[{case.get('name')}]"
         need(case, "name", str, where)
