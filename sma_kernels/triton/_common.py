@@ -59,3 +59,18 @@ def dot_precision(dtype: torch.dtype) -> str:
 def block_dim(d: int) -> int:
     """Padded head-dim block: a power of two and at least 16 (``tl.dot``'s minimum K and N)."""
     return max(16, triton.next_power_of_2(d))
+
+
+def kept_range(keep: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32: per sample, the first kept token index and one past the last (L and 0 when
+    none is kept).
+
+    Kernels that stream the keys loop over this range only. Leading and trailing padding then
+    costs nothing, and the loop body needs no "is this tile empty?" branch: Triton software-
+    pipelines (prefetches) only loads that are not inside a branch of the loop body.
+    """
+    length = keep.shape[1]
+    index = torch.arange(length, dtype=torch.int32, device=keep.device)
+    first = torch.where(keep, index, length).amin(dim=1)
+    last = torch.where(keep, index + 1, 0).amax(dim=1)
+    return torch.stack((first, last), dim=1).to(torch.int32).contiguous()

@@ -4,8 +4,10 @@ Forward (one program per (query tile, sample, head)). For a tile of BLOCK_M quer
 the L keys in tiles of BLOCK_N and keep, per row, the running maximum m and the running sum
 l = sum exp(S - m), rescaling the output accumulator by exp(m_old - m_new) whenever the maximum
 grows (the online softmax of FlashAttention). Key columns that are masked or padded
-(``keep`` False) get S = -inf; a key tile with no kept column is skipped without loading K or V,
-so masking 15-30% of the tokens also saves that share of the work. At the end
+(``keep`` False) get S = -inf. The loop runs only over the key tiles from the sample's first to
+its last kept key, so leading and trailing padding cost nothing; an interior tile with no kept
+key (rare: masked tokens are scattered) adds exact zeros. Keeping the loop body free of
+"skip this tile" branches lets Triton prefetch the next K and V tiles while computing. At the end
 out = acc / l and lse = m + log(l) per row. ``keep`` is per (sample, token), the same for every
 row and head, so a row has no kept key only when its whole sample has none: then out = 0 and
 lse = +inf, which makes exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
@@ -14,8 +16,9 @@ Backward (FlashAttention-2 recomputation). With P = exp(S - lse) recomputed tile
 saved lse, and delta = rowsum(dO * O):
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
 Two kernels, so that every output element has exactly one writer and no atomics are needed
-(deterministic bits): one program per key tile accumulates dK and dV over all query tiles, one
-program per query tile accumulates dQ over all key tiles. Both skip key tiles with no kept key.
+(deterministic bits): one program per key tile accumulates dK and dV over all query tiles (a key
+tile with no kept key writes zeros at once), one program per query tile accumulates dQ over the
+same key range as the forward.
 
 Exponentials are base 2: S is computed as (scale * log2 e) q.k, so exp(x) becomes exp2(x') and
 no libdevice call is needed (the kernels also run under ``TRITON_INTERPRET=1``). The saved lse
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision
+from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision, kept_range
 
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # lse is saved in natural-log units
 
@@ -51,14 +54,15 @@ _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
 @autotune(_FWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, KEEP, OUT, LSE,
+    Q, K, V, KEEP, KEPT, OUT, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_keep_b,
-    H, NQ, NK, D, DV, qk_scale,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    H, NQ, NK, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -83,26 +87,28 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
+    first = tl.load(KEPT + 2 * b)
+    last = tl.load(KEPT + 2 * b + 1)
+    for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
         cols = start_n + offs_n
         keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
-        if tl.max(keep.to(tl.int32), axis=0) > 0:  # skip tiles that are all masked or padding
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(keep[None, :], s, float("-inf"))
-            # The tile has a kept column, so m_new is finite and exp2(m_i - m_new) is never NaN.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(keep[None, :], s, float("-inf"))
+        # The first tile holds the first kept key, so m_new is finite from then on and
+        # exp2(m_i - m_new) is never NaN; a later tile with no kept key adds exactly 0.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 where no key was kept
@@ -133,8 +139,9 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_keep_b,
-    H, NQ, NK, D, DV, scale, qk_scale,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    H, NQ, NK, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -191,15 +198,16 @@ def _attention_bwd_dkdv_kernel(
 @autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, KEEP, DO, LSE, DELTA, DQ,
+    Q, K, V, KEEP, KEPT, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_keep_b,
-    H, NQ, NK, D, DV, scale, qk_scale,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    H, NQ, NK, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -228,30 +236,37 @@ def _attention_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
+    first = tl.load(KEPT + 2 * b)
+    last = tl.load(KEPT + 2 * b + 1)
+    for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
         cols = start_n + offs_n
         keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
-        if tl.max(keep.to(tl.int32), axis=0) > 0:
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            p = _probs_tile(q, k, keep, lse2, qk_scale, PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = _probs_tile(q, k, keep, lse2, qk_scale, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
-    """Constexprs shared by the three kernels: padded head dims and the dot mode."""
-    return {"BLOCK_D": block_dim(q.shape[-1]), "BLOCK_DV": block_dim(v.shape[-1]),
-            "DOT_F32": INTERPRET, "PRECISION": dot_precision(q.dtype)}
+    """Constexprs shared by the three kernels: head dims and their padded blocks, dot mode.
+
+    The head dims are compile-time constants so that, when they are powers of two, the head-dim
+    part of every load mask folds away: loads masked along rows only stay vectorized, which
+    Triton needs to prefetch them asynchronously (software pipelining).
+    """
+    return {"D": q.shape[-1], "DV": v.shape[-1], "BLOCK_D": block_dim(q.shape[-1]),
+            "BLOCK_DV": block_dim(v.shape[-1]), "DOT_F32": INTERPRET,
+            "PRECISION": dot_precision(q.dtype)}
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -259,7 +274,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     """Triton version of :func:`sma_kernels.reference.attention_forward` (same contract)."""
     if q.dtype == torch.float64:  # fp64 (gradient checks) takes the oracle; kernels: fp16/bf16/fp32
         return reference.attention_forward(q, k, v, keep, scale=scale)
-    batch, heads, num_q, dim = q.shape
+    batch, heads, num_q, _ = q.shape
     num_k, dim_v = k.shape[2], v.shape[3]
     out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
@@ -269,8 +284,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
         return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
 
     _attention_fwd_kernel[grid](
-        q, k, v, keep_u8, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        keep_u8.stride(0), heads, num_q, num_k, dim, dim_v, scale * LOG2E, **_common_args(q, v))
+        q, k, v, keep_u8, kept_range(keep), out, lse, *q.stride(), *k.stride(), *v.stride(),
+        *out.stride(), keep_u8.stride(0), heads, num_q, num_k, scale * LOG2E, **_common_args(q, v))
     return out, lse
 
 
@@ -280,8 +295,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Triton version of :func:`sma_kernels.reference.attention_backward` (same contract)."""
     if q.dtype == torch.float64:
         return reference.attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
-    batch, heads, num_q, dim = q.shape
-    num_k, dim_v = k.shape[2], v.shape[3]
+    batch, heads, num_q, _ = q.shape
+    num_k = k.shape[2]
     # delta = rowsum(dO * O): (B, H, Q) fp32, output-sized, cheaper in PyTorch than a kernel.
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
     lse = lse.contiguous()
@@ -300,8 +315,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
     _attention_bwd_dkdv_kernel[grid_keys](
         q, k, v, keep_u8, grad_out, lse, delta, d_k, d_v, *strides, *d_k.stride(), *d_v.stride(),
-        keep_u8.stride(0), heads, num_q, num_k, dim, dim_v, scale, scale * LOG2E, **common)
+        keep_u8.stride(0), heads, num_q, num_k, scale, scale * LOG2E, **common)
     _attention_bwd_dq_kernel[grid_queries](
-        q, k, v, keep_u8, grad_out, lse, delta, d_q, *strides, *d_q.stride(),
-        keep_u8.stride(0), heads, num_q, num_k, dim, dim_v, scale, scale * LOG2E, **common)
+        q, k, v, keep_u8, kept_range(keep), grad_out, lse, delta, d_q, *strides, *d_q.stride(),
+        keep_u8.stride(0), heads, num_q, num_k, scale, scale * LOG2E, **common)
     return d_q, d_k, d_v

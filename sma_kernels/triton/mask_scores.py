@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision
+from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision, kept_range
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -44,11 +44,11 @@ _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}  # chosen rows are at most Q
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _chosen_row_lse_kernel(
-    Q, K, VALID, ROWS, COUNT, LSE2,
+    Q, K, VALID, VALID_RANGE, ROWS, COUNT, LSE2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, D, qk_scale,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    H, NQ, NK, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Pass 1: LSE2[b, h, r] = log2-sum-exp2 of the r-th chosen row over the valid tokens."""
@@ -71,19 +71,23 @@ def _chosen_row_lse_kernel(
         k_base = K + b * stride_kb + h * stride_kh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, NK, BLOCK_N):
+        # Only the tiles from the first to the last valid token: no branch in the loop body,
+        # so the K loads are prefetched (see attention.py).
+        first = tl.load(VALID_RANGE + 2 * b)
+        last = tl.load(VALID_RANGE + 2 * b + 1)
+        for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
             cols = start_n + offs_n
             valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
-            if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip all-padding tiles
-                k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-                if DOT_F32:
-                    k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid key
-                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-                m_i = m_new
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            # Finite from the first tile on (it holds the first valid token): no NaN.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            m_i = m_new
         # A sample without valid tokens: +inf makes every probability of pass 2 exactly 0.
         lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
         tl.store(LSE2 + pid_bh.to(tl.int64) * NQ + offs_r, lse2, mask=row_ok)
@@ -96,8 +100,8 @@ def _token_scores_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_head_b, stride_head_q,
-    H, NQ, NK, D, qk_scale, head_weight,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    H, NQ, NK, qk_scale, head_weight,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     MIX_RANDOM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Pass 2: SCORES[b, j] = sum over heads and chosen rows of the weighted probabilities."""
@@ -163,7 +167,9 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
     count = chosen.sum(dim=1, dtype=torch.int32)
     lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
-    common = {"BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET, "PRECISION": dot_precision(q.dtype)}
+    # D is a compile-time constant: see attention.py's _common_args.
+    common = {"D": dim, "BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET,
+              "PRECISION": dot_precision(q.dtype)}
 
     def grid_rows(meta):
         return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
@@ -172,11 +178,11 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
         return (triton.cdiv(num_k, meta["BLOCK_N"]), batch)
 
     _chosen_row_lse_kernel[grid_rows](
-        q, k, valid_u8, rows, count, lse2, *q.stride(), *k.stride(), heads, num_q, num_k, dim,
+        q, k, valid_u8, kept_range(valid), rows, count, lse2, *q.stride(), *k.stride(), heads, num_q, num_k,
         scale * LOG2E, **common)
     mix_random = head_mix == "random"
     _token_scores_kernel[grid_tokens](
         q, k, valid_u8, rows, count, lse2, head, scores, *q.stride(), *k.stride(), *head.stride(),
-        heads, num_q, num_k, dim, scale * LOG2E, 1.0 if mix_random else 1.0 / heads,
+        heads, num_q, num_k, scale * LOG2E, 1.0 if mix_random else 1.0 / heads,
         MIX_RANDOM=mix_random, **common)
     return scores
