@@ -56,7 +56,8 @@ def _extension_build() -> tuple[list, dict]:
     if use_cuda:
         compile_args["nvcc"] = ["-O3"]
         extension = CUDAExtension("sma_kernels._C", sources + cuda_sources, extra_compile_args=compile_args,
-                                  extra_link_args=["-fopenmp"], define_macros=[("SMA_KERNELS_WITH_CUDA", "1")])
+                                  extra_link_args=["-fopenmp"],
+                                  define_macros=[("SMA_KERNELS_WITH_CUDA", "1")])
     else:
         extension = CppExtension("sma_kernels._C", sources, extra_compile_args=compile_args,
                                  extra_link_args=["-fopenmp"])

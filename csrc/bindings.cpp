@@ -23,7 +23,8 @@ TORCH_LIBRARY_IMPL(sma_kernels_C, CPU, m) {
 #include <Python.h>
 
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of sma_kernels.", -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of sma_kernels.", -1, nullptr,
+                               nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 #endif

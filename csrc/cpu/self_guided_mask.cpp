@@ -10,8 +10,8 @@
  *      One sweep over the keys in tiles of kTile tokens gives each pair the max m and the sum
  *      Σ_j exp(s_j - m) of its logits s_j = scale * q·k_j over the valid tokens (online softmax).
  *   2. Token scores. For each tile of tokens, score[j] = Σ over the pairs, in (head, row) order, of
- *      exp(s_j - m) * weight / sum. The logits are recomputed rather than stored: storing them
- *      would take a (k_q, L) block, and the dot products are cheap next to the memory.
+ *      exp(s_j - m) * weight / sum. The logits are recomputed rather than stored, which would
+ *      take a (k_q, L) block.
  *   3. Selection in O(L): the forced tokens (chosen rows under mask_self); the num_top best scores
  *      among the other valid tokens by std::nth_element on (score desc, index asc), i.e. ties to
  *      the lower index; then the num_random still-free valid tokens of smallest token_rank, by a
@@ -21,14 +21,16 @@
  * are each computed by one thread in a fixed order, so the mask does not depend on the number of
  * threads or on how items are split between them.
  *
- * Memory: the (B, L) fp32 scores, 16 bytes per pair (B * k_q * H at most) and O(L + kTile * d)
+ * Memory: the (B, L) fp32 scores, 20 bytes per pair (B * k_q * H at most) and O(L + kTile * d)
  * scratch per thread; never a (Q, L) block, so L = 32768 runs in a few MB.
  *
  * Speed: a key tile is transposed to (d, kTile) fp32, so the dot products vectorize over tokens
- * with no horizontal sums, and each tile serves every pair of its head. exp is a branch-free
- * polynomial that the compiler vectorizes (libm's expf is only vectorized under -ffast-math, which
- * would break the -inf of padding). On x86-64 the hot loops are also compiled for AVX2+FMA and
- * chosen at run time, so the build itself stays portable.
+ * with no horizontal sums, and each tile serves every pair of its head. Steps 1 and 2 run on
+ * groups of samples whose keys fit in a few MB of cache, so the keys come from memory once, not
+ * twice. exp is a branch-free polynomial that the compiler vectorizes when built with
+ * -fno-trapping-math (libm's expf is only vectorized under -ffast-math, which would break the -inf
+ * of padding). On x86-64 the hot loops are also compiled for AVX2+FMA and chosen at run time, so
+ * the build itself stays portable.
  */
 #include "self_guided_mask.h"
 
@@ -61,6 +63,7 @@ namespace {
 
 constexpr int64_t kTile = 64;      // tokens per tile: 8 AVX2 accumulators for the dot products
 constexpr int64_t kRunPairs = 16;  // pairs of one head that share a transposed tile in step 1
+constexpr int64_t kGroupBytes = 4 << 20;  // keys of the samples that steps 1 and 2 handle at a time
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Counts {
@@ -172,7 +175,10 @@ template <typename scalar_t, bool kAvx2>
 class TileLoader {
  public:
   explicit TileLoader(int64_t dim)
-      : dim_(dim), tile_(dim * kTile), zeros_(dim, 0.f), staging_(std::is_same_v<scalar_t, float> ? 0 : 8 * dim) {}
+      : dim_(dim),
+        tile_(dim * kTile),
+        zeros_(dim, 0.f),
+        staging_(std::is_same_v<scalar_t, float> ? 0 : 8 * dim) {}
 
   const float* tile() const { return tile_.data(); }
 
@@ -379,15 +385,17 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& va
                   const at::Tensor& query_pool, const at::Tensor& query_rank, const at::Tensor& head,
                   const at::Tensor& token_rank, double ratio, int64_t num_per_query, bool mask_self,
                   double noise, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "self_guided_mask: q must be (B, H, Q, d) and k (B, H, L, d), got ",
-              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4,
+              "self_guided_mask: q must be (B, H, Q, d) and k (B, H, L, d), got ", q.sizes(), " and ",
+              k.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "self_guided_mask: q and k must share a dtype, got ",
               q.scalar_type(), " and ", k.scalar_type());
   const int64_t batch = q.size(0), queries = q.size(2), tokens = k.size(2);
   TORCH_CHECK(k.size(0) == batch && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "self_guided_mask: k ", k.sizes(), " does not match q ", q.sizes());
   TORCH_CHECK(q.size(1) >= 1, "self_guided_mask: q needs at least one head");
-  const auto check = [](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows, int64_t cols) {
+  const auto check = [](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows,
+                        int64_t cols) {
     TORCH_CHECK(t.scalar_type() == dtype, "self_guided_mask: ", name, " must be ", dtype, ", got ",
                 t.scalar_type());
     TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "self_guided_mask: ", name,
@@ -399,7 +407,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& va
   check(head, "head", at::kInt, batch, queries);
   check(token_rank, "token_rank", at::kInt, batch, tokens);
   for (const at::Tensor* t : {&q, &k, &valid, &query_pool, &query_rank, &head, &token_rank}) {
-    TORCH_CHECK(t->device().is_cpu(), "self_guided_mask: the CPU kernel needs CPU tensors, got ", t->device());
+    TORCH_CHECK(t->device().is_cpu(), "self_guided_mask: the CPU kernel needs CPU tensors, got ",
+                t->device());
   }
   TORCH_CHECK(ratio > 0.0 && ratio < 1.0, "self_guided_mask: ratio must lie in (0, 1), got ", ratio);
   TORCH_CHECK(num_per_query >= 1, "self_guided_mask: num_per_query must be >= 1, got ", num_per_query);
@@ -499,7 +508,8 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
           first[r] = {static_cast<int32_t>(b), rows[r], h, 0.f, 0.f};
         }
         // Rows are ascending, so a stable sort by head gives (head, row) order.
-        std::stable_sort(first, first + num_rows, [](const Pair& x, const Pair& y) { return x.head < y.head; });
+        std::stable_sort(first, first + num_rows,
+                         [](const Pair& x, const Pair& y) { return x.head < y.head; });
       } else {
         for (int64_t h = 0; h < heads; ++h) {
           for (int64_t r = 0; r < num_rows; ++r) {
@@ -523,13 +533,20 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
                                     dim,
                                     static_cast<float>(scale),
                                     head_mix_random ? 1.f : 1.f / static_cast<float>(heads)};
-    at::parallel_for(0, pair_offset[batch], grain(tokens * dim), [&](int64_t begin, int64_t end) {
-      row_stats(problem, pairs.data(), begin, end);
-    });
-    const int64_t tile_cost = kTile * dim * std::max<int64_t>(pair_offset[batch] / std::max<int64_t>(batch, 1), 1);
-    at::parallel_for(0, batch * tiles, grain(tile_cost), [&](int64_t begin, int64_t end) {
-      token_scores(problem, pairs.data(), pair_offset.data(), scores.data(), begin, end);
-    });
+    const int64_t pairs_per_sample = std::max<int64_t>(pair_offset[batch] / std::max<int64_t>(batch, 1), 1);
+    const int64_t tile_cost = kTile * dim * pairs_per_sample;
+    // Both steps run on groups of samples whose keys take a few MB, so that step 2 reads from
+    // cache the keys that step 1 has just read; the keys are read from memory only once.
+    const int64_t sample_bytes = heads * tokens * dim * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(sample_bytes, 1));
+    for (int64_t b0 = 0; b0 < batch; b0 += group) {
+      const int64_t b1 = std::min(batch, b0 + group);
+      at::parallel_for(pair_offset[b0], pair_offset[b1], grain(tokens * dim),
+                       [&](int64_t begin, int64_t end) { row_stats(problem, pairs.data(), begin, end); });
+      at::parallel_for(b0 * tiles, b1 * tiles, grain(tile_cost), [&](int64_t begin, int64_t end) {
+        token_scores(problem, pairs.data(), pair_offset.data(), scores.data(), begin, end);
+      });
+    }
   });
 
   // Step 3: forced tokens, then the top scores, then the random picks.
@@ -559,7 +576,8 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
           const float kx = key(x), ky = key(y);
           return kx > ky || (kx == ky && x < y);
         };
-        std::nth_element(candidates.begin(), candidates.begin() + c.num_top, candidates.begin() + free, better);
+        std::nth_element(candidates.begin(), candidates.begin() + c.num_top, candidates.begin() + free,
+                         better);
         for (int64_t r = 0; r < c.num_top; ++r) {
           taken[candidates[r]] = true;
         }
