@@ -42,7 +42,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> dict[str, float]:
-    """Median and interquartile range (ms) of ``fn`` over repeats, and the number of repeats."""
+    """Median, interquartile range and minimum (ms) of ``fn`` over repeats, and their number."""
     if device.type == "cuda":
         for _ in range(3):
             fn()
@@ -57,11 +57,13 @@ def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) 
             times.append(start.elapsed_time(end))
         quartiles = statistics.quantiles(times, n=4)
         return {"median_ms": statistics.median(times), "iqr_ms": quartiles[2] - quartiles[0],
-                "repeats": len(times)}
+                "min_ms": min(times), "repeats": len(times)}
     fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    # min_ms next to the median: on a shared machine the minimum is the least disturbed run.
     return {"median_ms": measurement.median * 1e3, "iqr_ms": measurement.iqr * 1e3,
+            "min_ms": min(measurement.times) * 1e3,
             "repeats": len(measurement.times) * measurement.number_per_run}
 
 
