@@ -63,7 +63,7 @@ step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" --co
 
 echo | tee -a "$LOG"
 if ls "$OUT_DIR"/latest-*.json > /dev/null 2>&1; then
-    timeout 15 "$PY" -m bench.report "$OUT_DIR"/latest-*.json 2>&1 | grep -v '^$' | tee -a "$LOG"
+    timeout 15 "$PY" -m bench.report --short "$OUT_DIR"/latest-*.json 2>&1 | grep -v '^$' | tee -a "$LOG"
 fi
 echo "gpu_check: ${SECONDS}s in all" | tee -a "$LOG"
 if [ ${#failed[@]} -ne 0 ]; then

@@ -68,17 +68,51 @@ def text_table(result: dict[str, Any], groups: tuple[str, ...] = ("workload",)) 
             lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         else:
             lines.append(f"{row[0].rjust(widths[0])}  {row[1].rjust(widths[1])}  {row[2]}")
-    for case in result["cases"]:
-        summary = case.get("summary")
-        if case["group"] in groups and summary:
-            lines.append(f"{case['name']}: best {summary['best_backend']} fwd = "
-                         f"{summary.get('fwd_over_sdpa', float('nan')):.2f}x SDPA (target 1.3x), "
-                         f"{summary.get('fwd_speedup_over_published', float('nan')):.1f}x faster than "
-                         f"published, {summary.get('fwd_speedup_over_vectorized', float('nan')):.1f}x "
-                         f"than vectorized")
+    lines += summary_lines(result)
+    lines += _sweep_table(result)
     if result["failures"]:
         lines.append("FAILED: " + "; ".join(result["failures"]))
     return "\n".join(lines)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """Per workload: the best sma-kernels backend against every baseline, the 1.3x-of-SDPA
+    target, and its achieved rate against the measured ceilings."""
+    def ratio(summary: dict[str, Any], key: str, fmt: str = "{:.1f}x") -> str:
+        return fmt.format(summary[key]) if key in summary else "-"
+
+    lines = []
+    for case in result["cases"]:
+        summary = case.get("summary")
+        if case["group"] != "workload" or not summary:
+            continue
+        best = case["providers"][summary["best_backend"]]
+        achieved = best["achieved"]["fwd"]
+        speedups = ", ".join(f"{ratio(summary, f'fwd_speedup_over_{base}')} vs {base}"
+                             for base in ("published", "vectorized", "compiled", "flex")
+                             if f"fwd_speedup_over_{base}" in summary)
+        lines.append(f"{case['name']}: best {summary['best_backend']}: fwd "
+                     f"{ratio(summary, 'fwd_over_sdpa', '{:.2f}x')} SDPA, fwd+bwd "
+                     f"{ratio(summary, 'fwdbwd_over_sdpa', '{:.2f}x')} SDPA (target 1.3x); "
+                     f"fwd speed-up {speedups or 'unknown (no baseline ran)'}; "
+                     f"{achieved['tflops']:.3g} TFLOP/s ({achieved['pct_matmul']:.2g}% of matmul), "
+                     f"{achieved['gbps']:.3g} GB/s ({achieved['pct_copy']:.2g}% of copy)")
+    return lines
+
+
+def _sweep_table(result: dict[str, Any]) -> list[str]:
+    """Forward times (ms) of the sweep cases: one row per case, one column per provider."""
+    cases = [case for case in result["cases"] if case["group"].startswith("sweep")]
+    names = list(dict.fromkeys(n for case in cases for n, r in case["providers"].items()
+                               if r["status"] == "ok"))
+    if not cases:
+        return []
+    width = max(len(name) for name in names + ["fwd ms"]) + 1
+    lines = ["sweep, forward ms".rjust(19) + "  " + "".join(name.rjust(width) for name in names)]
+    for case in cases:
+        cells = [_ms(case["providers"].get(name, {}), "fwd") for name in names]
+        lines.append(case["name"].rjust(19) + ": " + "".join(cell.rjust(width) for cell in cells))
+    return lines
 
 
 def _time(ms: float) -> str:
@@ -149,11 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="*", type=Path,
                         help="result JSON files (default: bench/results/latest-*.json)")
     parser.add_argument("--readme", type=Path, help="README whose bench section to regenerate")
+    parser.add_argument("--short", action="store_true", help="only the per-workload summary")
     args = parser.parse_args(argv)
     paths = args.results or sorted(RESULTS.glob("latest-*.json"))
     results = [json.loads(path.read_text()) for path in paths]
     for result in results:
-        print(text_table(result))
+        if args.short:
+            print("\n".join([_header(result), *summary_lines(result),
+                             *(["FAILED: " + "; ".join(result["failures"])] if result["failures"] else [])]))
+        else:
+            print(text_table(result))
         print()
     if args.readme:
         update_readme(args.readme, results)
