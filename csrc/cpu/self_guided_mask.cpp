@@ -25,12 +25,12 @@
  * scratch per thread; never a (Q, L) block, so L = 32768 runs in a few MB.
  *
  * Speed: a key tile is transposed to (d, kTile) fp32, so the dot products vectorize over tokens
- * with no horizontal sums, and each tile serves every pair of its head. Steps 1 and 2 run on
- * groups of samples whose keys fit in a few MB of cache, so the keys come from memory once, not
- * twice. exp is a branch-free polynomial that the compiler vectorizes when built with
- * -fno-trapping-math (libm's expf is only vectorized under -ffast-math, which would break the -inf
- * of padding). On x86-64 the hot loops are also compiled for AVX2+FMA and chosen at run time, so
- * the build itself stays portable.
+ * with no horizontal sums, and each tile serves every pair of its head. When there are at least
+ * as many samples as threads, a thread runs steps 1 and 2 of a sample back to back, so the keys
+ * come from memory once, not twice. exp is a branch-free polynomial that the compiler vectorizes
+ * when built with -fno-trapping-math (libm's expf is only vectorized under -ffast-math, which
+ * would break the -inf of padding). On x86-64 the hot loops are also compiled for AVX2+FMA and
+ * chosen at run time, so the build itself stays portable.
  */
 #include "self_guided_mask.h"
 
@@ -63,7 +63,6 @@ namespace {
 
 constexpr int64_t kTile = 64;      // tokens per tile: 8 AVX2 accumulators for the dot products
 constexpr int64_t kRunPairs = 16;  // pairs of one head that share a transposed tile in step 1
-constexpr int64_t kGroupBytes = 4 << 20;  // keys of the samples that steps 1 and 2 handle at a time
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Counts {
@@ -374,10 +373,13 @@ void token_scores(const Problem<scalar_t>& p, const Pair* pairs, const int64_t* 
   token_scores_body<scalar_t, false>(p, pairs, pair_offset, scores, begin, end);
 }
 
-// Items per thread chunk so that a chunk does about `work` elementary steps: tiny problems then
-// run on one thread instead of paying for a parallel region.
-int64_t grain(int64_t cost_per_item) {
-  constexpr int64_t work = 1 << 15;
+// Items per thread chunk so that a chunk does at least `work` units of work (tens of microseconds):
+// small problems then run on one thread instead of waiting on a parallel region, which costs
+// microseconds on an idle machine and a scheduler time slice on a busy one.
+constexpr int64_t kScalarWork = 1 << 15;  // units: scalar steps (counting, selection)
+constexpr int64_t kVectorWork = 1 << 20;  // units: multiply-adds of the vectorized dot products
+
+int64_t grain(int64_t cost_per_item, int64_t work) {
   return std::max<int64_t>(1, work / std::max<int64_t>(cost_per_item, 1));
 }
 
@@ -445,7 +447,7 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
   // Step 0: counts and chosen rows (ascending row order, the first num_rows of each sample's Q slots).
   std::vector<Counts> counts(batch);
   std::vector<int32_t> chosen(batch * queries);
-  at::parallel_for(0, batch, grain(queries + tokens), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain(queries + tokens, kScalarWork), [&](int64_t begin, int64_t end) {
     std::vector<int32_t> by_rank(queries);
     std::vector<uint8_t> picked(queries);
     for (int64_t b = begin; b < end; ++b) {
@@ -492,7 +494,7 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
     pair_offset[b + 1] = pair_offset[b] + num_pairs;
   }
   std::vector<Pair> pairs(pair_offset[batch]);
-  at::parallel_for(0, batch, grain(queries), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain(queries, kScalarWork), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       Pair* first = pairs.data() + pair_offset[b];
       const int64_t num_rows = counts[b].num_rows;
@@ -535,22 +537,30 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
                                     head_mix_random ? 1.f : 1.f / static_cast<float>(heads)};
     const int64_t pairs_per_sample = std::max<int64_t>(pair_offset[batch] / std::max<int64_t>(batch, 1), 1);
     const int64_t tile_cost = kTile * dim * pairs_per_sample;
-    // Both steps run on groups of samples whose keys take a few MB, so that step 2 reads from
-    // cache the keys that step 1 has just read; the keys are read from memory only once.
-    const int64_t sample_bytes = heads * tokens * dim * static_cast<int64_t>(sizeof(scalar_t));
-    const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(sample_bytes, 1));
-    for (int64_t b0 = 0; b0 < batch; b0 += group) {
-      const int64_t b1 = std::min(batch, b0 + group);
-      at::parallel_for(pair_offset[b0], pair_offset[b1], grain(tokens * dim),
-                       [&](int64_t begin, int64_t end) { row_stats(problem, pairs.data(), begin, end); });
-      at::parallel_for(b0 * tiles, b1 * tiles, grain(tile_cost), [&](int64_t begin, int64_t end) {
-        token_scores(problem, pairs.data(), pair_offset.data(), scores.data(), begin, end);
+    if (batch >= at::get_num_threads()) {
+      // Whole samples per thread, steps 1 and 2 back to back: step 2 finds in cache the keys that
+      // step 1 has just read, and one parallel region serves the whole batch.
+      at::parallel_for(0, batch, grain(2 * tiles * tile_cost, kVectorWork), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          row_stats(problem, pairs.data(), pair_offset[b], pair_offset[b + 1]);
+          token_scores(problem, pairs.data(), pair_offset.data(), scores.data(), b * tiles, (b + 1) * tiles);
+        }
       });
+    } else {
+      // Fewer samples than threads: split each sample's pairs, then its tiles, between threads.
+      for (int64_t b = 0; b < batch; ++b) {
+        at::parallel_for(pair_offset[b], pair_offset[b + 1], grain(tokens * dim, kVectorWork),
+                         [&](int64_t begin, int64_t end) { row_stats(problem, pairs.data(), begin, end); });
+        at::parallel_for(b * tiles, (b + 1) * tiles, grain(tile_cost, kVectorWork),
+                         [&](int64_t begin, int64_t end) {
+                           token_scores(problem, pairs.data(), pair_offset.data(), scores.data(), begin, end);
+                         });
+      }
     }
   });
 
   // Step 3: forced tokens, then the top scores, then the random picks.
-  at::parallel_for(0, batch, grain(2 * tokens), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain(2 * tokens, kScalarWork), [&](int64_t begin, int64_t end) {
     std::vector<int32_t> candidates(tokens), by_rank(tokens);
     for (int64_t b = begin; b < end; ++b) {
       const Counts& c = counts[b];
