@@ -50,7 +50,9 @@ class Provider:
     name = "provider"
     kind = "baseline"  # "floor", "baseline" or "sma-kernels"
     produces_mask = True
-    compiles = False  # the first call of each mode compiles (timed apart, under a budget)
+    def compiles_on(self, device: torch.device) -> bool:
+        """Whether its first call of each mode compiles (timed apart, under a shared budget)."""
+        return False
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this provider cannot run on ``device``, or None."""
@@ -182,7 +184,9 @@ class Compiled(Provider):
     """``torch.compile`` of the reference math (whole graph, static shapes), fresh per case."""
 
     name = "compiled"
-    compiles = True
+
+    def compiles_on(self, device):
+        return True
 
     def prepare(self, x):
         options = dict(x.options)
@@ -227,11 +231,14 @@ class Flex(Provider):
     def dense(self, device):
         return device.type == "cpu"
 
+    def compiles_on(self, device):
+        # On the CPU torch.compile of flex_attention supports neither return_lse nor backward.
+        return device.type == "cuda"
+
     def prepare(self, x):
         module = self._module
-        # Compiled on a GPU; on the CPU torch.compile of flex_attention has no return_lse.
-        self.compiles = x.q.device.type == "cuda"
-        if self.compiles:
+        self.compiled = self.compiles_on(x.q.device)
+        if self.compiled:
             torch._dynamo.reset()
             self._flex = torch.compile(module.flex_attention, dynamic=False)
         else:
@@ -250,7 +257,7 @@ class Flex(Provider):
     def _block_mask(self, mask_mod, batch: int, heads: int | None, rows: int, cols: int,
                     device: torch.device):
         return self._module.create_block_mask(mask_mod, batch, heads, rows, cols, device=device,
-                                              _compile=self.compiles)
+                                              _compile=self.compiled)
 
     def scores(self, x: Inputs, chosen: torch.Tensor) -> torch.Tensor:
         """(B, L) fp32 token scores of the chosen rows, by the two FlexAttention calls."""

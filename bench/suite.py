@@ -1,5 +1,9 @@
 """Run providers over cases: check each mask against the reference, then time it.
 
+Cases run in two passes: every case with the providers that need no compile step, then every
+case with those that compile (torch.compile; FlexAttention on a GPU), so that under a time limit
+the compile-bound baselines are what is cut, not a workload.
+
 For every case the reference (``sma_kernels`` with ``backend="reference"``) gives the mask and
 output that each masking provider must reproduce under the same plan (exact, or a float
 near-tie; :func:`bench.providers.check_mask`). A provider that fails the check is not timed, and
@@ -30,6 +34,7 @@ from .cases import Case, Inputs, make_inputs
 from .providers import Provider, check_mask, check_output, reference_scores
 
 SCHEMA = "sma-kernels-bench/1"
+TIME_LIMIT = "time limit (--time-limit)"
 METRICS = ("mask", "fwd", "fwdbwd")
 # (B, H, Q, L) fp32 tensors that the unfused routes hold at once, for the memory guard.
 DENSE_COPIES = 4
@@ -64,7 +69,7 @@ def run_provider(provider: Provider, case: Case, x: Inputs, ref: dict[str, torch
                  dense_budget_bytes: float, ceiling: dict[str, Any]) -> dict[str, Any]:
     """Check, then time one provider on one case. Returns its JSON record."""
     record: dict[str, Any] = {"kind": provider.kind, "status": "ok", "reason": None, "check": None,
-                              "compiles": provider.compiles, "first_call_s": {}, "times": {},
+                              "compiles": provider.compiles_on(device), "first_call_s": {}, "times": {},
                               "peak_extra_mb": {}, "achieved": {}}
     reason = provider.unavailable(device)
     if reason is None and provider.dense(device):
@@ -95,7 +100,7 @@ def run_provider(provider: Provider, case: Case, x: Inputs, ref: dict[str, torch
         for metric in ("fwd", "mask", "fwdbwd"):  # fwd first: its first call is the check
             if metric not in calls:
                 continue
-            if provider.compiles and budget.left <= 0:
+            if provider.compiles_on(device) and budget.left <= 0:
                 if metric == "fwd":
                     record.update(status="skipped", reason="compile budget spent (--compile-budget)")
                     return record
@@ -115,7 +120,7 @@ def run_provider(provider: Provider, case: Case, x: Inputs, ref: dict[str, torch
                 calls[metric]()
                 measure.synchronize(device)
                 record["first_call_s"][metric] = time.perf_counter() - start
-            if provider.compiles:
+            if provider.compiles_on(device):
                 record["compile_cache_hits"] = record.get("compile_cache_hits", 0) + _cache_hits() - hits
                 budget.spend(record["first_call_s"][metric])
             record["times"][metric] = measure.time_call(calls[metric], device, min_run_time)
@@ -195,7 +200,7 @@ def run_case(case: Case, providers: Sequence[Provider], device: torch.device, dt
     for provider in providers:
         started = time.perf_counter()
         if deadline is not None and time.time() > deadline:
-            record = {"kind": provider.kind, "status": "skipped", "reason": "time limit (--time-limit)"}
+            record = {"kind": provider.kind, "status": "skipped", "reason": TIME_LIMIT}
         else:
             record = run_provider(provider, case, x, ref, device, min_run_time=min_run_time,
                                   budget=budget, dense_budget_bytes=dense_budget_bytes, ceiling=ceiling)
@@ -203,9 +208,18 @@ def run_case(case: Case, providers: Sequence[Provider], device: torch.device, dt
         fwd = median_of(record, "fwd")
         note = f"fwd {fwd:9.3f} ms" if fwd is not None else f"{record['status']}: {record['reason']}"
         log(f"  {case.name:>10} {provider.name:<12} {note}  ({time.perf_counter() - started:.1f} s)")
+    return result
+
+
+def finish_case(result: dict[str, Any], providers: Sequence[Provider]) -> None:
+    """Put the providers in their listed order (a time limit skips the missing ones), then add
+    the ratios and the summary."""
+    records = result["providers"]
+    result["providers"] = {p.name: records.get(p.name, {"kind": p.kind, "status": "skipped",
+                                                        "reason": TIME_LIMIT})
+                           for p in providers}
     _ratios(result["providers"])
     result["summary"] = _summary(result["providers"])
-    return result
 
 
 def failures(result: dict[str, Any]) -> list[str]:
@@ -235,17 +249,28 @@ def run_suite(cases: Sequence[Case], providers: Sequence[Provider], device: torc
         f"copy {ceiling['copy_gbps']:.1f} GB/s")
     budget = Budget(compile_budget)
     result["cases"], result["not_run"], result["failures"] = [], [], []
-    for case in cases:
-        if deadline is not None and time.time() > deadline:
-            result["not_run"].append(case.name)
-            continue
-        result["cases"].append(run_case(case, providers, device, dtype, min_run_time=min_run_time,
-                                        budget=budget, dense_budget_bytes=dense_budget_gb * 1e9,
-                                        ceiling=ceiling, log=log, seed=seed, deadline=deadline))
-        result["failures"] = failures(result)
-        result["wall_s"] = time.time() - started
-        if on_case is not None:
-            on_case(result)
+    done: dict[str, dict[str, Any]] = {}
+    # Two passes: the providers that compile come second, so that a time limit cuts them
+    # rather than a workload.
+    for compiling in (False, True):
+        group = [p for p in providers if p.compiles_on(device) == compiling]
+        for case in cases if group else ():
+            if deadline is not None and time.time() > deadline:
+                continue
+            record = run_case(case, group, device, dtype, min_run_time=min_run_time, budget=budget,
+                              dense_budget_bytes=dense_budget_gb * 1e9, ceiling=ceiling, log=log,
+                              seed=seed, deadline=deadline)
+            if case.name in done:
+                done[case.name]["providers"].update(record["providers"])
+            else:
+                done[case.name] = record
+                result["cases"].append(record)
+            finish_case(done[case.name], providers)
+            result["failures"] = failures(result)
+            result["wall_s"] = time.time() - started
+            if on_case is not None:
+                on_case(result)
+    result["not_run"] = [case.name for case in cases if case.name not in done]
     if result["not_run"]:
         log(f"time limit reached; not run: {', '.join(result['not_run'])}")
     result["wall_s"] = time.time() - started
