@@ -102,7 +102,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff", "triton"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff==0.17.6", "triton"],
         "data": ["modlamp", "pyhmmer", "datamol", "rdkit", "scikit-hep-testdata==0.3.12", "uproot",
                  "pandas"],
     },
