@@ -1,8 +1,9 @@
 """Run providers over cases: check each mask against the reference, then time it.
 
-Cases run in two passes: every case with the providers that need no compile step, then every
-case with those that compile (torch.compile; FlexAttention on a GPU), so that under a time limit
-the compile-bound baselines are what is cut, not a workload.
+The workloads run before the sweeps, each in two passes: every case with the providers that
+need no compile step, then every case with those that compile (torch.compile; FlexAttention on
+a GPU), so that under a time limit the sweeps and the compile-bound baselines are what is cut,
+not a workload.
 
 For every case the reference (``sma_kernels`` with ``backend="reference"``) gives the mask and
 output that each masking provider must reproduce under the same plan (exact, or a float
@@ -250,11 +251,14 @@ def run_suite(cases: Sequence[Case], providers: Sequence[Provider], device: torc
     budget = Budget(compile_budget)
     result["cases"], result["not_run"], result["failures"] = [], [], []
     done: dict[str, dict[str, Any]] = {}
-    # Two passes: the providers that compile come second, so that a time limit cuts them
-    # rather than a workload.
-    for compiling in (False, True):
+    workloads = [case for case in cases if case.group == "workload"]
+    others = [case for case in cases if case.group != "workload"]
+    # Workloads before sweeps, and within each the providers that compile second, so that a
+    # time limit cuts sweeps and compile-bound baselines rather than a workload.
+    passes = [(batch, compiling) for batch in (workloads, others) for compiling in (False, True)]
+    for batch, compiling in passes:
         group = [p for p in providers if p.compiles_on(device) == compiling]
-        for case in cases if group else ():
+        for case in batch if group else ():
             if deadline is not None and time.time() > deadline:
                 continue
             record = run_case(case, group, device, dtype, min_run_time=min_run_time, budget=budget,
