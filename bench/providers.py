@@ -50,6 +50,7 @@ class Provider:
     name = "provider"
     kind = "baseline"  # "floor", "baseline" or "sma-kernels"
     produces_mask = True
+
     def compiles_on(self, device: torch.device) -> bool:
         """Whether its first call of each mode compiles (timed apart, under a shared budget)."""
         return False
