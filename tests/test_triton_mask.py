@@ -19,8 +19,9 @@ triton_backend = pytest.importorskip("sma_kernels.triton")
 if triton_backend.UNAVAILABLE is not None:
     pytest.skip(f"Triton backend unavailable: {triton_backend.UNAVAILABLE}", allow_module_level=True)
 
+from sma_kernels.triton._common import META_FIRST, META_LAST, META_RANDOM, META_ROWS, META_TOP
 from sma_kernels.triton.mask_scores import token_scores
-from sma_kernels.triton.select import select_tokens
+from sma_kernels.triton.select import prepare, select_tokens
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -143,6 +144,34 @@ def test_select_matches_reference(length, ties, mask_self):
     got = select_tokens(scores.to(DEVICE), valid.to(DEVICE), forced.to(DEVICE), counts._replace(
         **{name: c.to(DEVICE) for name, c in counts._asdict().items()}), plan.token_rank.to(DEVICE))
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize(("ratio", "npq", "noise", "mask_self"), [
+    (0.5, 1, 0.5, False), (0.3, 3, 0.5, True)])
+def test_prepare_matches_plan_helpers(ratio, npq, noise, mask_self):
+    # Every valid count 0..L-1 once: the float64 rounding of k, k_q and k_rand hits exact
+    # halves (ratio 0.5, noise 0.5), which must round half-to-even as plan.mask_counts does.
+    length = 40
+    g = torch.Generator().manual_seed(7)
+    valid = torch.rand(length, length, generator=g).argsort(dim=1) < torch.arange(length)[:, None]
+    pool = valid if mask_self else torch.rand(length, length, generator=g) < 0.5
+    plan = sk.make_plan(length, length, length, 1, generator=g)
+    counts = mask_counts(valid, pool, ratio=ratio, num_per_query=npq, mask_self=mask_self,
+                         noise=noise)
+    want_chosen = chosen_rows(plan, pool, counts.num_rows)
+    rows, chosen, meta = prepare(valid.to(DEVICE), pool.to(DEVICE), plan.query_rank.to(DEVICE),
+                                 ratio=ratio, num_per_query=npq, mask_self=mask_self, noise=noise)
+    meta = meta.cpu().long()
+    assert torch.equal(meta[:, META_ROWS], counts.num_rows)
+    assert torch.equal(meta[:, META_TOP], counts.num_top)
+    assert torch.equal(meta[:, META_RANDOM], counts.num_random)
+    assert torch.equal(chosen.cpu(), want_chosen)
+    index = torch.arange(length)
+    assert torch.equal(meta[:, META_FIRST], torch.where(valid, index, length).amin(dim=1))
+    assert torch.equal(meta[:, META_LAST], torch.where(valid, index + 1, 0).amax(dim=1))
+    for b in range(length):
+        listed = rows[b, : int(counts.num_rows[b])].cpu().long()
+        assert torch.equal(listed, want_chosen[b].nonzero().flatten())
 
 
 def test_opcheck_mask_op():

@@ -29,12 +29,12 @@ if UNAVAILABLE is None:
     import torch
 
     from .. import reference
-    from ..plan import MaskPlan, chosen_rows, mask_counts
+    from ..plan import MaskPlan
     from ._common import INTERPRET as INTERPRET
     from .attention import attention_backward as attention_backward
     from .attention import attention_forward as attention_forward
-    from .mask_scores import token_scores
-    from .select import select_tokens
+    from .mask_scores import scores_from_rows
+    from .select import prepare, select_with_meta
 
     def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
@@ -48,10 +48,11 @@ if UNAVAILABLE is None:
             return reference.self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio,
                                               num_per_query=num_per_query, head_mix=head_mix,
                                               mask_self=mask_self, noise=noise, scale=scale)
-        counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
-                             mask_self=mask_self, noise=noise)
-        chosen = chosen_rows(plan, query_pool, counts.num_rows)
-        scores = token_scores(q.detach(), k.detach(), valid, chosen, plan.head, head_mix=head_mix,
-                              scale=scale)
-        forced = chosen if mask_self else torch.zeros_like(valid)
-        return select_tokens(scores, valid, forced, counts, plan.token_rank)
+        # One launch for the counts and the chosen rows, two for the scores, one to select.
+        rows, chosen, meta = prepare(valid, query_pool, plan.query_rank, ratio=ratio,
+                                     num_per_query=num_per_query, mask_self=mask_self,
+                                     noise=noise)
+        scores = scores_from_rows(q.detach(), k.detach(), valid, rows, meta, plan.head,
+                                  head_mix=head_mix, scale=scale)
+        return select_with_meta(scores, valid, chosen if mask_self else None, meta,
+                                plan.token_rank)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 # Triton reads the variable when a kernel is decorated, so this must match import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -61,16 +62,46 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# Per-sample int32 metadata of the mask kernels, a (B, META_WIDTH) tensor: the number of chosen
+# rows k_q, num_top, num_random, and the first valid token index and one past the last.
+META_ROWS, META_TOP, META_RANDOM, META_FIRST, META_LAST = 0, 1, 2, 3, 4
+META_WIDTH = 5
+# The same numbers as compile-time constants for the kernels.
+META_ROWS_C: tl.constexpr = tl.constexpr(META_ROWS)
+META_TOP_C: tl.constexpr = tl.constexpr(META_TOP)
+META_RANDOM_C: tl.constexpr = tl.constexpr(META_RANDOM)
+META_FIRST_C: tl.constexpr = tl.constexpr(META_FIRST)
+META_LAST_C: tl.constexpr = tl.constexpr(META_LAST)
+META_WIDTH_C: tl.constexpr = tl.constexpr(META_WIDTH)
+
+
+@triton.jit
+def _kept_range_kernel(KEEP, OUT, NK, stride_keep_b, BLOCK: tl.constexpr):
+    """OUT[b] = (first index with KEEP[b] set, one past the last); (NK, 0) when none is set."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    first = tl.zeros((), tl.int32) + NK
+    last = tl.zeros((), tl.int32)
+    for start in range(0, NK, BLOCK):
+        cols = start + offs
+        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(keep, cols, NK), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(keep, cols + 1, 0), axis=0))
+    tl.store(OUT + 2 * b, first)
+    tl.store(OUT + 2 * b + 1, last)
+
+
 def kept_range(keep: torch.Tensor) -> torch.Tensor:
     """(B, 2) int32: per sample, the first kept token index and one past the last (L and 0 when
-    none is kept).
+    none is kept). One small launch instead of a chain of PyTorch reductions.
 
     Kernels that stream the keys loop over this range only. Leading and trailing padding then
     costs nothing, and the loop body needs no "is this tile empty?" branch: Triton software-
     pipelines (prefetches) only loads that are not inside a branch of the loop body.
     """
-    length = keep.shape[1]
-    index = torch.arange(length, dtype=torch.int32, device=keep.device)
-    first = torch.where(keep, index, length).amin(dim=1)
-    last = torch.where(keep, index + 1, 0).amax(dim=1)
-    return torch.stack((first, last), dim=1).to(torch.int32).contiguous()
+    batch, length = keep.shape
+    out = torch.empty((batch, 2), dtype=torch.int32, device=keep.device)
+    keep_u8 = keep.contiguous().view(torch.uint8)
+    _kept_range_kernel[(batch,)](keep_u8, out, length, keep_u8.stride(0),
+                                 BLOCK=min(4096, triton.next_power_of_2(length)))
+    return out

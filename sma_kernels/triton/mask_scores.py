@@ -19,8 +19,9 @@ atomics. Padding columns get -inf, which the selection never takes.
 Work: both passes are k_q * L * H * d multiply-adds per sample, a fraction k_q / Q of one
 attention pass; memory is the (B, H, k_q) lse buffer and the (B, L) scores.
 
-The chosen rows reach the kernels as a (B, Q) int32 table: each sample's chosen row indices in
-ascending order, then padding, with the (B,) count k_q. Logits are in base 2 (log2 e folded into the scale)
+The chosen rows reach the kernels as a (B, Q) int32 table, each sample's chosen row indices in
+ascending order, and a per-sample int32 metadata row holding k_q and the valid token range
+(written by one kernel, ``select.prepare``, together with the counts of the selection). Logits are in base 2 (log2 e folded into the scale)
 so the kernels use exp2 / log2 and no libdevice.
 """
 
@@ -30,7 +31,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision, kept_range
+from ._common import (
+    INTERPRET,
+    LOG2E,
+    META_FIRST,
+    META_FIRST_C,
+    META_LAST,
+    META_LAST_C,
+    META_ROWS,
+    META_ROWS_C,
+    META_WIDTH,
+    META_WIDTH_C,
+    autotune,
+    block_dim,
+    dot_precision,
+    kept_range,
+)
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -44,7 +60,7 @@ _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}  # chosen rows are at most Q
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _chosen_row_lse_kernel(
-    Q, K, VALID, VALID_RANGE, ROWS, COUNT, LSE2,
+    Q, K, VALID, META, ROWS, LSE2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     H, NQ, NK, qk_scale,
@@ -56,7 +72,7 @@ def _chosen_row_lse_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    count = tl.load(COUNT + b)
+    count = tl.load(META + b * META_WIDTH_C + META_ROWS_C)
     if pid_r * BLOCK_M < count:  # tiles past k_q have nothing to do
         offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -73,8 +89,8 @@ def _chosen_row_lse_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         # Only the tiles from the first to the last valid token: no branch in the loop body,
         # so the K loads are prefetched (see attention.py).
-        first = tl.load(VALID_RANGE + 2 * b)
-        last = tl.load(VALID_RANGE + 2 * b + 1)
+        first = tl.load(META + b * META_WIDTH_C + META_FIRST_C)
+        last = tl.load(META + b * META_WIDTH_C + META_LAST_C)
         for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
             cols = start_n + offs_n
             valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
@@ -96,7 +112,7 @@ def _chosen_row_lse_kernel(
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _token_scores_kernel(
-    Q, K, VALID, ROWS, COUNT, LSE2, HEAD, SCORES,
+    Q, K, VALID, META, ROWS, LSE2, HEAD, SCORES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_head_b, stride_head_q,
@@ -112,7 +128,7 @@ def _token_scores_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < NK
     valid = tl.load(VALID + b * NK + cols, mask=col_ok, other=0) != 0
-    count = tl.load(COUNT + b)
+    count = tl.load(META + b * META_WIDTH_C + META_ROWS_C)
 
     acc = tl.zeros([BLOCK_N], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
@@ -150,39 +166,49 @@ def _token_scores_kernel(
     tl.store(SCORES + b * NK + cols, scores, mask=col_ok)
 
 
+def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
+                     meta: torch.Tensor, head: torch.Tensor, *, head_mix: str,
+                     scale: float) -> torch.Tensor:
+    """(B, L) fp32 token scores from the chosen-row table ``rows`` (B, Q) int32 and the
+    per-sample ``meta`` (k_q and the valid token range; see ``_common.META_*``)."""
+    batch, heads, num_q, dim = q.shape
+    num_k = k.shape[2]
+    lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
+    valid_u8 = valid.contiguous().view(torch.uint8)
+    # D is a compile-time constant: see attention.py's _common_args.
+    common = {"D": dim, "BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET,
+              "PRECISION": dot_precision(q.dtype)}
+
+    def grid_rows(meta_params):
+        return (triton.cdiv(num_q, meta_params["BLOCK_M"]), batch * heads)
+
+    def grid_tokens(meta_params):
+        return (triton.cdiv(num_k, meta_params["BLOCK_N"]), batch)
+
+    _chosen_row_lse_kernel[grid_rows](
+        q, k, valid_u8, meta, rows, lse2, *q.stride(), *k.stride(), heads, num_q, num_k,
+        scale * LOG2E, **common)
+    mix_random = head_mix == "random"
+    _token_scores_kernel[grid_tokens](
+        q, k, valid_u8, meta, rows, lse2, head, scores, *q.stride(), *k.stride(), *head.stride(),
+        heads, num_q, num_k, scale * LOG2E, 1.0 if mix_random else 1.0 / heads,
+        MIX_RANDOM=mix_random, **common)
+    return scores
+
+
 def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
                  head: torch.Tensor, *, head_mix: str, scale: float) -> torch.Tensor:
     """(B, L) fp32: :func:`sma_kernels.reference.token_scores` (same arguments) in two passes.
 
     ``chosen`` (B, Q) bool marks the rows to sum, ``head`` (B, Q) int32 is the plan's head per
-    row. q and k are fp16, bf16 or fp32.
+    row. q and k are fp16, bf16 or fp32. (The fused mask gets the row table from one kernel,
+    ``select.prepare``; this builds it with PyTorch.)
     """
-    batch, heads, num_q, dim = q.shape
-    num_k = k.shape[2]
-    valid_u8 = valid.contiguous().view(torch.uint8)
-    # Each sample's chosen row indices in ascending order, then padding (index Q): the kernels
-    # read the first `count` entries. O(B*Q) and no host sync.
+    num_q = chosen.shape[1]
     index = torch.arange(num_q, dtype=torch.int32, device=q.device)
     rows = torch.where(chosen, index, num_q).sort(dim=1).values.to(torch.int32)
-    count = chosen.sum(dim=1, dtype=torch.int32)
-    lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
-    scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
-    # D is a compile-time constant: see attention.py's _common_args.
-    common = {"D": dim, "BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET,
-              "PRECISION": dot_precision(q.dtype)}
-
-    def grid_rows(meta):
-        return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
-
-    def grid_tokens(meta):
-        return (triton.cdiv(num_k, meta["BLOCK_N"]), batch)
-
-    _chosen_row_lse_kernel[grid_rows](
-        q, k, valid_u8, kept_range(valid), rows, count, lse2, *q.stride(), *k.stride(), heads, num_q, num_k,
-        scale * LOG2E, **common)
-    mix_random = head_mix == "random"
-    _token_scores_kernel[grid_tokens](
-        q, k, valid_u8, rows, count, lse2, head, scores, *q.stride(), *k.stride(), *head.stride(),
-        heads, num_q, num_k, scale * LOG2E, 1.0 if mix_random else 1.0 / heads,
-        MIX_RANDOM=mix_random, **common)
-    return scores
+    meta = torch.zeros((chosen.shape[0], META_WIDTH), dtype=torch.int32, device=q.device)
+    meta[:, META_ROWS] = chosen.sum(dim=1)
+    meta[:, META_FIRST:META_LAST + 1] = kept_range(valid)
+    return scores_from_rows(q, k, valid, rows, meta, head, head_mix=head_mix, scale=scale)

@@ -26,12 +26,26 @@ the output: step 3 reads the tokens steps 1-2 wrote, after a barrier.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 from ..plan import MaskCounts
-from ._common import autotune
+from ._common import (
+    INTERPRET,
+    META_FIRST_C,
+    META_LAST_C,
+    META_RANDOM,
+    META_RANDOM_C,
+    META_ROWS_C,
+    META_TOP,
+    META_TOP_C,
+    META_WIDTH,
+    META_WIDTH_C,
+    autotune,
+)
 
 _CONFIGS = [
     triton.Config({"BLOCK": bl}, num_warps=w)
@@ -41,23 +55,30 @@ _INTERPRET_CONFIG = triton.Config({"BLOCK": 4096})
 
 
 @triton.jit
-def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK, STAGE: tl.constexpr):
-    """Order-preserving int32 keys of one block, and which of its tokens may be picked."""
+def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK, STAGE: tl.constexpr,
+                HAS_FORCED: tl.constexpr):
+    """Order-preserving int32 keys of one block, and which of its entries may be picked.
+
+    STAGE 0: query rows of the pool (VALID) by smallest rank; 1: top scores among the valid, not
+    forced tokens; 2: random picks among the valid tokens not taken yet, by smallest rank.
+    """
     in_row = offs < NK
     eligible = tl.load(VALID + base + offs, mask=in_row, other=0) != 0
-    if STAGE == 1:  # top scores among the valid, not forced tokens
-        eligible = eligible & (tl.load(FORCED + base + offs, mask=in_row, other=0) == 0)
+    if STAGE == 1:
+        if HAS_FORCED:
+            eligible = eligible & (tl.load(FORCED + base + offs, mask=in_row, other=0) == 0)
         bits = tl.load(SCORES + base + offs, mask=in_row, other=0.0).to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    else:  # random picks among the valid tokens not taken yet: smallest rank = largest key
-        eligible = eligible & (tl.load(TAKEN + base + offs, mask=in_row, other=1) == 0)
+    else:  # smallest rank = largest key
+        if STAGE == 2:
+            eligible = eligible & (tl.load(TAKEN + base + offs, mask=in_row, other=1) == 0)
         key = (NK - 1) - tl.load(RANK + base + offs, mask=in_row, other=0)
     return key, eligible
 
 
 @triton.jit
 def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: tl.constexpr,
-                     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+                     HAS_FORCED: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
     """The largest int32 t with count(eligible & key >= t) >= need (need >= 1)."""
     offs = tl.arange(0, BLOCK)
     digits = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
@@ -72,7 +93,7 @@ def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: 
         counts = tl.zeros([1 << RADIX_BITS], tl.int32)
         for start in range(0, NK, BLOCK):
             key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, start + offs,
-                                        NK, STAGE)
+                                        NK, STAGE, HAS_FORCED)
             hit = eligible[:, None] & (key[:, None] >= cand[None, :])
             counts += tl.sum(hit.to(tl.int32), axis=0)
         # counts fall as c grows and counts[0] >= need, so the digit is #(counts >= need) - 1.
@@ -81,49 +102,163 @@ def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: 
     return lo.to(tl.int32)
 
 
+@triton.jit
+def _round_half_even(x):
+    """Round a non-negative fp64 scalar half-to-even (torch.round's rule), as int64."""
+    whole = x.to(tl.int64)  # truncation is floor for x >= 0
+    frac = x - whole.to(tl.float64)
+    up = (frac > 0.5) | ((frac == 0.5) & ((whole % 2) == 1))
+    return whole + up.to(tl.int64)
+
+
+@triton.jit
+def _prepare_kernel(VALID, POOL, QUERY_RANK, ROWS, CHOSEN, META, NQ, NK, ratio_bits,
+                    num_per_query, noise_bits, MASK_SELF: tl.constexpr, RADIX_BITS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Per sample: the counts of plan.mask_counts, the chosen rows of plan.chosen_rows (as a
+    bool row mask and as the ascending list of their indices), and the valid token range."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    n = tl.zeros((), tl.int32)
+    first = tl.zeros((), tl.int32) + NK
+    last = tl.zeros((), tl.int32)
+    for start in range(0, NK, BLOCK):
+        cols = start + offs
+        valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
+        n += tl.sum(valid.to(tl.int32), axis=0)
+        first = tl.minimum(first, tl.min(tl.where(valid, cols, NK), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(valid, cols + 1, 0), axis=0))
+    pool = tl.zeros((), tl.int32)
+    for start in range(0, NQ, BLOCK):
+        rows = start + offs
+        pool += tl.sum((tl.load(POOL + b * NQ + rows, mask=rows < NQ, other=0) != 0)
+                       .to(tl.int32), axis=0)
+
+    # plan.mask_counts, in float64 like it (the ratios arrive as their float64 bit patterns:
+    # a Python float kernel argument would be rounded to fp32).
+    ratio = (ratio_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
+    noise = (noise_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
+    n_float = n.to(tl.float64)
+    n64 = n.to(tl.int64)
+    k = tl.maximum(tl.minimum(tl.maximum(_round_half_even(n_float * ratio), 1), n64 - 1), 0)
+    k_q = tl.minimum(tl.maximum(_round_half_even(n_float * ratio / num_per_query), 1),
+                     pool.to(tl.int64))
+    forced = tl.zeros((), tl.int64)
+    if MASK_SELF:
+        k_q = tl.minimum(k_q, k)
+        forced = k_q
+    k_rand = _round_half_even((k - forced).to(tl.float64) * noise)
+
+    # plan.chosen_rows: the k_q pool rows with the smallest query rank, listed in row order.
+    t = tl.full((), 2147483647, tl.int32)  # k_q = 0: no key reaches it
+    if k_q > 0:
+        t = _kth_largest_key(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, NQ, k_q, 0, False,
+                             BLOCK, RADIX_BITS)
+    listed = tl.zeros((), tl.int32)
+    for start in range(0, NQ, BLOCK):
+        rows = start + offs
+        key, eligible = _block_keys(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, rows, NQ, 0,
+                                    False)
+        chosen = eligible & (key >= t)
+        position = listed + tl.cumsum(chosen.to(tl.int32), axis=0) - chosen.to(tl.int32)
+        tl.store(ROWS + b * NQ + position, rows, mask=chosen)
+        tl.store(CHOSEN + b * NQ + rows, chosen.to(tl.uint8), mask=rows < NQ)
+        listed += tl.sum(chosen.to(tl.int32), axis=0)
+
+    meta = META + b * META_WIDTH_C
+    tl.store(meta + META_ROWS_C, k_q.to(tl.int32))
+    tl.store(meta + META_TOP_C, (k - forced - k_rand).to(tl.int32))
+    tl.store(meta + META_RANDOM_C, k_rand.to(tl.int32))
+    tl.store(meta + META_FIRST_C, first)
+    tl.store(meta + META_LAST_C, last)
+
+
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NK"], bounds={"BLOCK": "NK"})
 @triton.jit
-def _select_kernel(SCORES, VALID, FORCED, RANK, NUM_TOP, NUM_RANDOM, OUT, NK,
+def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, HAS_FORCED: tl.constexpr,
                    RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * NK
     offs = tl.arange(0, BLOCK)
 
     # Steps 1-2: forced tokens and the top scores.
-    num_top = tl.load(NUM_TOP + b)
+    num_top = tl.load(META + b * META_WIDTH_C + META_TOP_C)
     t = tl.full((), 2147483647, tl.int32)  # with num_top = 0 nothing is taken (ties = 0)
     if num_top > 0:
-        t = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_top, 1, BLOCK,
-                             RADIX_BITS)
-    above = 0
+        t = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_top, 1, HAS_FORCED,
+                             BLOCK, RADIX_BITS)
+    above = tl.zeros((), tl.int32)
     for start in range(0, NK, BLOCK):
-        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, start + offs, NK, 1)
+        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, start + offs, NK, 1,
+                                    HAS_FORCED)
         above += tl.sum((eligible & (key > t)).to(tl.int32), axis=0)
     ties = num_top - above  # how many of the keys equal to t are taken, lowest index first
-    ties_before = 0
+    ties_before = tl.zeros((), tl.int32)
     for start in range(0, NK, BLOCK):
         cols = start + offs
-        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 1)
+        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 1,
+                                    HAS_FORCED)
         tie = (eligible & (key == t)).to(tl.int32)
         tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count
         take = eligible & ((key > t) | ((tie != 0) & (tie_rank < ties)))
-        take = take | (tl.load(FORCED + base + cols, mask=cols < NK, other=0) != 0)
+        if HAS_FORCED:
+            take = take | (tl.load(FORCED + base + cols, mask=cols < NK, other=0) != 0)
         tl.store(OUT + base + cols, take.to(tl.uint8), mask=cols < NK)
         ties_before += tl.sum(tie, axis=0)
 
     # Step 3 reads what every thread of this program wrote above.
     tl.debug_barrier()
-    num_random = tl.load(NUM_RANDOM + b)
+    num_random = tl.load(META + b * META_WIDTH_C + META_RANDOM_C)
     if num_random > 0:
         t_rand = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_random, 2,
-                                  BLOCK, RADIX_BITS)
+                                  HAS_FORCED, BLOCK, RADIX_BITS)
         for start in range(0, NK, BLOCK):
             cols = start + offs
-            key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 2)
+            key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 2,
+                                        HAS_FORCED)
             # Ranks are distinct: exactly num_random keys reach the threshold. Only free tokens
             # are written, so no block reads a value another block of this sweep changed.
             tl.store(OUT + base + cols, tl.full([BLOCK], 1, tl.uint8),
                      mask=(cols < NK) & eligible & (key >= t_rand))
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Tensor, *,
+            ratio: float, num_per_query: int, mask_self: bool,
+            noise: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch for :func:`sma_kernels.plan.mask_counts` and :func:`~sma_kernels.plan.chosen_rows`.
+
+    Returns ``rows`` (B, Q) int32 (each sample's chosen row indices in ascending order; entries
+    past k_q are unspecified), ``chosen`` (B, Q) bool and the (B, META_WIDTH) int32 metadata.
+    """
+    batch, num_k = valid.shape
+    num_q = query_pool.shape[1]
+    rows = torch.empty((batch, num_q), dtype=torch.int32, device=valid.device)
+    chosen = torch.empty((batch, num_q), dtype=torch.bool, device=valid.device)
+    meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=valid.device)
+    block = min(4096 if INTERPRET else 1024, triton.next_power_of_2(max(num_q, num_k)))
+    _prepare_kernel[(batch,)](
+        valid.contiguous().view(torch.uint8), query_pool.contiguous().view(torch.uint8),
+        query_rank.contiguous(), rows, chosen.view(torch.uint8), meta, num_q, num_k,
+        _float_bits(ratio), num_per_query, _float_bits(noise), MASK_SELF=mask_self, RADIX_BITS=4,
+        BLOCK=block, num_warps=4)
+    return rows, chosen, meta
+
+
+def select_with_meta(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None,
+                     meta: torch.Tensor, token_rank: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask from the scores; counts from ``meta`` (see :func:`prepare`)."""
+    batch, num_k = scores.shape
+    out = torch.empty((batch, num_k), dtype=torch.bool, device=scores.device)
+    valid_u8 = valid.contiguous().view(torch.uint8)
+    forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
+    _select_kernel[(batch,)](
+        scores.contiguous(), valid_u8, forced_u8, token_rank.contiguous(), meta,
+        out.view(torch.uint8), num_k, HAS_FORCED=forced is not None, RADIX_BITS=4)
+    return out
 
 
 def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor,
@@ -133,11 +268,7 @@ def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tenso
     ``forced`` (B, L) bool is always masked; ``counts`` gives each sample's ``num_top`` and
     ``num_random``; ``token_rank`` (B, L) int32 is the plan's random order.
     """
-    batch, num_k = scores.shape
-    out = torch.empty((batch, num_k), dtype=torch.bool, device=scores.device)
-    _select_kernel[(batch,)](
-        scores.float().contiguous(), valid.contiguous().view(torch.uint8),
-        forced.contiguous().view(torch.uint8), token_rank.to(torch.int32).contiguous(),
-        counts.num_top.to(torch.int32).contiguous(), counts.num_random.to(torch.int32).contiguous(),
-        out.view(torch.uint8), num_k, RADIX_BITS=4)
-    return out
+    meta = torch.zeros((scores.shape[0], META_WIDTH), dtype=torch.int32, device=scores.device)
+    meta[:, META_TOP] = counts.num_top
+    meta[:, META_RANDOM] = counts.num_random
+    return select_with_meta(scores.float(), valid, forced, meta, token_rank.to(torch.int32))
