@@ -242,12 +242,13 @@ def test_gpu_peak_memory_has_no_attention_matrix():
 
     out, forward = peak_extra(lambda: sk.self_guided_attention(q, k, v, valid, **kwargs)[0])
     _, backward = peak_extra(lambda: out.sum().backward())
-    # Forward: the output, its lse and O(B*L) plan, scores and masks.
+    # Forward: the output, its lse and O(B*L) plan (argsort temporaries included), scores and
+    # masks; generous constants, still far below one (B, H, Q, L) tensor.
     out_bytes = out.numel() * element
-    forward_bound = out_bytes + 16 * batch * heads * num_q + 64 * batch * length + (1 << 20)
+    forward_bound = out_bytes + 16 * batch * heads * num_q + 128 * batch * length + (4 << 20)
     # Backward: dq, dk, dv, plus output-sized temporaries (the incoming gradient, fp32 delta).
     grad_bytes = (q.numel() + k.numel() + v.numel()) * element
-    backward_bound = grad_bytes + 5 * out.numel() * 4 + (1 << 20)
+    backward_bound = grad_bytes + 5 * out.numel() * 4 + (4 << 20)
     assert forward < min(forward_bound, attention_matrix / 8), f"forward extra {forward} B"
     assert backward < min(backward_bound, grad_bytes + attention_matrix / 8), \
         f"backward extra {backward} B"
