@@ -30,7 +30,7 @@ import sma_kernels
 
 from . import measure
 from .cases import Inputs
-from .providers import Provider, PublishedEager, SmaBackend
+from .providers import Provider, PublishedEager, SmaBackend, Vectorized
 
 _MOLECULES = {"ratio": 0.3, "num_per_query": 3, "head_mix": "random", "mask_self": True}
 _PROTEINS = {"ratio": 0.15, "num_per_query": 4, "head_mix": "mean", "mask_self": False}
@@ -133,7 +133,8 @@ def run(device: torch.device, *, min_run_time: float, log: Callable[[str], None]
         log(f"end-to-end skipped: {reason}")
         return {"status": "skipped", "reason": reason}
     if providers is None:
-        providers = [PublishedEager()] + [SmaBackend(name) for name in sma_kernels.backends()]
+        providers = [PublishedEager(), Vectorized()] + [
+            SmaBackend(name) for name in sma_kernels.backends() if name != "reference"]
     record: dict[str, Any] = {"status": "ok", "reason": None, "settings": []}
     for setting in settings(device.type, tiny):
         config = model_module.ModelConfig(**setting["model"])

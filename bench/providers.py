@@ -13,8 +13,9 @@ Masking providers are checked against the reference mask before they are timed (
   and the counts of :func:`sma_kernels.plan.mask_counts`, so its mask equals the reference's.
   Its logits are fp32 (the published code computes them in the model dtype, then copies them to
   fp32 for the softmax) so that half-precision runs can be checked too.
-* ``vectorized``: ``sma_kernels`` with ``backend="reference"``, the same math without the loop.
-* ``compiled``: ``torch.compile`` of that reference math (mask, then attention).
+* ``vectorized``: the mask of ``sma_kernels`` with ``backend="reference"`` (the same math
+  without the loop), then masked SDPA (DESIGN.md section 9).
+* ``compiled``: ``torch.compile`` of that (the reference mask math, then masked SDPA).
 * ``flex``: the FlexAttention route of DESIGN.md section 9, below.
 * ``sma:<name>``: each sma-kernels backend that ``sma_kernels.backends()`` reports available.
 
@@ -144,16 +145,32 @@ class PublishedEager(Provider):
         return _masked_sdpa(q, k, v, x.valid & ~mask, x.options["scale"]), mask
 
 
+class Vectorized(Provider):
+    """The reference mask (``backend="reference"``: no loop), then masked SDPA. The reference's
+    own attention is an fp32 oracle that materializes (B, H, Q, L); SDPA is what a user would
+    call, so this is the stronger baseline."""
+
+    name = "vectorized"
+
+    def mask(self, x):
+        return sma_kernels.self_guided_mask(x.q, x.k, x.valid, query_valid=x.query_pool, plan=x.plan,
+                                            backend="reference", **x.options)
+
+    def forward(self, x, q, k, v):
+        with torch.no_grad():
+            mask = self.mask(x)
+        return _masked_sdpa(q, k, v, x.valid & ~mask, x.options["scale"]), mask
+
+
 class SmaBackend(Provider):
-    """A backend of the public API: ``vectorized`` is ``backend="reference"``."""
+    """An sma-kernels backend through the public op ``self_guided_attention(backend=...)``."""
+
+    kind = "sma-kernels"
 
     def __init__(self, backend: str, *, allow_interpreter: bool = False) -> None:
         self.backend = backend
         self.allow_interpreter = allow_interpreter
-        if backend == "reference":
-            self.name = "vectorized"
-        else:
-            self.name, self.kind = f"sma:{backend}", "sma-kernels"
+        self.name = f"sma:{backend}"
 
     def unavailable(self, device):
         info = sma_kernels.backends()[self.backend]
@@ -167,9 +184,9 @@ class SmaBackend(Provider):
         return None
 
     def dense(self, device):
-        # The compiled backends never build (B, H, Q, L) on a GPU; on the CPU the attention
-        # itself may still be the reference math.
-        return self.backend == "reference" or device.type == "cpu"
+        # The GPU backends never build (B, H, Q, L); on the CPU the attention itself may be the
+        # reference math.
+        return device.type == "cpu"
 
     def _kwargs(self, x: Inputs) -> dict[str, Any]:
         return {"query_valid": x.query_pool, "plan": x.plan, "backend": self.backend, **x.options}
@@ -182,7 +199,7 @@ class SmaBackend(Provider):
 
 
 class Compiled(Provider):
-    """``torch.compile`` of the reference math (whole graph, static shapes), fresh per case."""
+    """``torch.compile`` of :class:`Vectorized` (whole graph, static shapes), fresh per case."""
 
     name = "compiled"
 
@@ -198,8 +215,7 @@ class Compiled(Provider):
 
         def forward_fn(q, k, v, valid, query_pool, query_rank, head, token_rank):
             mask = mask_fn(q, k, valid, query_pool, query_rank, head, token_rank)
-            out, _ = reference.attention_forward(q, k, v, valid & ~mask, scale=options["scale"])
-            return out, mask
+            return _masked_sdpa(q, k, v, valid & ~mask, options["scale"]), mask
 
         # A reset per case keeps earlier shapes from filling dynamo's recompile limit.
         torch._dynamo.reset()
@@ -314,7 +330,7 @@ class Flex(Provider):
 def default_providers() -> list[Provider]:
     """The floors, the eager baselines, every sma-kernels backend the public API knows of, then
     the routes that compile (last: under a time limit they are the ones left out)."""
-    return [Sdpa(padding=False), Sdpa(padding=True), PublishedEager(), SmaBackend("reference"),
+    return [Sdpa(padding=False), Sdpa(padding=True), PublishedEager(), Vectorized(),
             *(SmaBackend(name) for name in sma_kernels.backends() if name != "reference"),
             Compiled(), Flex()]
 

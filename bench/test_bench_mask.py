@@ -14,12 +14,12 @@ import torch
 
 import sma_kernels
 from bench.cases import make_inputs, workloads
-from bench.providers import Flex, PublishedEager, SmaBackend, check_mask, reference_scores
+from bench.providers import Flex, PublishedEager, SmaBackend, Vectorized, check_mask, reference_scores
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 CASES = workloads(DEVICE.type, full=False)
-PROVIDERS = [PublishedEager(), SmaBackend("reference"), Flex()] + [
+PROVIDERS = [PublishedEager(), Vectorized(), Flex()] + [
     SmaBackend(name) for name in sma_kernels.backends() if name != "reference"]
 
 

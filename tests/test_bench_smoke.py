@@ -18,6 +18,7 @@ from bench.providers import (
     Flex,
     PublishedEager,
     SmaBackend,
+    Vectorized,
     check_mask,
     check_output,
     reference_scores,
@@ -138,7 +139,7 @@ class FlipsOneToken(PublishedEager):
 
 
 def test_wrong_provider_fails_the_benchmark():
-    result = suite.run_suite([CASES["proteins"]], [SmaBackend("reference"), FlipsOneToken()], CPU,
+    result = suite.run_suite([CASES["proteins"]], [Vectorized(), FlipsOneToken()], CPU,
                              torch.float32, min_run_time=0.002, compile_budget=0, dense_budget_gb=1)
     record = result["cases"][0]["providers"]["wrong"]
     assert record["status"] == "failed" and "not a near-tie" in record["reason"]
@@ -163,7 +164,7 @@ def test_check_mask_accepts_only_near_ties():
 
 
 def test_validate_rejects_broken_json(tmp_path):
-    result = suite.run_suite([CASES["higgs"]], [SmaBackend("reference")], CPU, torch.float32,
+    result = suite.run_suite([CASES["higgs"]], [Vectorized()], CPU, torch.float32,
                              min_run_time=0.002, compile_budget=0, dense_budget_gb=1)
     result["end_to_end"] = {"status": "skipped", "reason": "not part of this test"}
     suite.validate(result)
@@ -189,7 +190,7 @@ def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from bench import plots
     sweep = replace(CASES["pixels"], name="L=300", group="sweep-L", backward=False)
-    result = suite.run_suite([CASES["higgs"], sweep], [PublishedEager(), SmaBackend("reference")], CPU,
+    result = suite.run_suite([CASES["higgs"], sweep], [PublishedEager(), Vectorized()], CPU,
                              torch.float32, min_run_time=0.002, compile_budget=0, dense_budget_gb=1)
     written = plots.make_plots(result, tmp_path / "run")
     assert sorted(path.name for path in written) == ["run-speedup.png", "run-time-vs-L.png"]
@@ -198,7 +199,7 @@ def test_plots_are_written(tmp_path):
 
 def test_end_to_end_training_step():
     record = e2e.run(CPU, min_run_time=0.002, log=lambda line: None, tiny=True,
-                     providers=[PublishedEager(), SmaBackend("reference")])
+                     providers=[PublishedEager(), Vectorized()])
     if record["status"] == "skipped":
         pytest.skip(record["reason"])
     for setting in record["settings"]:
