@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 # Triton reads the variable when a kernel is decorated, so this must match import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,9 +47,14 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
                        for block, size in bounds.items())
         return [config for config in configs if fits(config)]
 
+    def bench(fn, quantiles):
+        # Triton's default (25 ms warm-up, 100 ms of repeats per config) makes the first call
+        # of every new shape take seconds; a fifth of it still ranks these configs.
+        return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
     smallest = {block: min(config.kwargs[block] for config in configs) for block in bounds}
     return triton.autotune(configs=list(configs), key=key,
-                           prune_configs_by={"early_config_prune": prune})
+                           prune_configs_by={"early_config_prune": prune}, do_bench=bench)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
