@@ -18,6 +18,11 @@ One program per sample builds its (L,) mask in three steps, in the reference's o
    ``token_rank``. Ranks are distinct, so the same search on key = L - 1 - rank finds the
    threshold and needs no tie rule.
 
+The same search picks the chosen query rows in ``_prepare_kernel``, the first launch of the fused
+mask: per sample it computes the counts of :func:`sma_kernels.plan.mask_counts` (in float64,
+rounding half-to-even, exactly as the plan does), takes the k_q pool rows with the smallest
+query rank (key = Q - 1 - rank) and lists them in row order for the score kernels.
+
 Rows longer than BLOCK are swept block by block, so any L works (L = 36,864 is the pixel
 workload); each sweep re-reads the row from global memory (L2-resident at these sizes), and the
 running state is a few scalars, so memory stays O(L) per sample. The mask is built in place in
