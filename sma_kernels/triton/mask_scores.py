@@ -7,7 +7,7 @@ the softmax runs over the token axis, so every chosen row needs its full log-sum
 of its probabilities is known. Two passes, as in the FlashAttention forward:
 
 Pass 1 (one program per (chosen-row tile, sample, head)) gathers BLOCK_M chosen query rows,
-streams the valid keys in BLOCK_N tiles with a running maximum m and running sum
+streams the keys in BLOCK_N tiles with a running maximum m and running sum
 l = sum exp(S - m), and writes lse = m + log(l) per (sample, head, chosen row). No V, no output.
 
 Pass 2 (one program per (sample, token tile)) recomputes S for its BLOCK_N token columns against
@@ -21,8 +21,10 @@ attention pass; memory is the (B, H, k_q) lse buffer and the (B, L) scores.
 
 The chosen rows reach the kernels as a (B, Q) int32 table, each sample's chosen row indices in
 ascending order, and a per-sample int32 metadata row holding k_q and the valid token range
-(written by one kernel, ``select.prepare``, together with the counts of the selection). Logits are in base 2 (log2 e folded into the scale)
-so the kernels use exp2 / log2 and no libdevice.
+(written by one kernel, ``select.prepare``, together with the counts of the selection). Logits
+are in base 2 (log2 e folded into the scale), so the kernels use exp2 / log2 and no libdevice.
+Pass 1 streams keys only between the sample's first and last valid token, with no branch in the
+loop body, so its K loads are software-pipelined (see attention.py).
 """
 
 from __future__ import annotations
