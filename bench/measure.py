@@ -28,7 +28,9 @@ from torch.utils import benchmark
 
 import sma_kernels
 
-TIMING_METHOD = {"cpu": "torch.utils.benchmark.Timer.blocked_autorange, median, after one warm-up call",
+MIN_REPEATS = 3  # timed blocks on the CPU, at least
+TIMING_METHOD = {"cpu": "torch.utils.benchmark.Timer.blocked_autorange (at least 3 blocks), median, "
+                        "after one warm-up call",
                  "cuda": "CUDA events around each call (synchronized), median, after 3 warm-up calls"}
 MEMORY_METHOD = {"cpu": "torch.profiler allocation events of the CPU allocator: peak of bytes "
                         "allocated minus freed during one call (outputs included)",
@@ -61,6 +63,10 @@ def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) 
     fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    # Calls longer than min_run_time get a single block: add single runs up to MIN_REPEATS,
+    # so that one disturbed run is not the median.
+    while len(measurement.times) < MIN_REPEATS:
+        measurement = benchmark.Measurement.merge([measurement, timer.timeit(number=1)])[0]
     # min_ms next to the median: on a shared machine the minimum is the least disturbed run.
     return {"median_ms": measurement.median * 1e3, "iqr_ms": measurement.iqr * 1e3,
             "min_ms": min(measurement.times) * 1e3,
