@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh            # results in bench/results/
 #   OUT=/some/dir bash bench/gpu_check.sh
+#   SMA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh   # names the commit when the copy has no .git
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
 # 2. runs the GPU tests (pytest -k "triton or cuda or gpu"),

@@ -162,7 +162,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "triton": triton_version,
                      "python": platform.python_version(), "sma_kernels": sma_kernels.__version__,
                      "cuda": torch.version.cuda},
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": _dirty()},
+        # A copy of the tree without .git (a remote GPU host) can name its commit in the env.
+        "git": {"commit": _git("rev-parse", "HEAD") or os.environ.get("SMA_KERNELS_COMMIT"),
+                "dirty": _dirty()},
         "backends": sma_kernels.backends(),
     }
     if device.type == "cuda":
