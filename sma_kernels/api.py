@@ -34,6 +34,8 @@ class Backend(NamedTuple):
     self_guided_mask: Callable[..., torch.Tensor]
     attention_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     attention_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # self_guided_attention attends with PyTorch's SDPA instead of the masked_attention op.
+    uses_sdpa: bool = False
 
 
 def _load_backends() -> tuple[dict[str, Backend], dict[str, str]]:
@@ -43,8 +45,9 @@ def _load_backends() -> tuple[dict[str, Backend], dict[str, str]]:
     missing: dict[str, str] = {}
     from . import cpu
     if cpu.UNAVAILABLE is None:
+        # The mask is the fused kernel; PyTorch's fused CPU attention applies it.
         loaded["cpp"] = Backend("cpu", cpu.self_guided_mask, reference.attention_forward,
-                                reference.attention_backward)
+                                reference.attention_backward, uses_sdpa=True)
     else:
         missing["cpp"] = cpu.UNAVAILABLE
     from . import triton as triton_backend
@@ -358,7 +361,10 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask = _mask_op(q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
                     call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale,
                     call.backend)
-    out, _ = _attention_op(q, k, v, call.valid & ~mask, call.scale, call.backend)
+    keep = call.valid & ~mask
+    if _BACKENDS[call.backend].uses_sdpa:
+        return reference.sdpa_attention(q, k, v, keep, scale=call.scale), mask
+    out, _ = _attention_op(q, k, v, keep, call.scale, call.backend)
     return out, mask
 
 
