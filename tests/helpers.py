@@ -70,3 +70,25 @@ def assert_masks_match(mask: torch.Tensor, ref_mask: torch.Tensor, q: torch.Tens
         else:
             raise AssertionError(f"{where} differ beyond near-ties: score at the cut {float(cut):.9g}, "
                                  f"near-tied tokens {tied}")
+
+
+def padded_valid(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, L) bool cycling through padding layouts: none, right, left, a middle hole, one valid
+    token, no valid token, random; so every case covers each layout."""
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        kind = b % 7
+        if kind == 1:
+            valid[b, length * 2 // 3:] = False
+        elif kind == 2:
+            valid[b, : length // 2] = False
+        elif kind == 3:
+            valid[b, length // 4: length * 3 // 4] = False
+        elif kind == 4:
+            valid[b] = False
+            valid[b, length // 3] = True
+        elif kind == 5:
+            valid[b] = False
+        elif kind == 6:
+            valid[b] = torch.rand(length, generator=generator) < 0.6
+    return valid

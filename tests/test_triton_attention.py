@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import padded_valid
 
 import sma_kernels as sk
 from sma_kernels import reference
@@ -26,26 +27,6 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # The tiny atol of the rule, per dtype, relative to the largest value compared: a few roundings
 # (the kernel's and PyTorch's summation orders differ, and PyTorch is sometimes lucky).
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def keep_patterns(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, L) bool cycling through: random drops, right padding, left padding, a hole in the
-    middle, a single kept key, no kept key at all."""
-    keep = torch.rand(batch, length, generator=generator) < 0.7
-    for b in range(batch):
-        kind = b % 6
-        if kind == 1:
-            keep[b, length * 2 // 3:] = False
-        elif kind == 2:
-            keep[b, : length // 2] = False
-        elif kind == 3:
-            keep[b, length // 4: length * 3 // 4] = False
-        elif kind == 4:
-            keep[b] = False
-            keep[b, length - 1] = True
-        elif kind == 5:
-            keep[b] = False
-    return keep
 
 
 def plain_attention(q, k, v, keep, scale):
@@ -64,7 +45,7 @@ def check_attention(batch, heads, num_q, length, dim, dim_v, dtype, seed, keep=N
     q, k = (torch.randn(batch, heads, n, dim, generator=g) for n in (num_q, length))
     v = torch.randn(batch, heads, length, dim_v, generator=g)
     if keep is None:
-        keep = keep_patterns(batch, length, g)
+        keep = padded_valid(batch, length, g)
     grad_out = torch.randn(batch, heads, num_q, dim_v, generator=g)
     q, k, v, grad_out = (x.to(DEVICE, dtype) for x in (q, k, v, grad_out))
     keep = keep.to(DEVICE)
@@ -121,7 +102,7 @@ def test_attention_strided_inputs():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, n, 3, 16, generator=g).to(DEVICE).transpose(1, 2)
                for n in (7, 33, 33))
-    keep = keep_patterns(2, 33, g).to(DEVICE)
+    keep = padded_valid(2, 33, g).to(DEVICE)
     out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.25)
     want, want_lse = triton_backend.attention_forward(q.contiguous(), k.contiguous(),
                                                       v.contiguous(), keep, scale=0.25)
@@ -182,7 +163,7 @@ WORKLOADS = {
 def test_gpu_workload_attention_bf16(name):
     batch, heads, num_q, length, dim, dim_v = WORKLOADS[name]
     g = torch.Generator().manual_seed(0)
-    keep = keep_patterns(batch, length, g)
+    keep = padded_valid(batch, length, g)
     keep[0] = torch.rand(length, generator=g) < 0.8  # the first sample is always a realistic one
     check_attention(batch, heads, num_q, length, dim, dim_v, torch.bfloat16, seed=1, keep=keep)
 

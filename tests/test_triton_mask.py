@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_masks_match
+from helpers import assert_masks_match, padded_valid
 
 import sma_kernels as sk
 from sma_kernels import reference
@@ -26,28 +26,6 @@ from sma_kernels.triton.select import prepare, select_tokens
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-
-
-def padded_valid(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, L) bool cycling through padding layouts: none, right, left, a middle hole, one valid
-    token, no valid token, random; so every case covers each layout."""
-    valid = torch.ones(batch, length, dtype=torch.bool)
-    for b in range(batch):
-        kind = b % 7
-        if kind == 1:
-            valid[b, length * 2 // 3:] = False
-        elif kind == 2:
-            valid[b, : length // 2] = False
-        elif kind == 3:
-            valid[b, length // 4: length * 3 // 4] = False
-        elif kind == 4:
-            valid[b] = False
-            valid[b, length // 3] = True
-        elif kind == 5:
-            valid[b] = False
-        elif kind == 6:
-            valid[b] = torch.rand(length, generator=generator) < 0.6
-    return valid
 
 
 def make_inputs(batch, heads, num_q, length, dim, dtype, seed, *, zero_q=False):
