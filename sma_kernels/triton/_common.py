@@ -5,6 +5,8 @@ things differ there and are decided here once:
 
 * Autotuning would time each config in the interpreter, which is slow and meaningless, so
   :func:`autotune` keeps a single fixed config (large blocks: fewer, bigger NumPy steps).
+  ``SMA_KERNELS_AUTOTUNE=0`` does the same on a GPU with each kernel's first config: one
+  compilation per kernel variant instead of one per config, for test runs on a fresh machine.
 * The interpreter's ``tl.dot`` computes wrong results for bf16 operands, so the kernels take a
   ``DOT_F32`` constexpr that casts dot operands to fp32 under the interpreter only; on a GPU the
   dots stay in the input dtype (tensor cores, fp32 accumulation).
@@ -23,6 +25,7 @@ import triton.testing
 
 # Triton reads the variable when a kernel is decorated, so this must match import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("SMA_KERNELS_AUTOTUNE", "1") != "0"
 
 # Kernels use exp2/log2 (one MUFU instruction each) with log2(e) folded into the logit scale,
 # instead of exp/log: same result up to rounding, fewer instructions, no libdevice.
@@ -31,7 +34,8 @@ LOG2E = math.log2(math.e)
 
 def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str],
              bounds: dict[str, str]):
-    """``triton.autotune`` on a GPU; under the interpreter, one fixed config and no timing.
+    """``triton.autotune`` on a GPU; under the interpreter (or ``SMA_KERNELS_AUTOTUNE=0``), one
+    fixed config and no timing.
 
     ``bounds`` maps a block-size meta-parameter to the kernel argument that bounds it (say
     ``{"BLOCK_N": "NK"}``): configs whose block exceeds the next power of two of that size are
@@ -39,6 +43,8 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
     """
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=[])
+    if not AUTOTUNE:
+        return triton.autotune(configs=[configs[0]], key=[])
 
     def prune(configs, named_args, **_):
         def fits(config):
