@@ -83,7 +83,27 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
     head = torch.randint(num_heads, (batch_size, num_queries), generator=generator,
                          device=gen_device).to(device=device, dtype=torch.int32)
     token_rank = _random_permutations(batch_size, num_tokens, generator, device)
-    return MaskPlan(query_rank, head, token_rank)
+    return mark_checked(MaskPlan(query_rank, head, token_rank), (num_queries, num_heads, num_tokens))
+
+
+# A plan's entries index into q, k and the heads inside the kernels, so the API checks their
+# ranges. Reading them back costs a device sync per call; a plan whose tensors are unchanged
+# since they were made here or last checked (same autograd version counter), against the same
+# bounds, is not read again.
+_CHECKED = "_sma_kernels_checked"
+
+
+def mark_checked(plan: MaskPlan, bounds: tuple[int, int, int]) -> MaskPlan:
+    """Record that the entries of each plan tensor lie in [0, bound) at their current version."""
+    for tensor, bound in zip(plan, bounds):
+        setattr(tensor, _CHECKED, (tensor._version, bound))
+    return plan
+
+
+def is_checked(plan: MaskPlan, bounds: tuple[int, int, int]) -> bool:
+    """True when every plan tensor was checked against ``bounds`` and not modified since."""
+    return all(getattr(tensor, _CHECKED, None) == (tensor._version, bound)
+               for tensor, bound in zip(plan, bounds))
 
 
 def round_half_even(x: torch.Tensor) -> torch.Tensor:

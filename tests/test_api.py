@@ -68,6 +68,21 @@ def test_bad_arguments_name_the_argument(overrides, error, name):
         call_mask(**overrides)
 
 
+def test_plan_modified_in_place_is_checked_again():
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(0))
+    call_mask(plan=plan)  # a fresh plan passes without reading its values back
+    plan.head.fill_(H)
+    with pytest.raises(ValueError, match="plan.head"):
+        call_mask(plan=plan)
+
+
+def test_plan_for_more_heads_is_refused():
+    plan = sk.make_plan(B, Q, L, 8, generator=torch.Generator().manual_seed(0))
+    assert int(plan.head.max()) >= H  # valid for 8 heads, out of range for these inputs' 2
+    with pytest.raises(ValueError, match="plan.head"):
+        call_mask(plan=plan)
+
+
 def test_bad_v_names_v():
     q, k, v = inputs()
     for bad, error in ((v[:, :, :-1], ValueError), (v.double(), TypeError), (v[0], ValueError),
