@@ -1,12 +1,21 @@
-"""Without a CUDA GPU, run the Triton backend in Triton's interpreter on CPU tensors.
+"""Test-session set-up.
 
-Triton reads TRITON_INTERPRET when a kernel is defined, so it is set here, before any test
-module imports sma_kernels. On a GPU machine the variable is left alone and the kernels compile.
+Without a CUDA GPU, the Triton backend runs in Triton's interpreter on CPU tensors. Triton reads
+TRITON_INTERPRET when a kernel is defined, so it is set here, before any test module imports
+sma_kernels. On a GPU machine the variable is left alone and the kernels compile.
+
+Under CI (CI=true) hypothesis draws the same examples on every run, so a red CI always
+reproduces; locally it keeps exploring new ones.
 """
 
 import os
 
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
