@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from sma_kernels import api, reference
@@ -92,3 +93,17 @@ def padded_valid(batch: int, length: int, generator: torch.Generator) -> torch.T
         elif kind == 6:
             valid[b] = torch.rand(length, generator=generator) < 0.6
     return valid
+
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def import_triton_backend():
+    """The Triton backend module; skips the calling test module, with the reason, when it is
+    unavailable here."""
+    backend = pytest.importorskip("sma_kernels.triton")
+    if backend.UNAVAILABLE is not None:
+        pytest.skip(f"Triton backend unavailable: {backend.UNAVAILABLE}", allow_module_level=True)
+    return backend

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import padded_valid
+from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu, padded_valid
 
 import sma_kernels as sk
 from sma_kernels import reference
 
-triton_backend = pytest.importorskip("sma_kernels.triton")
-if triton_backend.UNAVAILABLE is not None:
-    pytest.skip(f"Triton backend unavailable: {triton_backend.UNAVAILABLE}", allow_module_level=True)
+triton_backend = import_triton_backend()
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # The tiny atol of the rule, per dtype, relative to the largest value compared: a few roundings
 # (the kernel's and PyTorch's summation orders differ, and PyTorch is sometimes lucky).

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_masks_match, padded_valid
+from helpers import DEVICE, assert_masks_match, import_triton_backend, needs_gpu, padded_valid
 
 import sma_kernels as sk
 from sma_kernels import reference
 from sma_kernels.plan import chosen_rows, mask_counts
 
-triton_backend = pytest.importorskip("sma_kernels.triton")
-if triton_backend.UNAVAILABLE is not None:
-    pytest.skip(f"Triton backend unavailable: {triton_backend.UNAVAILABLE}", allow_module_level=True)
+import_triton_backend()
 
 from sma_kernels.triton._common import META_FIRST, META_LAST, META_RANDOM, META_ROWS, META_TOP
 from sma_kernels.triton.mask_scores import token_scores
 from sma_kernels.triton.select import prepare, select_tokens
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def make_inputs(batch, heads, num_q, length, dim, dtype, seed, *, zero_q=False):
