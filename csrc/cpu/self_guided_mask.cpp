@@ -383,6 +383,26 @@ int64_t grain(int64_t cost_per_item, int64_t work) {
   return std::max<int64_t>(1, work / std::max<int64_t>(cost_per_item, 1));
 }
 
+// plan.take_smallest for one sample: walks `rank` (checked to be a permutation of 0..n-1) in rank
+// order and calls take(i) on the first `count` indices i that eligible(i) accepts. `by_rank` is
+// scratch of n entries.
+template <typename Eligible, typename Take>
+void take_smallest_ranks(const int32_t* rank, int64_t n, int64_t count, std::vector<int32_t>& by_rank,
+                         const char* name, int64_t b, Eligible eligible, Take take) {
+  std::fill(by_rank.begin(), by_rank.end(), -1);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(rank[i] >= 0 && rank[i] < n && by_rank[rank[i]] < 0, "self_guided_mask: ", name, "[", b,
+                "] must be a permutation of 0..", n - 1);
+    by_rank[rank[i]] = static_cast<int32_t>(i);
+  }
+  for (int64_t r = 0; r < n && count > 0; ++r) {
+    if (eligible(by_rank[r])) {
+      take(by_rank[r]);
+      --count;
+    }
+  }
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid,
                   const at::Tensor& query_pool, const at::Tensor& query_rank, const at::Tensor& head,
                   const at::Tensor& token_rank, double ratio, int64_t num_per_query, bool mask_self,
@@ -462,21 +482,9 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
         }
       }
       counts[b] = sample_counts(n, pool_size, ratio, num_per_query, mask_self, noise);
-      std::fill(by_rank.begin(), by_rank.end(), -1);
-      for (int64_t i = 0; i < queries; ++i) {
-        const int32_t rank = query_rank[b * queries + i];
-        TORCH_CHECK(rank >= 0 && rank < queries && by_rank[rank] < 0, "self_guided_mask: query_rank[", b,
-                    "] must be a permutation of 0..Q-1");
-        by_rank[rank] = static_cast<int32_t>(i);
-      }
       std::fill(picked.begin(), picked.end(), 0);
-      int64_t left = counts[b].num_rows;
-      for (int64_t rank = 0; rank < queries && left > 0; ++rank) {
-        if (in_pool[by_rank[rank]]) {
-          picked[by_rank[rank]] = 1;
-          --left;
-        }
-      }
+      take_smallest_ranks(query_rank + b * queries, queries, counts[b].num_rows, by_rank, "query_rank", b,
+                          [&](int32_t i) { return in_pool[i]; }, [&](int32_t i) { picked[i] = 1; });
       int32_t* rows = chosen.data() + b * queries;
       for (int64_t i = 0, m = 0; i < queries; ++i) {
         if (picked[i]) {
@@ -593,21 +601,8 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
         }
       }
       if (c.num_random > 0) {
-        std::fill(by_rank.begin(), by_rank.end(), -1);
-        for (int64_t j = 0; j < tokens; ++j) {
-          const int32_t rank = token_rank[b * tokens + j];
-          TORCH_CHECK(rank >= 0 && rank < tokens && by_rank[rank] < 0, "self_guided_mask: token_rank[", b,
-                      "] must be a permutation of 0..L-1");
-          by_rank[rank] = static_cast<int32_t>(j);
-        }
-        int64_t left = c.num_random;
-        for (int64_t rank = 0; rank < tokens && left > 0; ++rank) {
-          const int32_t j = by_rank[rank];
-          if (ok[j] && !taken[j]) {
-            taken[j] = true;
-            --left;
-          }
-        }
+        take_smallest_ranks(token_rank + b * tokens, tokens, c.num_random, by_rank, "token_rank", b,
+                            [&](int32_t j) { return ok[j] && !taken[j]; }, [&](int32_t j) { taken[j] = true; });
       }
     }
   });
