@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import sma_kernels
 from sma_kernels import reference
-from sma_kernels.plan import MaskPlan, chosen_rows, mask_counts
+from sma_kernels.plan import MaskCounts, MaskPlan, chosen_rows, mask_counts
 
 from .cases import Inputs
 
@@ -312,12 +312,8 @@ class Flex(Provider):
         return mixed.masked_fill(~valid, float("-inf"))
 
     def mask(self, x):
-        options = x.options
-        counts = mask_counts(x.valid, x.query_pool, ratio=options["ratio"],
-                             num_per_query=options["num_per_query"], mask_self=options["mask_self"],
-                             noise=options["noise"])
-        chosen = chosen_rows(x.plan, x.query_pool, counts.num_rows)
-        forced = chosen if options["mask_self"] else torch.zeros_like(x.valid)
+        counts, chosen = counts_and_chosen_rows(x)
+        forced = chosen if x.options["mask_self"] else torch.zeros_like(x.valid)
         return reference.select_tokens(self.scores(x, chosen), x.valid, forced, counts,
                                        x.plan.token_rank)
 
@@ -337,13 +333,19 @@ def default_providers() -> list[Provider]:
 
 # ----------------------------------------------------------------------------- correctness
 
-def reference_scores(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) fp32 token scores of the reference, for judging near-ties, and the forced tokens."""
+def counts_and_chosen_rows(x: Inputs) -> tuple[MaskCounts, torch.Tensor]:
+    """The plan's per-sample counts and chosen query rows for one case (as the reference makes them)."""
     options = x.options
     counts = mask_counts(x.valid, x.query_pool, ratio=options["ratio"],
                          num_per_query=options["num_per_query"], mask_self=options["mask_self"],
                          noise=options["noise"])
-    chosen = chosen_rows(x.plan, x.query_pool, counts.num_rows)
+    return counts, chosen_rows(x.plan, x.query_pool, counts.num_rows)
+
+
+def reference_scores(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) fp32 token scores of the reference, for judging near-ties, and the forced tokens."""
+    options = x.options
+    _, chosen = counts_and_chosen_rows(x)
     with torch.no_grad():
         scores = reference.token_scores(x.q, x.k, x.valid, chosen, x.plan.head,
                                         head_mix=options["head_mix"], scale=options["scale"])
