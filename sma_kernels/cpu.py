@@ -1,7 +1,8 @@
 """The compiled CPU backend: the fused self-guided mask of ``csrc/cpu`` (C++, OpenMP).
 
 It computes the row log-sum-exp and the token scores for the chosen rows only, then selects the
-mask in place, with O(B*L) extra memory. Attention on the CPU uses the reference math.
+mask in place, with O(B*L) extra memory. ``self_guided_attention`` then applies the mask with
+PyTorch's own SDPA (see ``uses_sdpa`` in :mod:`sma_kernels.api`).
 """
 
 from __future__ import annotations
