@@ -18,6 +18,8 @@ from sma_kernels import reference
 
 triton_backend = import_triton_backend()
 
+from sma_kernels.triton.key_tiles import TILE_SIZES, key_tiles
+
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # The tiny atol of the rule, per dtype, relative to the largest value compared: a few roundings
 # (the kernel's and PyTorch's summation orders differ, and PyTorch is sometimes lucky).
@@ -83,6 +85,8 @@ SHAPES = {
     "Q1": (7, 1, 1, 45, 16, 32),
     "higgs-like": (7, 2, 28, 28, 16, 16),
     "d-not-pow2": (7, 1, 9, 40, 24, 40),
+    # The middle hole of padded_valid spans whole key tiles: the kernels skip them.
+    "interior-empty-tiles": (7, 1, 9, 200, 16, 16),
 }
 
 
@@ -90,6 +94,20 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_attention_matches_reference(shape, dtype):
     check_attention(*shape, dtype, seed=sum(shape))
+
+
+@pytest.mark.parametrize("length", [1, 37, 200, 1000, 5000])
+def test_key_tile_lists(length):
+    g = torch.Generator().manual_seed(length)
+    keep = padded_valid(7, length, g)
+    keep[6] = torch.rand(length, generator=g) < 0.01  # sparse: many empty tiles between kept keys
+    tiles, counts = key_tiles(keep.to(DEVICE))
+    for b in range(keep.shape[0]):
+        for i, size in enumerate(TILE_SIZES):
+            padded = torch.nn.functional.pad(keep[b], (0, -length % size))
+            want = padded.view(-1, size).any(dim=1).nonzero().flatten()
+            assert counts[b, i] == want.numel()
+            assert torch.equal(tiles[b, i, : want.numel()].cpu().long(), want)
 
 
 def test_attention_strided_inputs():

@@ -80,7 +80,9 @@ def test_ties_go_to_the_lower_index():
 @pytest.mark.parametrize("head_mix", ["mean", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_token_scores_close_to_reference(head_mix, dtype):
-    batch, heads, num_q, length, dim = 7, 3, 6, 50, 32
+    # About 39 chosen rows per head: more than one row tile (32 under the interpreter) per head
+    # under both mixes.
+    batch, heads, num_q, length, dim = 7, 2, 130, 50, 32
     q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=11)
     g = torch.Generator().manual_seed(5)
     chosen = (torch.rand(batch, num_q, generator=g) < 0.6).to(DEVICE)
@@ -118,21 +120,23 @@ def test_select_matches_reference(length, ties, mask_self):
     assert torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize(("ratio", "npq", "noise", "mask_self"), [
-    (0.5, 1, 0.5, False), (0.3, 3, 0.5, True)])
-def test_prepare_matches_plan_helpers(ratio, npq, noise, mask_self):
+@pytest.mark.parametrize(("ratio", "npq", "noise", "mask_self", "head_mix"), [
+    (0.5, 1, 0.5, False, "mean"), (0.3, 3, 0.5, True, "random")])
+def test_prepare_matches_plan_helpers(ratio, npq, noise, mask_self, head_mix):
     # Every valid count 0..L-1 once: the float64 rounding of k, k_q and k_rand hits exact
     # halves (ratio 0.5, noise 0.5), which must round half-to-even as plan.mask_counts does.
-    length = 40
+    length, heads = 40, 3
     g = torch.Generator().manual_seed(7)
     valid = torch.rand(length, length, generator=g).argsort(dim=1) < torch.arange(length)[:, None]
     pool = valid if mask_self else torch.rand(length, length, generator=g) < 0.5
-    plan = sk.make_plan(length, length, length, 1, generator=g)
+    plan = sk.make_plan(length, length, length, heads, generator=g)
     counts = mask_counts(valid, pool, ratio=ratio, num_per_query=npq, mask_self=mask_self,
                          noise=noise)
     want_chosen = chosen_rows(plan, pool, counts.num_rows)
-    rows, chosen, meta = prepare(valid.to(DEVICE), pool.to(DEVICE), plan.query_rank.to(DEVICE),
-                                 ratio=ratio, num_per_query=npq, mask_self=mask_self, noise=noise)
+    rows, segments, chosen, meta = prepare(
+        valid.to(DEVICE), pool.to(DEVICE), plan.query_rank.to(DEVICE), plan.head.to(DEVICE),
+        ratio=ratio, num_per_query=npq, mask_self=mask_self, noise=noise, num_heads=heads,
+        head_mix=head_mix)
     meta = meta.cpu().long()
     assert torch.equal(meta[:, META_ROWS], counts.num_rows)
     assert torch.equal(meta[:, META_TOP], counts.num_top)
@@ -141,9 +145,16 @@ def test_prepare_matches_plan_helpers(ratio, npq, noise, mask_self):
     index = torch.arange(length)
     assert torch.equal(meta[:, META_FIRST], torch.where(valid, index, length).amin(dim=1))
     assert torch.equal(meta[:, META_LAST], torch.where(valid, index + 1, 0).amax(dim=1))
+    rows, segments = rows.cpu().long(), segments.cpu().long()
     for b in range(length):
-        listed = rows[b, : int(counts.num_rows[b])].cpu().long()
-        assert torch.equal(listed, want_chosen[b].nonzero().flatten())
+        for h in range(heads):
+            start, end = segments[b, h].tolist()
+            # Each head reads its own rows under "random", all chosen rows under "mean".
+            reads = want_chosen[b] & (plan.head[b] == h) if head_mix == "random" else want_chosen[b]
+            assert torch.equal(rows[b, start:end], reads.nonzero().flatten())
+        if head_mix == "random":  # the groups tile the table's first k_q entries in head order
+            assert segments[b, 0, 0] == 0 and segments[b, -1, 1] == counts.num_rows[b]
+            assert torch.equal(segments[b, 1:, 0], segments[b, :-1, 1])
 
 
 def test_opcheck_mask_op():

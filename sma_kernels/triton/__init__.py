@@ -49,10 +49,11 @@ if UNAVAILABLE is None:
                                               num_per_query=num_per_query, head_mix=head_mix,
                                               mask_self=mask_self, noise=noise, scale=scale)
         # One launch for the counts and the chosen rows, two for the scores, one to select.
-        rows, chosen, meta = prepare(valid, query_pool, plan.query_rank, ratio=ratio,
-                                     num_per_query=num_per_query, mask_self=mask_self,
-                                     noise=noise)
-        scores = scores_from_rows(q.detach(), k.detach(), valid, rows, meta, plan.head,
+        rows, segments, chosen, meta = prepare(
+            valid, query_pool, plan.query_rank, plan.head, ratio=ratio,
+            num_per_query=num_per_query, mask_self=mask_self, noise=noise,
+            num_heads=q.shape[1], head_mix=head_mix)
+        scores = scores_from_rows(q.detach(), k.detach(), valid, rows, segments, meta,
                                   head_mix=head_mix, scale=scale)
         return select_with_meta(scores, valid, chosen if mask_self else None, meta,
                                 plan.token_rank)

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernel files: interpreter detection and autotuning.
+"""Helpers shared by the Triton kernel files: interpreter detection, autotuning, tile loads.
 
 ``TRITON_INTERPRET=1`` runs every kernel in NumPy, one program at a time, on CPU tensors. Two
 things differ there and are decided here once:
@@ -74,6 +74,19 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+@triton.jit
+def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.constexpr,
+              TO_F32: tl.constexpr):
+    """The (rows, offs_col) tile at ``base``: zero outside ``row_ok`` and the first COLS columns,
+    cast to fp32 when TO_F32 (the interpreter's ``tl.dot``, see above). Inlined by Triton, so a
+    load in a loop is still software-pipelined."""
+    tile = tl.load(base + rows[:, None] * stride_row + offs_col[None, :] * stride_col,
+                   mask=row_ok[:, None] & (offs_col[None, :] < COLS), other=0.0)
+    if TO_F32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
 # Per-sample int32 metadata of the mask kernels, a (B, META_WIDTH) tensor: the number of chosen
 # rows k_q, num_top, num_random, and the first valid token index and one past the last.
 META_ROWS, META_TOP, META_RANDOM, META_FIRST, META_LAST = 0, 1, 2, 3, 4
@@ -85,35 +98,3 @@ META_RANDOM_C: tl.constexpr = tl.constexpr(META_RANDOM)
 META_FIRST_C: tl.constexpr = tl.constexpr(META_FIRST)
 META_LAST_C: tl.constexpr = tl.constexpr(META_LAST)
 META_WIDTH_C: tl.constexpr = tl.constexpr(META_WIDTH)
-
-
-@triton.jit
-def _kept_range_kernel(KEEP, OUT, NK, stride_keep_b, BLOCK: tl.constexpr):
-    """OUT[b] = (first index with KEEP[b] set, one past the last); (NK, 0) when none is set."""
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    first = tl.zeros((), tl.int32) + NK
-    last = tl.zeros((), tl.int32)
-    for start in range(0, NK, BLOCK):
-        cols = start + offs
-        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
-        first = tl.minimum(first, tl.min(tl.where(keep, cols, NK), axis=0))
-        last = tl.maximum(last, tl.max(tl.where(keep, cols + 1, 0), axis=0))
-    tl.store(OUT + 2 * b, first)
-    tl.store(OUT + 2 * b + 1, last)
-
-
-def kept_range(keep: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32: per sample, the first kept token index and one past the last (L and 0 when
-    none is kept). One small launch instead of a chain of PyTorch reductions.
-
-    Kernels that stream the keys loop over this range only. Leading and trailing padding then
-    costs nothing, and the loop body needs no "is this tile empty?" branch: Triton software-
-    pipelines (prefetches) only loads that are not inside a branch of the loop body.
-    """
-    batch, length = keep.shape
-    out = torch.empty((batch, 2), dtype=torch.int32, device=keep.device)
-    keep_u8 = keep.contiguous().view(torch.uint8)
-    _kept_range_kernel[(batch,)](keep_u8, out, length, keep_u8.stride(0),
-                                 BLOCK=min(4096, triton.next_power_of_2(length)))
-    return out

@@ -4,11 +4,10 @@ Forward (one program per (query tile, sample, head)). For a tile of BLOCK_M quer
 the L keys in tiles of BLOCK_N and keep, per row, the running maximum m and the running sum
 l = sum exp(S - m), rescaling the output accumulator by exp(m_old - m_new) whenever the maximum
 grows (the online softmax of FlashAttention). Key columns that are masked or padded
-(``keep`` False) get S = -inf. The loop runs only over the key tiles from the sample's first to
-its last kept key, so leading and trailing padding cost nothing; an interior tile with no kept
-key (rare: masked tokens are scattered) adds exact zeros. Keeping the loop body free of
-"skip this tile" branches lets Triton prefetch the next K and V tiles while computing. At the end
-out = acc / l and lse = m + log(l) per row. ``keep`` is per (sample, token), the same for every
+(``keep`` False) get S = -inf. The loop runs only over the key tiles that hold a kept key, read
+from a per-sample list (key_tiles.py): a tile where every key is masked or padded is skipped
+entirely, and the loop body has no "skip this tile" branch, so Triton prefetches the next K and
+V tiles while computing. At the end out = acc / l and lse = m + log(l) per row. ``keep`` is per (sample, token), the same for every
 row and head, so a row has no kept key only when its whole sample has none: then out = 0 and
 lse = +inf, which makes exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
 
@@ -18,7 +17,7 @@ saved lse, and delta = rowsum(dO * O):
 Two kernels, so that every output element has exactly one writer and no atomics are needed
 (deterministic bits): one program per key tile accumulates dK and dV over all query tiles (a key
 tile with no kept key writes zeros at once), one program per query tile accumulates dQ over the
-same key range as the forward.
+same list of key tiles as the forward.
 
 Exponentials are base 2: S is computed as (scale * log2 e) q.k, so exp(x) becomes exp2(x') and
 no libdevice call is needed (the kernels also run under ``TRITON_INTERPRET=1``). The saved lse
@@ -32,77 +31,109 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision, kept_range
+from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision, load_tile
+from .key_tiles import TILE_SIZES, key_tiles
 
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # lse is saved in natural-log units
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(32, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
-                         (128, 128, 8, 2)]
-]
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(32, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
-]
+
+def _config(block_m: int, block_n: int, warps: int, stages: int, *,
+            tile_list: bool = True) -> triton.Config:
+    """A config; with ``tile_list``, also the index of its key tile list (see key_tiles.py)."""
+    params = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if tile_list:
+        params["TILE_LIST"] = TILE_SIZES.index(block_n)
+    return triton.Config(params, num_warps=warps, num_stages=stages)
+
+
+_FWD_CONFIGS = [_config(*c) for c in [(32, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+                                      (128, 64, 8, 3), (128, 128, 8, 2)]]
+_BWD_SHAPES = [(32, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
+_DQ_CONFIGS = [_config(*c) for c in _BWD_SHAPES]
+_DKDV_CONFIGS = [_config(*c, tile_list=False) for c in _BWD_SHAPES]
 # Under the interpreter: one config, blocks small enough that the tests still cover several
 # tiles, large enough to keep NumPy busy per step.
-_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+_INTERPRET_SHAPE = (32, 32, 4, 1)
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
+_KEY = ["NQ", "NK", "BLOCK_D", "BLOCK_DV"]
 
 
-@autotune(_FWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
+@triton.jit
+def _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd,
+              offs_d, offs_dv, NK, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr):
+    """keep, K and V of the key tile ``cols``."""
+    col_ok = cols < NK
+    keep = tl.load(keep_base + cols, mask=col_ok, other=0) != 0
+    k = load_tile(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
+    v = load_tile(v_base, cols, col_ok, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
+    return keep, k, v
+
+
+@triton.jit
+def _query_tile(q_base, do_base, lse_base, delta_base, rows, stride_qm, stride_qd, stride_dom,
+                stride_dod, offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """Q, dO, lse (base 2) and delta of the query tile ``rows``, for the backward."""
+    row_ok = rows < NQ
+    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
+    do = load_tile(do_base, rows, row_ok, stride_dom, offs_dv, stride_dod, DV, DOT_F32)
+    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E_C
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list, stride_counts_b,
+                   TILE_LIST: tl.constexpr):
+    """Start of sample b's list of non-empty key tiles of size BLOCK_N, and its length."""
+    tiles = TILES + b * stride_tiles_b + TILE_LIST * stride_tiles_list
+    return tiles, tl.load(TILE_COUNTS + b * stride_counts_b + TILE_LIST)
+
+
+@autotune(_FWD_CONFIGS, _config(*_INTERPRET_SHAPE), key=_KEY, bounds=_BOUNDS)
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, KEEP, KEPT, OUT, LSE,
+    Q, K, V, KEEP, TILES, TILE_COUNTS, OUT, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_keep_b,
+    stride_keep_b, stride_tiles_b, stride_tiles_list, stride_counts_b,
     H, NQ, NK, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_LIST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # int64 bases: B*H*L*dv can pass 2^31 elements at the pixel workload.
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < NQ
+    row_ok = rows < NQ
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                  D, DOT_F32)
+    keep_base = KEEP + b * stride_keep_b
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    first = tl.load(KEPT + 2 * b)
-    last = tl.load(KEPT + 2 * b + 1)
-    for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
-        cols = start_n + offs_n
-        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+    tiles, num_tiles = _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list,
+                                      stride_counts_b, TILE_LIST)
+    for i in range(num_tiles):
+        cols = tl.load(tiles + i) * BLOCK_N + offs_n
+        keep, k, v = _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd, stride_vn,
+                               stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(keep[None, :], s, float("-inf"))
-        # The first tile holds the first kept key, so m_new is finite from then on and
-        # exp2(m_i - m_new) is never NaN; a later tile with no kept key adds exactly 0.
+        # Every listed tile holds a kept key, so m_new is finite from the first tile on and
+        # exp2(m_i - m_new) is never NaN.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -114,21 +145,24 @@ def _attention_fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 where no key was kept
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E_C,
                    float("inf"))
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+    tl.store(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om
              + offs_dv[None, :] * stride_od, out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + rows, lse, mask=row_ok)
 
 
 @triton.jit
-def _probs_tile(q, k, keep, lse2, qk_scale, PRECISION: tl.constexpr):
-    """P = exp(S - lse) for one (query tile, key tile), 0 on dropped keys and rows without keys."""
+def _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION: tl.constexpr):
+    """P = exp(S - lse) (0 on dropped keys and rows without keys) and dS = P * (dO V^T - delta)
+    for one (query tile, key tile)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])  # lse2 = +inf (no kept key, or a padding row) gives 0
-    return tl.where(keep[None, :], p, 0.0)
+    p = tl.where(keep[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
+@autotune(_DKDV_CONFIGS, _config(*_INTERPRET_SHAPE, tile_list=False), key=_KEY, bounds=_BOUNDS)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DK, DV_OUT,
@@ -141,8 +175,8 @@ def _attention_bwd_dkdv_kernel(
     stride_keep_b,
     H, NQ, NK, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -154,38 +188,22 @@ def _attention_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = cols < NK
 
-    keep = tl.load(KEEP + b * stride_keep_b + cols, mask=col_ok, other=0) != 0
+    keep, k, v = _key_tile(KEEP + b * stride_keep_b, K + b * stride_kb + h * stride_kh,
+                           V + b * stride_vb + h * stride_vh, cols, stride_kn, stride_kd,
+                           stride_vn, stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if tl.max(keep.to(tl.int32), axis=0) > 0:  # a tile with no kept key has zero gradient
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
-                    + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
-                    + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + pid_bh.to(tl.int64) * NQ
+        delta_base = DELTA + pid_bh.to(tl.int64) * NQ
         for start_m in range(0, NQ, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < NQ
-            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok,
-                           other=float("inf")) * LOG2E_C
-            delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok, other=0.0)
-            p = _probs_tile(q, k, keep, lse2, qk_scale, PRECISION)
+            q, do, lse2, delta = _query_tile(q_base, do_base, lse_base, delta_base,
+                                             start_m + offs_m, stride_qm, stride_qd, stride_dom,
+                                             stride_dod, offs_d, offs_dv, NQ, D, DV, DOT_F32)
+            p, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
@@ -195,20 +213,20 @@ def _attention_bwd_dkdv_kernel(
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D", "BLOCK_DV"], bounds=_BOUNDS)
+@autotune(_DQ_CONFIGS, _config(*_INTERPRET_SHAPE), key=_KEY, bounds=_BOUNDS)
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, KEEP, KEPT, DO, LSE, DELTA, DQ,
+    Q, K, V, KEEP, TILES, TILE_COUNTS, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_keep_b,
+    stride_keep_b, stride_tiles_b, stride_tiles_list, stride_counts_b,
     H, NQ, NK, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_LIST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -218,43 +236,28 @@ def _attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < NQ
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok,
-                   other=float("inf")) * LOG2E_C
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + rows, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _query_tile(Q + b * stride_qb + h * stride_qh,
+                                     DO + b * stride_dob + h * stride_doh,
+                                     LSE + pid_bh.to(tl.int64) * NQ,
+                                     DELTA + pid_bh.to(tl.int64) * NQ, rows, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV, DOT_F32)
+    keep_base = KEEP + b * stride_keep_b
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first = tl.load(KEPT + 2 * b)
-    last = tl.load(KEPT + 2 * b + 1)
-    for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
-        cols = start_n + offs_n
-        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=cols < NK, other=0) != 0
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(cols[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        p = _probs_tile(q, k, keep, lse2, qk_scale, PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+    tiles, num_tiles = _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list,
+                                      stride_counts_b, TILE_LIST)
+    for i in range(num_tiles):
+        cols = tl.load(tiles + i) * BLOCK_N + offs_n
+        keep, k, v = _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd, stride_vn,
+                               stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
+        _, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < D))
+             mask=(rows < NQ)[:, None] & (offs_d[None, :] < D))
 
 
 def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
@@ -269,6 +272,12 @@ def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
             "PRECISION": dot_precision(q.dtype)}
 
 
+def _tile_args(keep: torch.Tensor) -> tuple:
+    """The non-empty key tile lists of ``keep`` and their strides, as kernel arguments."""
+    tiles, counts = key_tiles(keep)
+    return tiles, counts, tiles.stride(0), tiles.stride(1), counts.stride(0)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                       *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`sma_kernels.reference.attention_forward` (same contract)."""
@@ -279,13 +288,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     keep_u8 = keep.contiguous().view(torch.uint8)
+    tiles, counts, *tile_strides = _tile_args(keep_u8)
 
     def grid(meta):
         return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
 
     _attention_fwd_kernel[grid](
-        q, k, v, keep_u8, kept_range(keep), out, lse, *q.stride(), *k.stride(), *v.stride(),
-        *out.stride(), keep_u8.stride(0), heads, num_q, num_k, scale * LOG2E, **_common_args(q, v))
+        q, k, v, keep_u8, tiles, counts, out, lse, *q.stride(), *k.stride(), *v.stride(),
+        *out.stride(), keep_u8.stride(0), *tile_strides, heads, num_q, num_k, scale * LOG2E,
+        **_common_args(q, v))
     return out, lse
 
 
@@ -301,6 +312,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
     lse = lse.contiguous()
     keep_u8 = keep.contiguous().view(torch.uint8)
+    tiles, counts, *tile_strides = _tile_args(keep_u8)
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)
     d_v = torch.empty_like(v)
@@ -317,6 +329,6 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q, k, v, keep_u8, grad_out, lse, delta, d_k, d_v, *strides, *d_k.stride(), *d_v.stride(),
         keep_u8.stride(0), heads, num_q, num_k, scale, scale * LOG2E, **common)
     _attention_bwd_dq_kernel[grid_queries](
-        q, k, v, keep_u8, kept_range(keep), grad_out, lse, delta, d_q, *strides, *d_q.stride(),
-        keep_u8.stride(0), heads, num_q, num_k, scale, scale * LOG2E, **common)
+        q, k, v, keep_u8, tiles, counts, grad_out, lse, delta, d_q, *strides, *d_q.stride(),
+        keep_u8.stride(0), *tile_strides, heads, num_q, num_k, scale, scale * LOG2E, **common)
     return d_q, d_k, d_v

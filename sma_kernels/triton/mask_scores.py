@@ -11,20 +11,26 @@ streams the keys in BLOCK_N tiles with a running maximum m and running sum
 l = sum exp(S - m), and writes lse = m + log(l) per (sample, head, chosen row). No V, no output.
 
 Pass 2 (one program per (sample, token tile)) recomputes S for its BLOCK_N token columns against
-every chosen row of every head, forms P = exp(S - lse) and sums it over the rows, times the head
-weight (1/H for "mean"; 1 for the row's own head and 0 otherwise for "random"). The program owns
-its columns and walks heads and rows in a fixed order, so the sum is deterministic without
-atomics. Padding columns get -inf, which the selection never takes.
+each head's chosen rows, forms P = exp(S - lse) and sums it over the rows, times the head weight
+(1/H for "mean", 1 for "random"). The program owns its columns and walks heads and rows in a
+fixed order, so the sum is deterministic without atomics. Padding columns get -inf, which the
+selection never takes.
 
-Work: both passes are k_q * L * H * d multiply-adds per sample, a fraction k_q / Q of one
-attention pass; memory is the (B, H, k_q) lse buffer and the (B, L) scores.
+Which rows a head reads comes from a per-(sample, head) segment of the chosen-row table: under
+"mean" every head reads all k_q rows; under "random" the table lists the rows grouped by their
+plan head, and head h reads only its own group. Each (row, head) pair the mix uses is computed
+exactly once, so "random" costs 1/H of "mean" instead of computing every head and discarding.
 
-The chosen rows reach the kernels as a (B, Q) int32 table, each sample's chosen row indices in
-ascending order, and a per-sample int32 metadata row holding k_q and the valid token range
-(written by one kernel, ``select.prepare``, together with the counts of the selection). Logits
-are in base 2 (log2 e folded into the scale), so the kernels use exp2 / log2 and no libdevice.
-Pass 1 streams keys only between the sample's first and last valid token, with no branch in the
-loop body, so its K loads are software-pipelined (see attention.py).
+Work: k_q * L * d multiply-adds per sample and pass under "random", H times that under "mean",
+a fraction k_q / Q of one attention pass; memory is the (B, H, Q) lse buffer and the (B, L)
+scores.
+
+The table ((B, Q) int32) and the segments ((B, H, 2) int32, start and end) are written by one
+kernel, ``select.prepare``, together with the counts of the selection and the valid token range
+(a per-sample int32 metadata row). Logits are in base 2 (log2 e folded into the scale), so the
+kernels use exp2 / log2 and no libdevice. Pass 1 streams keys only between the sample's first and
+last valid token, with no branch in the loop body, so its K loads are software-pipelined (see
+attention.py).
 """
 
 from __future__ import annotations
@@ -41,13 +47,12 @@ from ._common import (
     META_LAST,
     META_LAST_C,
     META_ROWS,
-    META_ROWS_C,
     META_WIDTH,
     META_WIDTH_C,
     autotune,
     block_dim,
     dot_precision,
-    kept_range,
+    load_tile,
 )
 
 _CONFIGS = [
@@ -62,30 +67,30 @@ _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}  # chosen rows are at most Q
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _chosen_row_lse_kernel(
-    Q, K, VALID, META, ROWS, LSE2,
+    Q, K, VALID, META, ROWS, SEGMENTS, LSE2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     H, NQ, NK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Pass 1: LSE2[b, h, r] = log2-sum-exp2 of the r-th chosen row over the valid tokens."""
+    """Pass 1: LSE2[b, h, r] = log2-sum-exp2 of the table's r-th row over the valid tokens, for
+    the rows r of head h's segment."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    count = tl.load(META + b * META_WIDTH_C + META_ROWS_C)
-    if pid_r * BLOCK_M < count:  # tiles past k_q have nothing to do
-        offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    seg_start = tl.load(SEGMENTS + 2 * pid_bh)
+    seg_end = tl.load(SEGMENTS + 2 * pid_bh + 1)
+    tile_start = seg_start + pid_r * BLOCK_M
+    if tile_start < seg_end:  # tiles past the segment have nothing to do
+        offs_r = tile_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_r < count
+        row_ok = offs_r < seg_end
         rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
-                    + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+        q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
+                      stride_qd, D, DOT_F32)
         k_base = K + b * stride_kb + h * stride_kh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -96,10 +101,7 @@ def _chosen_row_lse_kernel(
         for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
             cols = start_n + offs_n
             valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
+            k = load_tile(k_base, cols, cols < NK, stride_kn, offs_d, stride_kd, D, DOT_F32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             # Finite from the first tile on (it holds the first valid token): no NaN.
@@ -114,15 +116,15 @@ def _chosen_row_lse_kernel(
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
 @triton.jit
 def _token_scores_kernel(
-    Q, K, VALID, META, ROWS, LSE2, HEAD, SCORES,
+    Q, K, VALID, ROWS, SEGMENTS, LSE2, SCORES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_head_b, stride_head_q,
     H, NQ, NK, qk_scale, head_weight,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    MIX_RANDOM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Pass 2: SCORES[b, j] = sum over heads and chosen rows of the weighted probabilities."""
+    """Pass 2: SCORES[b, j] = head_weight * sum over heads h and the rows of h's segment of the
+    probabilities."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,7 +132,6 @@ def _token_scores_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < NK
     valid = tl.load(VALID + b * NK + cols, mask=col_ok, other=0) != 0
-    count = tl.load(META + b * META_WIDTH_C + META_ROWS_C)
 
     acc = tl.zeros([BLOCK_N], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
@@ -138,41 +139,34 @@ def _token_scores_kernel(
         q_head = Q + b * stride_qb
         k_head = K + b * stride_kb
         lse_head = LSE2 + b * H * NQ
+        segment = SEGMENTS + 2 * b * H
         for head in range(H):
-            k = tl.load(k_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            for start_m in range(0, count, BLOCK_M):
+            seg_end = tl.load(segment + 1)
+            k = load_tile(k_head, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
+            for start_m in range(tl.load(segment), seg_end, BLOCK_M):
                 offs_r = start_m + offs_m
-                row_ok = offs_r < count
+                row_ok = offs_r < seg_end
                 rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
-                q = tl.load(q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                if DOT_F32:
-                    q = q.to(tl.float32)
-                # Rows past k_q read lse = +inf, so their probabilities are exactly 0.
+                q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
+                # Rows past the segment read lse = +inf, so their probabilities are exactly 0.
                 lse2 = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                 p = tl.exp2(s - lse2[:, None])
-                if MIX_RANDOM:  # each row reads only its plan head
-                    row_head = tl.load(HEAD + b * stride_head_b + rows * stride_head_q,
-                                       mask=row_ok, other=-1)
-                    p = tl.where((row_head == head)[:, None], p, 0.0)
                 p = tl.where(valid[None, :], p, 0.0)  # padding keys may overflow exp2: drop them
                 acc += tl.sum(p, axis=0)
             q_head += stride_qh
             k_head += stride_kh
             lse_head += NQ
+            segment += 2
     scores = tl.where(valid, acc * head_weight, float("-inf"))
     tl.store(SCORES + b * NK + cols, scores, mask=col_ok)
 
 
 def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
-                     meta: torch.Tensor, head: torch.Tensor, *, head_mix: str,
+                     segments: torch.Tensor, meta: torch.Tensor, *, head_mix: str,
                      scale: float) -> torch.Tensor:
-    """(B, L) fp32 token scores from the chosen-row table ``rows`` (B, Q) int32 and the
-    per-sample ``meta`` (k_q and the valid token range; see ``_common.META_*``)."""
+    """(B, L) fp32 token scores from the chosen-row table ``rows`` (B, Q) int32, each head's
+    ``segments`` of it (B, H, 2) int32, and the per-sample ``meta`` (see ``_common.META_*``)."""
     batch, heads, num_q, dim = q.shape
     num_k = k.shape[2]
     lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
@@ -189,13 +183,11 @@ def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows
         return (triton.cdiv(num_k, meta_params["BLOCK_N"]), batch)
 
     _chosen_row_lse_kernel[grid_rows](
-        q, k, valid_u8, meta, rows, lse2, *q.stride(), *k.stride(), heads, num_q, num_k,
-        scale * LOG2E, **common)
-    mix_random = head_mix == "random"
+        q, k, valid_u8, meta, rows, segments, lse2, *q.stride(), *k.stride(), heads, num_q,
+        num_k, scale * LOG2E, **common)
     _token_scores_kernel[grid_tokens](
-        q, k, valid_u8, meta, rows, lse2, head, scores, *q.stride(), *k.stride(), *head.stride(),
-        heads, num_q, num_k, scale * LOG2E, 1.0 if mix_random else 1.0 / heads,
-        MIX_RANDOM=mix_random, **common)
+        q, k, valid_u8, rows, segments, lse2, scores, *q.stride(), *k.stride(), heads, num_q,
+        num_k, scale * LOG2E, 1.0 if head_mix == "random" else 1.0 / heads, **common)
     return scores
 
 
@@ -204,13 +196,28 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
     """(B, L) fp32: :func:`sma_kernels.reference.token_scores` (same arguments) in two passes.
 
     ``chosen`` (B, Q) bool marks the rows to sum, ``head`` (B, Q) int32 is the plan's head per
-    row. q and k are fp16, bf16 or fp32. (The fused mask gets the row table from one kernel,
-    ``select.prepare``; this builds it with PyTorch.)
+    row. q and k are fp16, bf16 or fp32. (The fused mask gets the row table and the segments from
+    one kernel, ``select.prepare``; this builds them with PyTorch.)
     """
-    num_q = chosen.shape[1]
-    index = torch.arange(num_q, dtype=torch.int32, device=q.device)
-    rows = torch.where(chosen, index, num_q).sort(dim=1).values.to(torch.int32)
-    meta = torch.zeros((chosen.shape[0], META_WIDTH), dtype=torch.int32, device=q.device)
+    batch, heads, num_q, _ = q.shape
+    num_k = k.shape[2]
+    group = head.long() if head_mix == "random" else torch.zeros_like(head, dtype=torch.long)
+    index = torch.arange(num_q, device=q.device)
+    # Chosen rows first, grouped by head (random) and ascending within a group.
+    order = torch.where(chosen, group * num_q + index, heads * num_q + index)
+    rows = (order.sort(dim=1).values % num_q).to(torch.int32)
+    per_head = torch.zeros((batch, heads), dtype=torch.long, device=q.device)
+    per_head.scatter_add_(1, group, chosen.long())
+    if head_mix == "random":
+        ends = per_head.cumsum(dim=1)
+        segments = torch.stack([ends - per_head, ends], dim=2)
+    else:  # every head reads all the chosen rows
+        segments = torch.zeros((batch, heads, 2), dtype=torch.long, device=q.device)
+        segments[:, :, 1] = per_head[:, :1]
+    meta = torch.zeros((batch, META_WIDTH), dtype=torch.int32, device=q.device)
     meta[:, META_ROWS] = chosen.sum(dim=1)
-    meta[:, META_FIRST:META_LAST + 1] = kept_range(valid)
-    return scores_from_rows(q, k, valid, rows, meta, head, head_mix=head_mix, scale=scale)
+    tokens = torch.arange(num_k, device=q.device)
+    meta[:, META_FIRST] = torch.where(valid, tokens, num_k).amin(dim=1)
+    meta[:, META_LAST] = torch.where(valid, tokens + 1, 0).amax(dim=1)
+    return scores_from_rows(q, k, valid, rows, segments.to(torch.int32).contiguous(), meta,
+                            head_mix=head_mix, scale=scale)

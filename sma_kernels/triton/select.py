@@ -21,7 +21,8 @@ One program per sample builds its (L,) mask in three steps, in the reference's o
 The same search picks the chosen query rows in ``_prepare_kernel``, the first launch of the fused
 mask: per sample it computes the counts of :func:`sma_kernels.plan.mask_counts` (in float64,
 rounding half-to-even, exactly as the plan does), takes the k_q pool rows with the smallest
-query rank (key = Q - 1 - rank) and lists them in row order for the score kernels.
+query rank (key = Q - 1 - rank) and lists them for the score kernels, grouped by plan head under
+``head_mix="random"`` (see mask_scores.py).
 
 Rows longer than BLOCK are swept block by block, so any L works (L = 36,864 is the pixel
 workload); each sweep re-reads the row from global memory (L2-resident at these sizes), and the
@@ -117,11 +118,12 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _prepare_kernel(VALID, POOL, QUERY_RANK, ROWS, CHOSEN, META, NQ, NK, ratio_bits,
-                    num_per_query, noise_bits, MASK_SELF: tl.constexpr, RADIX_BITS: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META, H, NQ, NK,
+                    ratio_bits, num_per_query, noise_bits, MASK_SELF: tl.constexpr,
+                    GROUP_BY_HEAD: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """Per sample: the counts of plan.mask_counts, the chosen rows of plan.chosen_rows (as a
-    bool row mask and as the ascending list of their indices), and the valid token range."""
+    bool row mask and as a table of their indices with each head's segment of it), and the
+    valid token range."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     n = tl.zeros((), tl.int32)
@@ -154,21 +156,40 @@ def _prepare_kernel(VALID, POOL, QUERY_RANK, ROWS, CHOSEN, META, NQ, NK, ratio_b
         forced = k_q
     k_rand = _round_half_even((k - forced).to(tl.float64) * noise)
 
-    # plan.chosen_rows: the k_q pool rows with the smallest query rank, listed in row order.
+    # plan.chosen_rows: the k_q pool rows with the smallest query rank.
     t = tl.full((), 2147483647, tl.int32)  # k_q = 0: no key reaches it
     if k_q > 0:
         t = _kth_largest_key(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, NQ, k_q, 0, False,
                              BLOCK, RADIX_BITS)
-    listed = tl.zeros((), tl.int32)
     for start in range(0, NQ, BLOCK):
         rows = start + offs
         key, eligible = _block_keys(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, rows, NQ, 0,
                                     False)
-        chosen = eligible & (key >= t)
-        position = listed + tl.cumsum(chosen.to(tl.int32), axis=0) - chosen.to(tl.int32)
-        tl.store(ROWS + b * NQ + position, rows, mask=chosen)
-        tl.store(CHOSEN + b * NQ + rows, chosen.to(tl.uint8), mask=rows < NQ)
-        listed += tl.sum(chosen.to(tl.int32), axis=0)
+        tl.store(CHOSEN + b * NQ + rows, (eligible & (key >= t)).to(tl.uint8), mask=rows < NQ)
+    # The table lists them in row order, under GROUP_BY_HEAD grouped by plan head first (one
+    # group per head, one sweep each): the score kernels then compute each head only for its
+    # own rows. Otherwise one group that every head reads.
+    listed = tl.zeros((), tl.int32)
+    for group in range(H if GROUP_BY_HEAD else 1):
+        group_start = listed
+        for start in range(0, NQ, BLOCK):
+            rows = start + offs
+            key, eligible = _block_keys(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, rows, NQ,
+                                        0, False)
+            member = eligible & (key >= t)
+            if GROUP_BY_HEAD:
+                row_head = tl.load(HEAD + b * NQ + rows, mask=rows < NQ, other=-1)
+                member = member & (row_head == group)
+            position = listed + tl.cumsum(member.to(tl.int32), axis=0) - member.to(tl.int32)
+            tl.store(ROWS + b * NQ + position, rows, mask=member)
+            listed += tl.sum(member.to(tl.int32), axis=0)
+        if GROUP_BY_HEAD:
+            tl.store(SEGMENTS + (b * H + group) * 2, group_start)
+            tl.store(SEGMENTS + (b * H + group) * 2 + 1, listed)
+    if not GROUP_BY_HEAD:
+        for head in range(H):
+            tl.store(SEGMENTS + (b * H + head) * 2, 0)
+            tl.store(SEGMENTS + (b * H + head) * 2 + 1, listed)
 
     meta = META + b * META_WIDTH_C
     tl.store(meta + META_ROWS_C, k_q.to(tl.int32))
@@ -231,26 +252,33 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Tensor, *,
-            ratio: float, num_per_query: int, mask_self: bool,
-            noise: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Tensor,
+            head: torch.Tensor, *, ratio: float, num_per_query: int, mask_self: bool, noise: float,
+            num_heads: int, head_mix: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch for :func:`sma_kernels.plan.mask_counts` and :func:`~sma_kernels.plan.chosen_rows`.
 
-    Returns ``rows`` (B, Q) int32 (each sample's chosen row indices in ascending order; entries
-    past k_q are unspecified), ``chosen`` (B, Q) bool and the (B, META_WIDTH) int32 metadata.
+    Returns ``rows`` (B, Q) int32, the table of each sample's chosen row indices (entries past
+    k_q are unspecified), ``segments`` (B, num_heads, 2) int32, the [start, end) of the table
+    that each head's scores read, ``chosen`` (B, Q) bool and the (B, META_WIDTH) int32 metadata.
+    Under ``head_mix="random"`` the table is grouped by the plan's ``head`` (ascending within a
+    group) and head h's segment is its own group; under "mean" every segment is [0, k_q).
     """
     batch, num_k = valid.shape
     num_q = query_pool.shape[1]
-    rows = torch.empty((batch, num_q), dtype=torch.int32, device=valid.device)
-    chosen = torch.empty((batch, num_q), dtype=torch.bool, device=valid.device)
-    meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=valid.device)
+    device = valid.device
+    rows = torch.empty((batch, num_q), dtype=torch.int32, device=device)
+    segments = torch.empty((batch, num_heads, 2), dtype=torch.int32, device=device)
+    chosen = torch.empty((batch, num_q), dtype=torch.bool, device=device)
+    meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=device)
     block = min(4096 if INTERPRET else 1024, triton.next_power_of_2(max(num_q, num_k)))
     _prepare_kernel[(batch,)](
         valid.contiguous().view(torch.uint8), query_pool.contiguous().view(torch.uint8),
-        query_rank.contiguous(), rows, chosen.view(torch.uint8), meta, num_q, num_k,
-        _float_bits(ratio), num_per_query, _float_bits(noise), MASK_SELF=mask_self, RADIX_BITS=4,
-        BLOCK=block, num_warps=4)
-    return rows, chosen, meta
+        query_rank.contiguous(), head.contiguous(), rows, segments, chosen.view(torch.uint8), meta,
+        num_heads, num_q, num_k, _float_bits(ratio), num_per_query, _float_bits(noise),
+        MASK_SELF=mask_self, GROUP_BY_HEAD=head_mix == "random", RADIX_BITS=4, BLOCK=block,
+        num_warps=4)
+    return rows, segments, chosen, meta
 
 
 def select_with_meta(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None,
