@@ -1,0 +1,64 @@
+"""Compile recorded Triton kernel launches for an H100 (sm_90), without a GPU.
+
+Run by tests/test_triton_sm90.py in a fresh process without ``TRITON_INTERPRET``, so that the
+kernels are real ``JITFunction`` objects. Reads a JSON list of launches on stdin, each
+``{"module", "kernel", "signature", "constexprs", "divisible", "options"}`` as a GPU launch would
+specialize them, compiles each one with every autotune config of its kernel (or with its own
+options when the kernel is not autotuned), and prints one JSON result per compilation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.errors import CompilationError
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _kernel(launch: dict):
+    return getattr(importlib.import_module(launch["module"]), launch["kernel"])
+
+
+def _jobs(launch: dict) -> list[dict]:
+    """One job per GPU config: the config's block sizes and warps replace the recorded ones."""
+    configs = getattr(_kernel(launch), "configs", None)  # an Autotuner has them
+    if configs is None:
+        return [launch]
+    return [{**launch, "constexprs": {**launch["constexprs"], **config.kwargs},
+             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages}}
+            for config in configs]
+
+
+def _compile(job: dict) -> dict:
+    kernel = _kernel(job)
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps its JITFunction
+    index = {name: (i,) for i, name in enumerate(fn.arg_names)}
+    signature = {**job["signature"], **dict.fromkeys(job["constexprs"], "constexpr")}
+    source = ASTSource(fn, signature,
+                       constexprs={index[name]: value for name, value in job["constexprs"].items()},
+                       attrs={index[name]: [["tt.divisibility", 16]] for name in job["divisible"]})
+    result = {"kernel": job["kernel"], "constexprs": job["constexprs"], "options": job["options"]}
+    try:
+        compiled = triton.compile(source, target=TARGET, options=job["options"])
+    except (CompilationError, RuntimeError) as error:  # the test fails with the message
+        return {**result, "error": f"{type(error).__name__}: {error}"[:3000]}
+    return {**result, "shared_bytes": compiled.metadata.shared,
+            "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+            "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+def main() -> None:
+    jobs = [job for launch in json.load(sys.stdin) for job in _jobs(launch)]
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        json.dump(list(pool.map(_compile, jobs)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
