@@ -7,7 +7,7 @@
 #   SMA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh   # names the commit when the copy has no .git
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
-# 2. runs the GPU tests (pytest -k "triton or cuda or gpu"),
+# 2. runs the GPU tests (pytest -k "triton or cuda or gpu", on 8 processes with pytest-xdist),
 # 3. runs the benchmark on the GPU: every backend and baseline at the four DESIGN.md section 9
 #    workloads at full size (forward, forward+backward, peak extra memory), an L sweep and the
 #    end-to-end training steps,
@@ -54,9 +54,12 @@ step install 60 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-i
     --no-index -e .
 step backends 20 "$PY" -c "import json, sma_kernels; print(json.dumps(sma_kernels.backends(), indent=1))"
 # Tests check correctness, not speed: one Triton config per kernel (SMA_KERNELS_AUTOTUNE=0)
-# saves compiling every autotune config for every test shape.
-step gpu-tests 80 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests \
-    -k "triton or cuda or gpu" --junitxml="$OUT_DIR/gpu_tests.xml"
+# saves compiling every autotune config for every test shape, and pytest-xdist, where installed,
+# spreads the tests and their kernel compilations over 8 processes.
+parallel=()
+if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 8); fi
+step gpu-tests 80 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+    "${parallel[@]}" tests -k "triton or cuda or gpu" --junitxml="$OUT_DIR/gpu_tests.xml"
 # The benchmark saves its JSON after every case, starts no case after 90% of --time-limit and
 # no end-to-end step after it. On a fresh machine Triton's JIT and autotuning take 15-40 s per
 # workload and each torch.compile ~20 s (H100, measured), hence the compile budget.
