@@ -4,7 +4,8 @@ Run by tests/test_triton_sm90.py in a fresh process without ``TRITON_INTERPRET``
 kernels are real ``JITFunction`` objects. Reads a JSON list of launches on stdin, each
 ``{"module", "kernel", "signature", "constexprs", "divisible", "options"}`` as a GPU launch would
 specialize them, compiles each one with every autotune config of its kernel (or with its own
-options when the kernel is not autotuned), and prints one JSON result per compilation.
+options when the kernel is not autotuned), and prints one JSON result per compilation, with the
+config's index in the kernel's list.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def _jobs(launch: dict) -> list[dict]:
     """One job per GPU config: the config's block sizes and warps replace the recorded ones."""
     configs = getattr(_kernel(launch), "configs", None)  # an Autotuner has them
     if configs is None:
-        return [launch]
+        return [{**launch, "config": 0}]
     return [{**launch, "constexprs": {**launch["constexprs"], **config.kwargs},
-             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages}}
-            for config in configs]
+             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
+             "config": index}
+            for index, config in enumerate(configs)]
 
 
 def _compile(job: dict) -> dict:
@@ -44,7 +46,7 @@ def _compile(job: dict) -> dict:
     source = ASTSource(fn, signature,
                        constexprs={index[name]: value for name, value in job["constexprs"].items()},
                        attrs={index[name]: [["tt.divisibility", 16]] for name in job["divisible"]})
-    result = {"kernel": job["kernel"], "constexprs": job["constexprs"], "options": job["options"]}
+    result = {key: job[key] for key in ("kernel", "constexprs", "options", "config")}
     try:
         compiled = triton.compile(source, target=TARGET, options=job["options"])
     except (CompilationError, RuntimeError) as error:  # the test fails with the message

@@ -87,6 +87,7 @@ SHAPES = {
     "d-not-pow2": (7, 1, 9, 40, 24, 40),
     # The middle hole of padded_valid spans whole key tiles: the kernels skip them.
     "interior-empty-tiles": (7, 1, 9, 200, 16, 16),
+    "Q1024-d128": (2, 1, 1024, 40, 128, 128),  # the largest Q and head dim of the contract
 }
 
 

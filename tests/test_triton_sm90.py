@@ -1,5 +1,5 @@
-"""The Triton kernels compile for an H100 (sm_90) with every autotune config, fit its shared
-memory, and keep their streaming loops software-pipelined. No GPU needed.
+"""The Triton kernels compile for an H100 (sm_90) with every autotune config, the first config
+fits its shared memory, and their streaming loops are software-pipelined. No GPU needed.
 
 The interpreter tests check what the kernels compute, not that they compile: a GPU-only error
 (a type that does not lower, too much shared memory) would first show on a GPU. Here each
@@ -87,9 +87,11 @@ def _record_launches(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     g = torch.Generator().manual_seed(0)
-    # (d, dv, dtype): proteins and pixels, molecules, HIGGS, and fp32 (exact products).
+    # (d, dv, dtype): proteins and pixels, molecules, HIGGS, the largest head dim, and fp32
+    # (exact products).
     for dim, dim_v, dtype in [(32, 128, torch.bfloat16), (64, 64, torch.bfloat16),
-                              (16, 16, torch.bfloat16), (64, 64, torch.float32)]:
+                              (16, 16, torch.bfloat16), (128, 128, torch.bfloat16),
+                              (128, 128, torch.float32)]:
         batch, heads, length = 2, 2, 64
         q, k = (torch.randn(batch, heads, length, dim, generator=g, dtype=dtype) for _ in "qk")
         v = torch.randn(batch, heads, length, dim_v, generator=g, dtype=dtype)
@@ -120,6 +122,10 @@ def test_kernels_compile_for_sm90(monkeypatch):
         where = f"{result['kernel']} {result['constexprs']} {result['options']}"
         assert "error" not in result, f"{where}: {result.get('error')}"
         assert result["cubin_bytes"] > 0, where
-        assert result["shared_bytes"] <= H100_SHARED_BYTES, f"{where}: {result['shared_bytes']} B"
+        # A config that does not fit is skipped by the autotuner (OutOfResources), but the
+        # first one, which SMA_KERNELS_AUTOTUNE=0 takes, must fit every specialization.
+        if result["config"] == 0:
+            assert result["shared_bytes"] <= H100_SHARED_BYTES, \
+                f"{where}: {result['shared_bytes']} B of shared memory"
         if result["kernel"] in PIPELINED and result["options"].get("num_stages", 1) >= 2:
             assert result["async_copies"] > 0, f"{where}: loop loads are not pipelined"
