@@ -87,12 +87,11 @@ def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.con
     return tile
 
 
-# Per-sample int32 metadata of the mask kernels, a (B, META_WIDTH) tensor: the number of chosen
-# rows k_q, num_top, num_random, and the first valid token index and one past the last.
-META_ROWS, META_TOP, META_RANDOM, META_FIRST, META_LAST = 0, 1, 2, 3, 4
-META_WIDTH = 5
+# Per-sample int32 metadata of the mask kernels, a (B, META_WIDTH) tensor: num_top, num_random,
+# and the first valid token index and one past the last.
+META_TOP, META_RANDOM, META_FIRST, META_LAST = 0, 1, 2, 3
+META_WIDTH = 4
 # The same numbers as compile-time constants for the kernels.
-META_ROWS_C: tl.constexpr = tl.constexpr(META_ROWS)
 META_TOP_C: tl.constexpr = tl.constexpr(META_TOP)
 META_RANDOM_C: tl.constexpr = tl.constexpr(META_RANDOM)
 META_FIRST_C: tl.constexpr = tl.constexpr(META_FIRST)

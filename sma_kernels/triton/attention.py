@@ -7,9 +7,10 @@ grows (the online softmax of FlashAttention). Key columns that are masked or pad
 (``keep`` False) get S = -inf. The loop runs only over the key tiles that hold a kept key, read
 from a per-sample list (key_tiles.py): a tile where every key is masked or padded is skipped
 entirely, and the loop body has no "skip this tile" branch, so Triton prefetches the next K and
-V tiles while computing. At the end out = acc / l and lse = m + log(l) per row. ``keep`` is per (sample, token), the same for every
-row and head, so a row has no kept key only when its whole sample has none: then out = 0 and
-lse = +inf, which makes exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
+V tiles while computing. At the end out = acc / l and lse = m + log(l) per row. ``keep`` is per
+(sample, token), the same for every row and head, so a row has no kept key only when its whole
+sample has none: then out = 0 and lse = +inf, which makes exp(S - lse) = 0 in the backward
+instead of NaN (the reference's rule).
 
 Backward (FlashAttention-2 recomputation). With P = exp(S - lse) recomputed tile by tile from the
 saved lse, and delta = rowsum(dO * O):

@@ -46,7 +46,6 @@ from ._common import (
     META_FIRST_C,
     META_LAST,
     META_LAST_C,
-    META_ROWS,
     META_WIDTH,
     META_WIDTH_C,
     autotune,
@@ -141,19 +140,22 @@ def _token_scores_kernel(
         lse_head = LSE2 + b * H * NQ
         segment = SEGMENTS + 2 * b * H
         for head in range(H):
+            seg_start = tl.load(segment)
             seg_end = tl.load(segment + 1)
-            k = load_tile(k_head, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
-            for start_m in range(tl.load(segment), seg_end, BLOCK_M):
-                offs_r = start_m + offs_m
-                row_ok = offs_r < seg_end
-                rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
-                q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
-                # Rows past the segment read lse = +inf, so their probabilities are exactly 0.
-                lse2 = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p = tl.exp2(s - lse2[:, None])
-                p = tl.where(valid[None, :], p, 0.0)  # padding keys may overflow exp2: drop them
-                acc += tl.sum(p, axis=0)
+            if seg_end > seg_start:  # under "random" a head may have no row: skip its K tile
+                k = load_tile(k_head, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                for start_m in range(seg_start, seg_end, BLOCK_M):
+                    offs_r = start_m + offs_m
+                    row_ok = offs_r < seg_end
+                    rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
+                    q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D,
+                                  DOT_F32)
+                    # Rows past the segment read lse = +inf: their probabilities are exactly 0.
+                    lse2 = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                    p = tl.exp2(s - lse2[:, None])
+                    p = tl.where(valid[None, :], p, 0.0)  # padding keys may overflow exp2
+                    acc += tl.sum(p, axis=0)
             q_head += stride_qh
             k_head += stride_kh
             lse_head += NQ
@@ -215,7 +217,6 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
         segments = torch.zeros((batch, heads, 2), dtype=torch.long, device=q.device)
         segments[:, :, 1] = per_head[:, :1]
     meta = torch.zeros((batch, META_WIDTH), dtype=torch.int32, device=q.device)
-    meta[:, META_ROWS] = chosen.sum(dim=1)
     tokens = torch.arange(num_k, device=q.device)
     meta[:, META_FIRST] = torch.where(valid, tokens, num_k).amin(dim=1)
     meta[:, META_LAST] = torch.where(valid, tokens + 1, 0).amax(dim=1)

@@ -40,12 +40,10 @@ import triton.language as tl
 
 from ..plan import MaskCounts
 from ._common import (
-    INTERPRET,
     META_FIRST_C,
     META_LAST_C,
     META_RANDOM,
     META_RANDOM_C,
-    META_ROWS_C,
     META_TOP,
     META_TOP_C,
     META_WIDTH,
@@ -192,7 +190,6 @@ def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META,
             tl.store(SEGMENTS + (b * H + head) * 2 + 1, listed)
 
     meta = META + b * META_WIDTH_C
-    tl.store(meta + META_ROWS_C, k_q.to(tl.int32))
     tl.store(meta + META_TOP_C, (k - forced - k_rand).to(tl.int32))
     tl.store(meta + META_RANDOM_C, k_rand.to(tl.int32))
     tl.store(meta + META_FIRST_C, first)
@@ -271,7 +268,7 @@ def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Ten
     segments = torch.empty((batch, num_heads, 2), dtype=torch.int32, device=device)
     chosen = torch.empty((batch, num_q), dtype=torch.bool, device=device)
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=device)
-    block = min(4096 if INTERPRET else 1024, triton.next_power_of_2(max(num_q, num_k)))
+    block = min(1024, triton.next_power_of_2(max(num_q, num_k)))
     _prepare_kernel[(batch,)](
         valid.contiguous().view(torch.uint8), query_pool.contiguous().view(torch.uint8),
         query_rank.contiguous(), head.contiguous(), rows, segments, chosen.view(torch.uint8), meta,
