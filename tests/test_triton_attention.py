@@ -18,6 +18,7 @@ from sma_kernels import reference
 
 triton_backend = import_triton_backend()
 
+from sma_kernels.triton import attention as attention_kernels
 from sma_kernels.triton.key_tiles import TILE_SIZES, key_tiles
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -109,6 +110,25 @@ def test_key_tile_lists(length):
             want = padded.view(-1, size).any(dim=1).nonzero().flatten()
             assert counts[b, i] == want.numel()
             assert torch.equal(tiles[b, i, : want.numel()].cpu().long(), want)
+
+
+@pytest.mark.parametrize("config", range(len(attention_kernels._FWD_CONFIGS)))
+def test_attention_with_each_gpu_config(config, monkeypatch):
+    # The tests above run one config; a GPU autotunes over all of them, and each BLOCK_N reads
+    # its own key tile list. Every config must give the same result.
+    for kernel, configs in [(attention_kernels._attention_fwd_kernel, attention_kernels._FWD_CONFIGS),
+                            (attention_kernels._attention_bwd_dq_kernel, attention_kernels._DQ_CONFIGS),
+                            (attention_kernels._attention_bwd_dkdv_kernel,
+                             attention_kernels._DKDV_CONFIGS)]:
+        monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
+    g = torch.Generator().manual_seed(config)
+    length = 300
+    keep = torch.rand(3, length, generator=g) < 0.3
+    keep[:, 128:256] = False  # one whole tile of 128 keys, two of 64, four of 32 are empty
+    keep[1] = False
+    keep[1, length - 1] = True  # a single kept key, in the last, partial tile
+    keep[2] = False  # no kept key
+    check_attention(3, 1, 130, length, 16, 16, torch.float32, seed=config, keep=keep)
 
 
 def test_attention_strided_inputs():
