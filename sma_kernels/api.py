@@ -7,6 +7,9 @@ Two custom ops carry the work, so that both run under ``torch.compile`` and pass
 * ``sma_kernels::masked_attention`` -> (out, lse), with autograd through q, k, v by
   ``sma_kernels::masked_attention_backward``.
 
+In eager mode the public functions run the same code without the custom-op dispatch (see
+"custom ops" below).
+
 Both take a ``backend`` name; each backend supplies the same three functions as
 :mod:`sma_kernels.reference` (``self_guided_mask``, ``attention_forward``, ``attention_backward``).
 """
@@ -239,15 +242,39 @@ def _check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, hea
 
 
 # ----------------------------------------------------------------------------- custom ops
+#
+# Each op is a plain function registered with torch.library.custom_op. Under torch.compile and
+# torch.export the public functions call the registered ops, which the graph keeps opaque; in
+# eager mode they call the plain functions (through an autograd.Function for the attention), the
+# same backend code without the custom-op dispatch, whose host time (tens of microseconds per
+# call, see bench/host_overhead.py) is as long as a small attention kernel takes on a GPU.
 
-@torch.library.custom_op("sma_kernels::self_guided_mask", mutates_args=())
-def _mask_op(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
-             query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
-             num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
-             backend: str) -> torch.Tensor:
+def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
+               query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
+               num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
+               backend: str) -> torch.Tensor:
     return _BACKENDS[backend].self_guided_mask(
         q, k, valid, query_pool, MaskPlan(query_rank, head, token_rank), ratio=ratio,
         num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
+
+
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                    scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _BACKENDS[backend].attention_forward(q, k, v, keep, scale=scale)
+
+
+def _attention_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, keep: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, scale: float, backend: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _BACKENDS[backend].attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
+
+
+_mask_op = torch.library.custom_op("sma_kernels::self_guided_mask", _mask_impl, mutates_args=())
+_attention_op = torch.library.custom_op("sma_kernels::masked_attention", _attention_impl,
+                                        mutates_args=())
+_attention_backward_op = torch.library.custom_op("sma_kernels::masked_attention_backward",
+                                                 _attention_backward_impl, mutates_args=())
 
 
 @_mask_op.register_fake
@@ -256,23 +283,10 @@ def _(q, k, valid, query_pool, query_rank, head, token_rank, ratio, num_per_quer
     return valid.new_empty(valid.shape)
 
 
-@torch.library.custom_op("sma_kernels::masked_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                  scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _BACKENDS[backend].attention_forward(q, k, v, keep, scale=scale)
-
-
 @_attention_op.register_fake
 def _(q, k, v, keep, scale, backend):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(q.shape[:3], dtype=lse_dtype)
-
-
-@torch.library.custom_op("sma_kernels::masked_attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                           v: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _BACKENDS[backend].attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
 
 
 @_attention_backward_op.register_fake
@@ -287,14 +301,35 @@ def _attention_setup_context(ctx, inputs, output) -> None:
     ctx.scale, ctx.backend = scale, backend
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _attention_grads(ctx, grad_out: torch.Tensor, backward: Callable[..., tuple]) -> tuple:
     q, k, v, keep, out, lse = ctx.saved_tensors
-    d_q, d_k, d_v = _attention_backward_op(grad_out.contiguous(), q, k, v, keep, out, lse,
-                                           ctx.scale, ctx.backend)
+    d_q, d_k, d_v = backward(grad_out.contiguous(), q, k, v, keep, out, lse, ctx.scale, ctx.backend)
     return d_q, d_k, d_v, None, None, None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_attention_op.register_autograd(
+    lambda ctx, grad_out, grad_lse: _attention_grads(ctx, grad_out, _attention_backward_op),
+    setup_context=_attention_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``masked_attention`` with its registered autograd, minus the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, scale, backend):
+        out, lse = _attention_impl(q, k, v, keep, scale, backend)
+        _attention_setup_context(ctx, (q, k, v, keep, scale, backend), (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _attention_grads(ctx, grad_out, _attention_backward_impl)
+
+
+def _op_or_impl(op: Callable, impl: Callable) -> Callable:
+    """The registered op while torch.compile or torch.export traces, else the plain function."""
+    return op if torch.compiler.is_compiling() else impl
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -332,9 +367,9 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
     call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
                        query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
                        generator=generator, plan=plan, backend=backend)
-    return _mask_op(q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
-                    call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale,
-                    call.backend)
+    return _op_or_impl(_mask_op, _mask_impl)(
+        q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
+        call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
 
 
 def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -361,13 +396,13 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] == 0:
         raise ValueError(f"v must have shape (B, H, L, dv) = {tuple(k.shape[:3])} + (dv,), "
                          f"got {tuple(v.shape)}")
-    mask = _mask_op(q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
-                    call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale,
-                    call.backend)
-    keep = call.valid & ~mask
+    mask = _op_or_impl(_mask_op, _mask_impl)(
+        q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
+        call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
+    keep = call.valid ^ mask  # = valid & ~mask in one op: padding is never masked
     if _BACKENDS[call.backend].uses_sdpa:
         return reference.sdpa_attention(q, k, v, keep, scale=call.scale), mask
-    out, _ = _attention_op(q, k, v, keep, call.scale, call.backend)
+    out, _ = _op_or_impl(_attention_op, _EagerAttention.apply)(q, k, v, keep, call.scale, call.backend)
     return out, mask
 
 

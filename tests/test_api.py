@@ -189,6 +189,61 @@ def test_torch_compile_matches_eager():
     assert torch.allclose(compiled(q, k, v), layer(q, k, v))
 
 
+def test_torch_compile_traces_the_registered_ops():
+    q, k, v = inputs()
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(4))
+    targets = []
+
+    def record(graph_module, example_inputs):
+        targets.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
+    def layer(q, k, v):
+        return sk.self_guided_attention(q, k, v, ratio=0.3, num_per_query=1, plan=plan,
+                                        backend="reference")
+
+    torch.compile(layer, backend=record)(q, k, v)
+    names = {str(target) for target in targets}
+    assert {"sma_kernels.self_guided_mask.default", "sma_kernels.masked_attention.default"} <= names, names
+
+
+EAGER_OPTIONS = {"ratio": 0.5, "num_per_query": 1, "head_mix": "random", "noise": 0.0}
+
+
+def eager_case():
+    q, k, v = inputs()
+    valid = torch.tensor([[True] * L, [True, False, True, True, False, True]])
+    return q, k, v, valid, sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_eager_mask_equals_the_registered_op(backend):
+    """Eager calls skip the custom-op dispatch; the mask is the op's."""
+    q, k, _, valid, plan = eager_case()
+    op_mask = torch.ops.sma_kernels.self_guided_mask(
+        q, k, valid, torch.ones(B, Q, dtype=torch.bool), *plan, EAGER_OPTIONS["ratio"],
+        EAGER_OPTIONS["num_per_query"], EAGER_OPTIONS["head_mix"], False, EAGER_OPTIONS["noise"],
+        D ** -0.5, backend)
+    assert torch.equal(sk.self_guided_mask(q, k, valid, plan=plan, backend=backend, **EAGER_OPTIONS),
+                       op_mask)
+
+
+@pytest.mark.parametrize("backend", [name for name in available_cpu_backends()
+                                     if not sk.api._BACKENDS[name].uses_sdpa])
+def test_eager_attention_equals_the_registered_op(backend):
+    """Outputs and gradients of the eager autograd.Function are the op's, bit for bit."""
+    q, k, v, valid, plan = eager_case()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, mask = sk.self_guided_attention(*leaves, valid, plan=plan, backend=backend, **EAGER_OPTIONS)
+    out.square().sum().backward()
+    op_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    op_out, _ = torch.ops.sma_kernels.masked_attention(*op_leaves, valid & ~mask, D ** -0.5, backend)
+    op_out.square().sum().backward()
+    assert torch.equal(out, op_out)
+    for leaf, op_leaf in zip(leaves, op_leaves):
+        assert torch.equal(leaf.grad, op_leaf.grad)
+
+
 # ----------------------------------------------------------------------------- drop_masked
 
 @settings(max_examples=40, deadline=None)
