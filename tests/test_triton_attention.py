@@ -18,7 +18,10 @@ from sma_kernels import reference
 
 triton_backend = import_triton_backend()
 
+import triton
+
 from sma_kernels.triton import attention as attention_kernels
+from sma_kernels.triton._common import cdiv, next_power_of_2
 from sma_kernels.triton.key_tiles import TILE_SIZES, key_tiles
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -96,6 +99,13 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_attention_matches_reference(shape, dtype):
     check_attention(*shape, dtype, seed=sum(shape))
+
+
+def test_host_block_arithmetic_matches_triton():
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (16, 32, 64, 128):
+            assert cdiv(n, block) == triton.cdiv(n, block)
 
 
 @pytest.mark.parametrize("length", [1, 37, 200, 1000, 5000])

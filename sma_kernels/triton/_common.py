@@ -49,7 +49,7 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
     def prune(configs, named_args, **_):
         def fits(config):
             return all(config.kwargs[block] <= max(smallest[block],
-                                                   triton.next_power_of_2(named_args[size]))
+                                                   next_power_of_2(named_args[size]))
                        for block, size in bounds.items())
         return [config for config in configs if fits(config)]
 
@@ -63,6 +63,17 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
                            prune_configs_by={"early_config_prune": prune}, do_bench=bench)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). (``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+    functions, several times slower to call from Python; these run on every launch.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side: the smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 products for fp32 inputs (PyTorch's own fp32 matmul
     does not use TF32 by default), the native tensor-core path for fp16/bf16."""
@@ -71,7 +82,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def block_dim(d: int) -> int:
     """Padded head-dim block: a power of two and at least 16 (``tl.dot``'s minimum K and N)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, LOG2E, autotune, block_dim, dot_precision, load_tile
+from ._common import INTERPRET, LOG2E, autotune, block_dim, cdiv, dot_precision, load_tile
 from .key_tiles import TILE_SIZES, key_tiles
 
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # lse is saved in natural-log units
@@ -292,7 +292,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     tiles, counts, *tile_strides = _tile_args(keep_u8)
 
     def grid(meta):
-        return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(num_q, meta["BLOCK_M"]), batch * heads)
 
     _attention_fwd_kernel[grid](
         q, k, v, keep_u8, tiles, counts, out, lse, *q.stride(), *k.stride(), *v.stride(),
@@ -321,10 +321,10 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
     def grid_keys(meta):
-        return (triton.cdiv(num_k, meta["BLOCK_N"]), batch * heads)
+        return (cdiv(num_k, meta["BLOCK_N"]), batch * heads)
 
     def grid_queries(meta):
-        return (triton.cdiv(num_q, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(num_q, meta["BLOCK_M"]), batch * heads)
 
     _attention_bwd_dkdv_kernel[grid_keys](
         q, k, v, keep_u8, grad_out, lse, delta, d_k, d_v, *strides, *d_k.stride(), *d_v.stride(),

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_power_of_2
+
 # The BLOCK_N values the attention configs may use (powers of two, ascending).
 TILE_SIZES = (32, 64, 128)
 
@@ -53,11 +55,11 @@ def key_tiles(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and tile size ``TILE_SIZES[i]``: ``tiles[b, i, :counts[b, i]]``, the ascending
     indices of the key tiles of that size with a kept key, and ``counts`` (B, len(TILE_SIZES))."""
     batch, length = keep.shape
-    tiles = torch.empty((batch, len(TILE_SIZES), triton.cdiv(length, TILE_SIZES[0])),
+    tiles = torch.empty((batch, len(TILE_SIZES), cdiv(length, TILE_SIZES[0])),
                         dtype=torch.int32, device=keep.device)
     counts = torch.empty((batch, len(TILE_SIZES)), dtype=torch.int32, device=keep.device)
     keep_u8 = keep.contiguous().view(torch.uint8)
-    chunk = max(TILE_SIZES[-1], min(4096, triton.next_power_of_2(length)))
+    chunk = max(TILE_SIZES[-1], min(4096, next_power_of_2(length)))
     _key_tiles_kernel[(batch,)](keep_u8, tiles, counts, length, keep_u8.stride(0),
                                 tiles.stride(0), tiles.stride(1), MIN_TILE=TILE_SIZES[0],
                                 NUM_SIZES=len(TILE_SIZES), CHUNK=chunk)

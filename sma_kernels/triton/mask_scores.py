@@ -50,6 +50,7 @@ from ._common import (
     META_WIDTH_C,
     autotune,
     block_dim,
+    cdiv,
     dot_precision,
     load_tile,
 )
@@ -179,10 +180,10 @@ def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows
               "PRECISION": dot_precision(q.dtype)}
 
     def grid_rows(meta_params):
-        return (triton.cdiv(num_q, meta_params["BLOCK_M"]), batch * heads)
+        return (cdiv(num_q, meta_params["BLOCK_M"]), batch * heads)
 
     def grid_tokens(meta_params):
-        return (triton.cdiv(num_k, meta_params["BLOCK_N"]), batch)
+        return (cdiv(num_k, meta_params["BLOCK_N"]), batch)
 
     _chosen_row_lse_kernel[grid_rows](
         q, k, valid_u8, meta, rows, segments, lse2, *q.stride(), *k.stride(), heads, num_q,

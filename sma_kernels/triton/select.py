@@ -49,6 +49,7 @@ from ._common import (
     META_WIDTH,
     META_WIDTH_C,
     autotune,
+    next_power_of_2,
 )
 
 _CONFIGS = [
@@ -268,7 +269,7 @@ def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Ten
     segments = torch.empty((batch, num_heads, 2), dtype=torch.int32, device=device)
     chosen = torch.empty((batch, num_q), dtype=torch.bool, device=device)
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=device)
-    block = min(1024, triton.next_power_of_2(max(num_q, num_k)))
+    block = min(1024, next_power_of_2(max(num_q, num_k)))
     _prepare_kernel[(batch,)](
         valid.contiguous().view(torch.uint8), query_pool.contiguous().view(torch.uint8),
         query_rank.contiguous(), head.contiguous(), rows, segments, chosen.view(torch.uint8), meta,
