@@ -21,6 +21,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ import sma_kernels
 MIN_REPEATS = 3  # timed blocks on the CPU, at least
 TIMING_METHOD = {"cpu": "torch.utils.benchmark.Timer.blocked_autorange (at least 3 blocks), median, "
                         "after one warm-up call",
-                 "cuda": "CUDA events around each call (synchronized), median, after 3 warm-up calls"}
+                 "cuda": "CUDA events around each call (synchronized), median, after 3 warm-up calls; "
+                         "host_median_ms: CPU time until the call returns, median of the same calls"}
 MEMORY_METHOD = {"cpu": "torch.profiler allocation events of the CPU allocator: peak of bytes "
                         "allocated minus freed during one call (outputs included)",
                  "cuda": "torch.cuda.max_memory_allocated after reset, minus memory_allocated "
@@ -52,16 +54,22 @@ def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) 
             fn()
         torch.cuda.synchronize(device)
         times: list[float] = []
+        host_times: list[float] = []
         while len(times) < 7 or (sum(times) < min_run_time * 1e3 and len(times) < 200):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            issued = time.perf_counter()
             start.record()
             fn()
             end.record()
+            # The CPU time to issue the call: when it is close to the GPU time, the call is
+            # bound by its host-side work (checks, dispatch, launches), not by its kernels.
+            host_times.append((time.perf_counter() - issued) * 1e3)
             end.synchronize()
             times.append(start.elapsed_time(end))
         quartiles = statistics.quantiles(times, n=4)
         return {"median_ms": statistics.median(times), "iqr_ms": quartiles[2] - quartiles[0],
-                "min_ms": min(times), "repeats": len(times)}
+                "min_ms": min(times), "repeats": len(times),
+                "host_median_ms": statistics.median(host_times)}
     fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)

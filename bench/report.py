@@ -96,8 +96,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      f"{ratio(summary, 'fwdbwd_over_sdpa', '{:.2f}x')} SDPA (target 1.3x); "
                      f"fwd speed-up {speedups or 'unknown (no baseline ran)'}; "
                      f"{achieved['tflops']:.3g} TFLOP/s ({achieved['pct_matmul']:.2g}% of matmul), "
-                     f"{achieved['gbps']:.3g} GB/s ({achieved['pct_copy']:.2g}% of copy)")
+                     f"{achieved['gbps']:.3g} GB/s ({achieved['pct_copy']:.2g}% of copy)"
+                     + _host_share(best["times"]["fwd"]))
     return lines
+
+
+def _host_share(timing: dict[str, Any]) -> str:
+    """'; host X of Y ms' on a GPU (see measure.time_call), else nothing."""
+    if "host_median_ms" not in timing:
+        return ""
+    return f"; host {_time(timing['host_median_ms'])} of {_time(timing['median_ms'])} ms per fwd call"
 
 
 def _sweep_table(result: dict[str, Any]) -> list[str]:

@@ -4,7 +4,10 @@ schema, the README table, and that a wrong provider fails the benchmark instead 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 import sma_kernels
 from bench import __main__ as bench_main
 from bench import e2e, report, suite
-from bench.cases import make_inputs, tiny_cases
+from bench.cases import WORKLOADS, make_inputs, tiny_cases
 from bench.providers import (
     Compiled,
     Flex,
@@ -184,6 +187,34 @@ def test_validate_rejects_broken_json(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n")
     assert "old table" not in text and "| vectorized |" in text
     assert "| higgs (8, 2, 28, 28, 4, 4) |" in text
+
+
+def test_summary_names_the_host_time_of_gpu_timings():
+    result = json.loads((report.RESULTS / "latest-cpu.json").read_text())
+    case = next(case for case in result["cases"] if case.get("summary"))
+    timing = case["providers"][case["summary"]["best_backend"]]["times"]["fwd"]
+    assert not any("host" in line for line in report.summary_lines(result))  # CPU: no host time
+    timing["host_median_ms"] = 0.0421
+    line = next(line for line in report.summary_lines(result) if line.startswith(case["name"]))
+    assert line.endswith(f"; host 0.0421 of {report._time(timing['median_ms'])} ms per fwd call")
+
+
+def test_host_overhead_counts_every_launch(tmp_path):
+    # A fresh process: the script must set TRITON_INTERPRET before Triton is imported.
+    done = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--out", str(tmp_path),
+                           "--blocks", "1", "--calls", "2"], capture_output=True, text=True,
+                          timeout=600, check=False, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("host-overhead-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert [record["case"] for record in result["records"]] == [case.name for case in WORKLOADS]
+    mask = ["_prepare_kernel", "_chosen_row_lse_kernel", "_token_scores_kernel", "_select_kernel"]
+    backward = ["_key_tiles_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"]
+    for record in result["records"]:
+        assert record["launches"] == {"mask": mask, "fwd": mask + ["_key_tiles_kernel", "_attention_fwd_kernel"],
+                                      "fwdbwd": mask + ["_key_tiles_kernel", "_attention_fwd_kernel"] + backward}
+        assert all(record[f"{route}_{metric}_us"] > 0 for route in ("eager", "ops")
+                   for metric in ("mask", "fwd", "fwdbwd"))
 
 
 def test_plots_are_written(tmp_path):

@@ -1,0 +1,138 @@
+"""``python -m bench.host_overhead``: the CPU time one call of the Triton path spends around its
+kernel launches.
+
+A GPU call cannot finish before the CPU has issued all of its work: argument checks, the plan
+check, allocations, op dispatch and the launches. At the small workloads that host time, not the
+kernels, decides the ratio to SDPA (at HIGGS, SDPA itself takes 70-80 us on an H100 or H200).
+This script measures the part of it that is sma-kernels' own code, on any machine: the Triton
+backend runs under ``TRITON_INTERPRET=1`` on tiny CPU tensors with every kernel launch replaced
+by a stub that only counts it. So what is timed is the Python and PyTorch work around the
+launches; the launches themselves (a few microseconds each in Triton's launcher) are not in it.
+
+Per workload's options (tiny shapes: the host work does not depend on the sizes), it times the
+mask, the forward (mask + attention) and forward+backward of the public functions, twice: on
+their eager path, and on the path they take under torch.compile, through the registered custom
+ops (``torch.compiler.is_compiling`` patched to say so), which eager calls took before. Each figure is the
+minimum over blocks of calls (host time on a shared machine: the least disturbed block).
+Writes ``host-overhead-<cpu>-<UTC date>.json`` under ``--out`` (default ``bench/results/``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by Triton when sma_kernels defines its kernels, so it is set before the imports below.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import sma_kernels
+
+from . import cases as bench_cases
+from . import measure, report
+
+TINY = {"batch": 2, "queries": 16, "tokens": 32}  # self-attention cases get queries = tokens
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[list[str]]:
+    """Replaces every Triton kernel of the backend by a stub; yields the list of launches."""
+    from triton.runtime import KernelInterface
+
+    from sma_kernels.triton import attention, key_tiles, mask_scores, select
+
+    launched: list[str] = []
+
+    class Stub:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid: object) -> Callable[..., None]:
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    with contextlib.ExitStack() as stack:
+        for module in (select, mask_scores, key_tiles, attention):
+            for name, value in vars(module).items():
+                if isinstance(value, KernelInterface):
+                    stack.enter_context(mock.patch.object(module, name, Stub(name)))
+        yield launched
+
+
+def host_us(fn: Callable[[], object], blocks: int, calls: int) -> float:
+    """Minimum over ``blocks`` blocks of the mean time of ``calls`` calls, in microseconds."""
+    fn()
+    best = float("inf")
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def calls(case: bench_cases.Case) -> dict[str, Callable[[], object]]:
+    """The mask, forward and forward+backward calls of the public functions on ``case``."""
+    x = bench_cases.make_inputs(case, torch.device("cpu"), torch.float32)
+    options = {**x.options, "query_valid": x.query_pool, "plan": x.plan, "backend": "triton"}
+    leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
+
+    def forward():
+        return sma_kernels.self_guided_attention(*leaves, x.valid, **options)[0]
+
+    grad = torch.ones(case.batch, case.heads, case.queries, case.dim_v)
+    return {"mask": lambda: sma_kernels.self_guided_mask(x.q, x.k, x.valid, **options),
+            "fwd": forward, "fwdbwd": lambda: forward().backward(grad)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
+    parser.add_argument("--blocks", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    records = []
+    with stubbed_launches() as launched:
+        for workload in bench_cases.WORKLOADS:
+            sizes = dict(TINY, queries=TINY["tokens"]) if workload.mask_self else TINY
+            case = replace(workload, **sizes)
+            record = {"case": workload.name, "options": case.options(), "shape": case.shape}
+            for metric, fn in calls(case).items():
+                launched.clear()
+                fn()
+                record.setdefault("launches", {})[metric] = list(launched)
+                for route, compiling in (("eager", False), ("ops", True)):
+                    # "ops": the path torch.compile takes, through the registered custom ops.
+                    with mock.patch.object(torch.compiler, "is_compiling", lambda flag=compiling: flag):
+                        record[f"{route}_{metric}_us"] = host_us(fn, args.blocks, args.calls)
+            records.append(record)
+            print(f"{workload.name:10s}" + "".join(
+                f"  {metric} {record[f'eager_{metric}_us']:6.1f} us (ops {record[f'ops_{metric}_us']:6.1f})"
+                for metric in ("mask", "fwd", "fwdbwd")), flush=True)
+
+    env = measure.environment(torch.device("cpu"))
+    result = {"schema": "sma-kernels-host-overhead/1",
+              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
+              "method": "Triton backend under TRITON_INTERPRET=1, every kernel launch stubbed out; "
+                        f"minimum over {args.blocks} blocks of the mean of {args.calls} calls",
+              "records": records}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"host-overhead-cpu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
