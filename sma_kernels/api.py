@@ -315,12 +315,8 @@ _attention_op.register_autograd(
 class _EagerAttention(torch.autograd.Function):
     """``masked_attention`` with its registered autograd, minus the custom-op dispatch."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, keep, scale, backend):
-        out, lse = _attention_impl(q, k, v, keep, scale, backend)
-        _attention_setup_context(ctx, (q, k, v, keep, scale, backend), (out, lse))
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    forward = staticmethod(_attention_impl)
+    setup_context = staticmethod(_attention_setup_context)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
