@@ -21,6 +21,8 @@ triton_backend = import_triton_backend()
 import triton
 
 from sma_kernels.triton import attention as attention_kernels
+from sma_kernels.triton import mask_scores as mask_kernels
+from sma_kernels.triton import select as select_kernels
 from sma_kernels.triton._common import cdiv, next_power_of_2
 from sma_kernels.triton.key_tiles import TILE_SIZES, key_tiles
 
@@ -139,6 +141,44 @@ def test_attention_with_each_gpu_config(config, monkeypatch):
     keep[1, length - 1] = True  # a single kept key, in the last, partial tile
     keep[2] = False  # no kept key
     check_attention(3, 1, 130, length, 16, 16, torch.float32, seed=config, keep=keep)
+
+
+# Every autotuned kernel: (module, kernel name, name of its GPU config list).
+AUTOTUNED = [(mask_kernels, "_chosen_row_lse_kernel", "_CONFIGS"),
+             (mask_kernels, "_token_scores_kernel", "_CONFIGS"),
+             (select_kernels, "_select_kernel", "_CONFIGS"),
+             (attention_kernels, "_attention_fwd_kernel", "_FWD_CONFIGS"),
+             (attention_kernels, "_attention_bwd_dq_kernel", "_DQ_CONFIGS"),
+             (attention_kernels, "_attention_bwd_dkdv_kernel", "_DKDV_CONFIGS")]
+
+
+@pytest.mark.skipif(CUDA, reason="builds GPU-mode autotuners over interpreted kernels: CPU only")
+def test_autotuning_once_per_size_bucket(monkeypatch):
+    """A new length in the same power-of-two bucket reuses the tuned configs (a model whose
+    batches are padded to their longest sequence changes L at every step)."""
+    from sma_kernels.triton import _common
+
+    def run_once(fn, warmup, rep, quantiles):  # stands in for GPU timing: run the config once
+        fn()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(_common, "INTERPRET", False)  # the autotuners a GPU would build ...
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(triton.testing, "do_bench", run_once)  # ... timing by running once
+    tuned = {}
+    for module, name, configs in AUTOTUNED:
+        tuned[name] = _common.autotune(getattr(module, configs), None, key=module._KEY,
+                                       bounds=module._BOUNDS)(getattr(module, name).fn)
+        monkeypatch.setattr(module, name, tuned[name])
+    g = torch.Generator().manual_seed(5)
+    tunings = []
+    for length in (40, 60, 70):  # size buckets 64, 64, 128
+        q, k, v = (torch.randn(1, 2, length, 16, generator=g).requires_grad_() for _ in range(3))
+        out, _ = sk.self_guided_attention(q, k, v, ratio=0.3, num_per_query=2, mask_self=True,
+                                          backend="triton")
+        out.sum().backward()
+        tunings.append({name: len(autotuner.cache) for name, autotuner in tuned.items()})
+    assert tunings == [dict.fromkeys(tuned, 1), dict.fromkeys(tuned, 1), dict.fromkeys(tuned, 2)]
 
 
 def test_attention_strided_inputs():

@@ -16,6 +16,7 @@ installed Triton's (the version CI installs), which may differ from a GPU host's
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -54,21 +55,27 @@ COMPILE_OPTIONS = ("num_warps", "num_stages")
 def _launch_spec(function, args: tuple, kwargs: dict) -> dict:
     """What a GPU launch of ``function`` with these arguments would compile."""
     signature, constexprs, divisible = {}, {}, []
-    for name, value in zip(function.arg_names, args):
-        if isinstance(value, torch.Tensor):
+    params = inspect.signature(function.fn).parameters
+    bound = {**dict(zip(function.arg_names, args)),
+             **{name: value for name, value in kwargs.items() if name in params}}
+    generic = set(function.kwargs.get("do_not_specialize") or ())  # the autotuning buckets
+    for name in function.arg_names:
+        value = bound[name]
+        if "constexpr" in str(params[name].annotation):
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
             signature[name] = mangle_type(value)
             if value.data_ptr() % 16 == 0:
                 divisible.append(name)
-            continue
-        kind, specialization = native_specialize_impl(BaseBackend, value, False, True, True)
-        if kind == "constexpr":  # an integer 1
-            constexprs[name] = specialization
         else:
-            signature[name] = kind
-            if specialization == "D":
-                divisible.append(name)
-    constexprs.update({name: value for name, value in kwargs.items()
-                       if name in function.arg_names})
+            kind, specialization = native_specialize_impl(BaseBackend, value, False,
+                                                          name not in generic, True)
+            if kind == "constexpr":  # an integer 1
+                constexprs[name] = specialization
+            else:
+                signature[name] = kind
+                if specialization == "D":
+                    divisible.append(name)
     if "DOT_F32" in constexprs:
         constexprs["DOT_F32"] = False  # the fp32 cast is for the interpreter only
     return {"module": function.fn.__module__, "kernel": function.fn.__name__,

@@ -74,6 +74,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# The autotuned kernels key on NQ_BUCKET and NK_BUCKET, their sizes rounded up to a power of two,
+# not on the sizes: a model whose batches are padded to their longest sequence changes L at every
+# step, and an exact-size key would re-time every config of every kernel for each new length.
+# The kernels take the rounded sizes as extra arguments that only the autotuner reads, exempt
+# from specialization so that they add no compilation.
+BUCKET_ARGS = ("NQ_BUCKET", "NK_BUCKET")
+
+
+def size_buckets(num_q: int, num_k: int) -> dict[str, int]:
+    """The BUCKET_ARGS of a launch with NQ = num_q and NK = num_k."""
+    return {"NQ_BUCKET": next_power_of_2(num_q), "NK_BUCKET": next_power_of_2(num_k)}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 products for fp32 inputs (PyTorch's own fp32 matmul
     does not use TF32 by default), the native tensor-core path for fp16/bf16."""

@@ -32,7 +32,17 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, LOG2E, autotune, block_dim, cdiv, dot_precision, load_tile
+from ._common import (
+    BUCKET_ARGS,
+    INTERPRET,
+    LOG2E,
+    autotune,
+    block_dim,
+    cdiv,
+    dot_precision,
+    load_tile,
+    size_buckets,
+)
 from .key_tiles import TILE_SIZES, key_tiles
 
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # lse is saved in natural-log units
@@ -56,7 +66,7 @@ _DKDV_CONFIGS = [_config(*c, tile_list=False) for c in _BWD_SHAPES]
 # tiles, large enough to keep NumPy busy per step.
 _INTERPRET_SHAPE = (32, 32, 4, 1)
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
-_KEY = ["NQ", "NK", "BLOCK_D", "BLOCK_DV"]
+_KEY = [*BUCKET_ARGS, "BLOCK_D", "BLOCK_DV"]
 
 
 @triton.jit
@@ -92,7 +102,7 @@ def _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list, str
 
 
 @autotune(_FWD_CONFIGS, _config(*_INTERPRET_SHAPE), key=_KEY, bounds=_BOUNDS)
-@triton.jit
+@triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_fwd_kernel(
     Q, K, V, KEEP, TILES, TILE_COUNTS, OUT, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -100,7 +110,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_keep_b, stride_tiles_b, stride_tiles_list, stride_counts_b,
-    H, NQ, NK, qk_scale,
+    H, NQ, NK, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_LIST: tl.constexpr,
@@ -164,7 +174,7 @@ def _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION: 
 
 
 @autotune(_DKDV_CONFIGS, _config(*_INTERPRET_SHAPE, tile_list=False), key=_KEY, bounds=_BOUNDS)
-@triton.jit
+@triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dkdv_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DK, DV_OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -174,7 +184,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_keep_b,
-    H, NQ, NK, scale, qk_scale,
+    H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -215,7 +225,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @autotune(_DQ_CONFIGS, _config(*_INTERPRET_SHAPE), key=_KEY, bounds=_BOUNDS)
-@triton.jit
+@triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dq_kernel(
     Q, K, V, KEEP, TILES, TILE_COUNTS, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -224,7 +234,7 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_keep_b, stride_tiles_b, stride_tiles_list, stride_counts_b,
-    H, NQ, NK, scale, qk_scale,
+    H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_LIST: tl.constexpr,
@@ -262,7 +272,8 @@ def _attention_bwd_dq_kernel(
 
 
 def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
-    """Constexprs shared by the three kernels: head dims and their padded blocks, dot mode.
+    """Arguments shared by the three kernels: the autotuning buckets, and as constexprs the head
+    dims, their padded blocks and the dot mode.
 
     The head dims are compile-time constants so that, when they are powers of two, the head-dim
     part of every load mask folds away: loads masked along rows only stay vectorized, which
@@ -270,7 +281,7 @@ def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
     """
     return {"D": q.shape[-1], "DV": v.shape[-1], "BLOCK_D": block_dim(q.shape[-1]),
             "BLOCK_DV": block_dim(v.shape[-1]), "DOT_F32": INTERPRET,
-            "PRECISION": dot_precision(q.dtype)}
+            "PRECISION": dot_precision(q.dtype), **size_buckets(q.shape[2], v.shape[2])}
 
 
 def _tile_args(keep: torch.Tensor) -> tuple:

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    BUCKET_ARGS,
     INTERPRET,
     LOG2E,
     META_FIRST,
@@ -53,6 +54,7 @@ from ._common import (
     cdiv,
     dot_precision,
     load_tile,
+    size_buckets,
 )
 
 _CONFIGS = [
@@ -62,15 +64,16 @@ _CONFIGS = [
 ]
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}  # chosen rows are at most Q
+_KEY = [*BUCKET_ARGS, "BLOCK_D"]
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
-@triton.jit
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
+@triton.jit(do_not_specialize=BUCKET_ARGS)
 def _chosen_row_lse_kernel(
     Q, K, VALID, META, ROWS, SEGMENTS, LSE2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, qk_scale,
+    H, NQ, NK, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -113,13 +116,13 @@ def _chosen_row_lse_kernel(
         tl.store(LSE2 + pid_bh.to(tl.int64) * NQ + offs_r, lse2, mask=row_ok)
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NQ", "NK", "BLOCK_D"], bounds=_BOUNDS)
-@triton.jit
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
+@triton.jit(do_not_specialize=BUCKET_ARGS)
 def _token_scores_kernel(
     Q, K, VALID, ROWS, SEGMENTS, LSE2, SCORES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, qk_scale, head_weight,
+    H, NQ, NK, qk_scale, head_weight, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -177,7 +180,7 @@ def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows
     valid_u8 = valid.contiguous().view(torch.uint8)
     # D is a compile-time constant: see attention.py's _common_args.
     common = {"D": dim, "BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET,
-              "PRECISION": dot_precision(q.dtype)}
+              "PRECISION": dot_precision(q.dtype), **size_buckets(num_q, num_k)}
 
     def grid_rows(meta_params):
         return (cdiv(num_q, meta_params["BLOCK_M"]), batch * heads)

@@ -57,6 +57,8 @@ _CONFIGS = [
     for bl, w in [(512, 4), (1024, 4), (2048, 8), (4096, 16)]
 ]
 _INTERPRET_CONFIG = triton.Config({"BLOCK": 4096})
+_KEY = ["NK_BUCKET"]
+_BOUNDS = {"BLOCK": "NK"}
 
 
 @triton.jit
@@ -197,10 +199,11 @@ def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META,
     tl.store(meta + META_LAST_C, last)
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["NK"], bounds={"BLOCK": "NK"})
-@triton.jit
-def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, HAS_FORCED: tl.constexpr,
+@autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
+@triton.jit(do_not_specialize=_KEY)
+def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, NK_BUCKET, HAS_FORCED: tl.constexpr,
                    RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The mask of sample program_id(0); NK_BUCKET is the autotuning key (see _common.py)."""
     b = tl.program_id(0).to(tl.int64)
     base = b * NK
     offs = tl.arange(0, BLOCK)
@@ -288,7 +291,8 @@ def select_with_meta(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Te
     forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
     _select_kernel[(batch,)](
         scores.contiguous(), valid_u8, forced_u8, token_rank.contiguous(), meta,
-        out.view(torch.uint8), num_k, HAS_FORCED=forced is not None, RADIX_BITS=4)
+        out.view(torch.uint8), num_k, next_power_of_2(num_k), HAS_FORCED=forced is not None,
+        RADIX_BITS=4)
     return out
 
 
