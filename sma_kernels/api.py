@@ -7,8 +7,8 @@ Two custom ops carry the work, so that both run under ``torch.compile`` and pass
 * ``sma_kernels::masked_attention`` -> (out, lse), with autograd through q, k, v by
   ``sma_kernels::masked_attention_backward``.
 
-In eager mode the public functions run the same code without the custom-op dispatch (see
-"custom ops" below).
+Plain eager calls of the public functions run the same code without the custom-op dispatch
+(see "custom ops" below).
 
 Both take a ``backend`` name; each backend supplies the same three functions as
 :mod:`sma_kernels.reference` (``self_guided_mask``, ``attention_forward``, ``attention_backward``).
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import reference
 from .plan import MaskPlan, is_checked, make_plan, mark_checked
@@ -243,11 +244,11 @@ def _check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, hea
 
 # ----------------------------------------------------------------------------- custom ops
 #
-# Each op is a plain function registered with torch.library.custom_op. Under torch.compile and
-# torch.export the public functions call the registered ops, which the graph keeps opaque; in
-# eager mode they call the plain functions (through an autograd.Function for the attention), the
-# same backend code without the custom-op dispatch, whose host time (tens of microseconds per
-# call, see bench/host_overhead.py) is as long as a small attention kernel takes on a GPU.
+# Each op is a plain function registered with torch.library.custom_op. Plain eager calls of the
+# public functions call the plain functions (through an autograd.Function for the attention):
+# the same backend code without the custom-op dispatch, whose host time (tens of microseconds
+# per call, see bench/host_overhead.py) is as long as a small attention kernel takes on a GPU.
+# Whenever something must see the ops (see _needs_registered_op) they call the registered ops.
 
 def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
                query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
@@ -313,19 +314,34 @@ _attention_op.register_autograd(
 
 
 class _EagerAttention(torch.autograd.Function):
-    """``masked_attention`` with its registered autograd, minus the custom-op dispatch."""
+    """``masked_attention`` with its registered autograd, minus the custom-op dispatch.
+
+    Like the op, it has no second derivative: the backward kernels are not differentiable, so
+    differentiating through them raises instead of returning wrong numbers.
+    """
 
     forward = staticmethod(_attention_impl)
     setup_context = staticmethod(_attention_setup_context)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
         return _attention_grads(ctx, grad_out, _attention_backward_impl)
 
 
-def _op_or_impl(op: Callable, impl: Callable) -> Callable:
-    """The registered op while torch.compile or torch.export traces, else the plain function."""
-    return op if torch.compiler.is_compiling() else impl
+def _needs_registered_op(*tensors: torch.Tensor) -> bool:
+    """Whether a call must go through the registered ops: under torch.compile or torch.export,
+    a dispatch mode (make_fx, FakeTensorMode), a functorch transform (vmap, torch.func.grad), or
+    with a tensor subclass (DTensor). (The ops also check that no output aliases an input; the
+    backends return fresh tensors.)"""
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(type(x) is not torch.Tensor for x in tensors))
+
+
+def _op_or_impl(op: Callable, impl: Callable, *tensors: torch.Tensor) -> Callable:
+    """The registered op if :func:`_needs_registered_op`, else the plain function."""
+    return op if _needs_registered_op(*tensors) else impl
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -363,7 +379,7 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
     call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
                        query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
                        generator=generator, plan=plan, backend=backend)
-    return _op_or_impl(_mask_op, _mask_impl)(
+    return _op_or_impl(_mask_op, _mask_impl, q, k, call.valid)(
         q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
         call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
 
@@ -392,13 +408,14 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] == 0:
         raise ValueError(f"v must have shape (B, H, L, dv) = {tuple(k.shape[:3])} + (dv,), "
                          f"got {tuple(v.shape)}")
-    mask = _op_or_impl(_mask_op, _mask_impl)(
+    mask = _op_or_impl(_mask_op, _mask_impl, q, k, call.valid)(
         q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
         call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
     keep = call.valid ^ mask  # = valid & ~mask in one op: padding is never masked
     if _BACKENDS[call.backend].uses_sdpa:
         return reference.sdpa_attention(q, k, v, keep, scale=call.scale), mask
-    out, _ = _op_or_impl(_attention_op, _EagerAttention.apply)(q, k, v, keep, call.scale, call.backend)
+    out, _ = _op_or_impl(_attention_op, _EagerAttention.apply, q, k, v)(q, k, v, keep, call.scale,
+                                                                         call.backend)
     return out, mask
 
 

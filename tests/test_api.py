@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import sma_kernels as sk
 
@@ -205,6 +207,50 @@ def test_torch_compile_traces_the_registered_ops():
     torch.compile(layer, backend=record)(q, k, v)
     names = {str(target) for target in targets}
     assert {"sma_kernels.self_guided_mask.default", "sma_kernels.masked_attention.default"} <= names, names
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_make_fx_and_fake_tensors_see_the_registered_ops(backend):
+    q, k, v = inputs()
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(4))
+
+    def layer(q, k, v):
+        return sk.self_guided_attention(q, k, v, ratio=0.3, num_per_query=1, plan=plan,
+                                        backend=backend)
+
+    graph = make_fx(layer)(q, k, v).graph
+    names = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert "sma_kernels.self_guided_mask.default" in names
+    with FakeTensorMode() as mode:  # shapes only, from the ops' fake implementations
+        out, mask = sk.self_guided_attention(*(mode.from_tensor(x) for x in (q, k, v)), ratio=0.3,
+                                             num_per_query=1, backend=backend)
+    assert out.shape == (B, H, Q, 5) and mask.shape == (B, L) and mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("backend", [name for name in available_cpu_backends()
+                                     if not sk.api._BACKENDS[name].uses_sdpa])
+def test_vmap_goes_through_the_registered_ops(backend):
+    q, k, v = inputs()
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(4))
+
+    def layer(v):
+        return sk.self_guided_attention(q, k, v, ratio=0.3, num_per_query=1, plan=plan,
+                                        backend=backend)[0]
+
+    batched = torch.vmap(layer)(torch.stack([v, 2 * v]))
+    torch.testing.assert_close(batched, torch.stack([layer(v), layer(2 * v)]))
+
+
+@pytest.mark.parametrize("backend", [name for name in available_cpu_backends()
+                                     if not sk.api._BACKENDS[name].uses_sdpa])
+def test_attention_has_no_second_derivative(backend):
+    """Differentiating the backward raises, as the registered op does, instead of being wrong."""
+    q, k, v = (x.requires_grad_() for x in inputs())
+    out, _ = sk.self_guided_attention(q, k, v, ratio=0.3, num_per_query=1, backend=backend,
+                                      generator=torch.Generator().manual_seed(6))
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_q.sum().backward()
 
 
 EAGER_OPTIONS = {"ratio": 0.5, "num_per_query": 1, "head_mix": "random", "noise": 0.0}

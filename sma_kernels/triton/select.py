@@ -200,7 +200,7 @@ def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META,
 
 
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
-@triton.jit(do_not_specialize=_KEY)
+@triton.jit(do_not_specialize=["NK_BUCKET"])
 def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, NK_BUCKET, HAS_FORCED: tl.constexpr,
                    RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """The mask of sample program_id(0); NK_BUCKET is the autotuning key (see _common.py)."""
