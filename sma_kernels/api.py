@@ -320,8 +320,13 @@ class _EagerAttention(torch.autograd.Function):
     differentiating through them raises instead of returning wrong numbers.
     """
 
-    forward = staticmethod(_attention_impl)
-    setup_context = staticmethod(_attention_setup_context)
+    @staticmethod
+    def forward(ctx, q, k, v, keep, scale, backend):
+        # The forward(ctx, ...) form: with a separate setup_context, apply() binds its arguments
+        # through inspect.signature, which costs as much host time as the whole attention launch.
+        out, lse = _attention_impl(q, k, v, keep, scale, backend)
+        _attention_setup_context(ctx, (q, k, v, keep, scale, backend), (out, lse))
+        return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
