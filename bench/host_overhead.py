@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=report.RESULTS)
-    parser.add_argument("--blocks", type=int, default=20)
+    parser.add_argument("--blocks", type=int, default=60)
     parser.add_argument("--calls", type=int, default=100)
     args = parser.parse_args(argv)
 
