@@ -16,6 +16,7 @@ Both take a ``backend`` name; each backend supplies the same three functions as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable
@@ -25,10 +26,11 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import reference
-from .plan import MaskPlan, is_checked, make_plan, mark_checked
+from .plan import MaskPlan, make_plan, rank_order
 
 HEAD_MIXES = ("mean", "random")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT64_MAX = 2**63 - 1
 
 
 class Backend(NamedTuple):
@@ -121,11 +123,24 @@ def _check_mask_tensor(name: str, x: object, shape: tuple[int, int], shape_doc: 
     return x
 
 
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+
+
 def _check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # also False for NaN; traceable, unlike math.isfinite
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
@@ -173,15 +188,14 @@ def _check_call(q: object, k: object, valid: object, *, ratio: object, num_per_q
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
     if isinstance(num_per_query, bool) or not isinstance(num_per_query, numbers.Integral):
-        raise TypeError(f"num_per_query must be an int, got {type(num_per_query).__name__}")
-    if num_per_query < 1:
-        raise ValueError(f"num_per_query must be >= 1, got {num_per_query}")
+        raise TypeError(f"num_per_query must be an int, got {_type_name(num_per_query)}")
+    if not 1 <= num_per_query <= INT64_MAX:
+        raise ValueError(f"num_per_query must lie in [1, 2**63 - 1], got {num_per_query}")
     if not isinstance(head_mix, str):
         raise TypeError(f"head_mix must be a str, one of {HEAD_MIXES}, got {type(head_mix).__name__}")
     if head_mix not in HEAD_MIXES:
         raise ValueError(f"head_mix must be one of {HEAD_MIXES}, got {head_mix!r}")
-    if not isinstance(mask_self, bool):
-        raise TypeError(f"mask_self must be a bool, got {type(mask_self).__name__}")
+    mask_self = _check_bool("mask_self", mask_self)
     if mask_self and num_queries != num_tokens:
         raise ValueError(f"mask_self=True needs self-attention inputs with Q == L, got Q={num_queries}, "
                          f"L={num_tokens}")
@@ -190,9 +204,14 @@ def _check_call(q: object, k: object, valid: object, *, ratio: object, num_per_q
         raise ValueError(f"noise must lie in [0, 1], got {noise}")
     if scale is None:
         scale = dim ** -0.5
-    scale = _check_real("scale", scale)
-    if scale <= 0.0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+    else:
+        scale = _check_real("scale", scale)
+        # The kernels apply the scale in the inputs' dtype: it must be a positive finite number
+        # there, or every logit would be 0 or non-finite.
+        limits = torch.finfo(q.dtype)
+        if not limits.tiny <= scale <= limits.max:
+            raise ValueError(f"scale must be positive and finite in {q.dtype}, i.e. within "
+                             f"[{limits.tiny:.4g}, {limits.max:.4g}], got {scale}")
 
     if query_valid is None:
         query_pool = valid if mask_self else torch.ones(batch, num_queries, dtype=torch.bool,
@@ -205,7 +224,11 @@ def _check_call(q: object, k: object, valid: object, *, ratio: object, num_per_q
 
     if plan is None:
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(f"generator must be a torch.Generator, got {_type_name(generator)}")
+        if generator is not None and torch.compiler.is_compiling():
+            raise TypeError("generator cannot be used inside torch.compile: TorchDynamo does not trace "
+                            "torch.Generator objects. Draw a plan outside the compiled function with "
+                            "make_plan(..., generator=...) and pass plan=, or seed the global RNG")
         plan = make_plan(batch, num_queries, num_tokens, heads, generator=generator, device=q.device)
     else:
         plan = _check_plan(plan, batch, num_queries, num_tokens, heads, q.device)
@@ -215,31 +238,41 @@ def _check_call(q: object, k: object, valid: object, *, ratio: object, num_per_q
 
 def _check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, heads: int,
                 device: torch.device) -> MaskPlan:
+    """A user's plan, checked and with its ranks in the form every backend reads.
+
+    Ranks may hold any int32 values (equal ranks break toward the lower index, see
+    :func:`sma_kernels.plan.rank_order`), so only ``head`` needs a range check: it indexes the
+    heads inside the kernels. The plan is checked on every call, so changing it in place between
+    calls is safe.
+    """
     if not isinstance(plan, tuple) or len(plan) != 3:
-        raise TypeError(f"plan must be a MaskPlan from make_plan, got {type(plan).__name__}")
+        raise TypeError(f"plan must be a MaskPlan from make_plan, got {_type_name(plan)}")
     plan = MaskPlan(*plan)
-    expected = {"query_rank": ((batch, num_queries), num_queries),
-                "head": ((batch, num_queries), heads),
-                "token_rank": ((batch, num_tokens), num_tokens)}
-    for field, (shape, _) in expected.items():
+    shapes = {"query_rank": (batch, num_queries), "head": (batch, num_queries),
+              "token_rank": (batch, num_tokens)}
+    for field, shape in shapes.items():
         x = getattr(plan, field)
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
             raise TypeError(f"plan.{field} must be an int32 tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
+                            f"{getattr(x, 'dtype', _type_name(x))}")
         if tuple(x.shape) != shape:
             raise ValueError(f"plan.{field} must have shape {shape} for these inputs, got {tuple(x.shape)}")
         if x.device != device:
             raise ValueError(f"plan.{field} is on {x.device} but q is on {device}")
-    bounds = tuple(bound for _, bound in expected.values())
-    if is_checked(plan, bounds):
-        return plan
-    # Out-of-range entries would index out of bounds inside a kernel: refuse them here, reading
-    # every field's range back in one transfer (one device sync, once per plan).
-    ranges = torch.stack([torch.stack([x.min(), x.max()]) for x in plan]).tolist()
-    for field, bound, (low, high) in zip(expected, bounds, ranges):
-        if low < 0 or high >= bound:
-            raise ValueError(f"plan.{field} entries must lie in [0, {bound}), got [{low}, {high}]")
-    return mark_checked(plan, bounds)
+    _check_head_range(plan.head, heads)
+    return MaskPlan(rank_order(plan.query_rank), plan.head, rank_order(plan.token_rank))
+
+
+def _check_head_range(head: torch.Tensor, heads: int) -> None:
+    message = f"plan.head entries must lie in [0, {heads})"
+    low, high = head.min(), head.max()
+    if _needs_registered_op(head):
+        # Traced (torch.compile, make_fx): an in-graph check, with no data-dependent branch.
+        torch._assert_async((low >= 0) & (high < heads), message)
+        return
+    low, high = torch.stack([low, high]).tolist()  # one read-back (a device sync on a GPU)
+    if low < 0 or high >= heads:
+        raise ValueError(f"{message}, got [{low}, {high}]")
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -351,6 +384,24 @@ def _op_or_impl(op: Callable, impl: Callable, *tensors: torch.Tensor) -> Callabl
 
 # ----------------------------------------------------------------------------- public functions
 
+def _autocast_inputs(*tensors: object) -> tuple[tuple[object, ...], contextlib.AbstractContextManager]:
+    """The rule under ``torch.autocast``: the ops behave as scaled_dot_product_attention does.
+
+    When autocast is on for the first tensor's device type, every floating-point input except
+    float64 is cast to the autocast dtype, and the op then runs with autocast off, exactly as it
+    would on inputs of that dtype: the mask's scores in fp32 from those values on every backend,
+    the output in that dtype. Returns the inputs and the context to run the op in.
+    """
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors, contextlib.nullcontext()
+    device_type = first.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                 and x.dtype not in (dtype, torch.float64) else x for x in tensors)
+    return cast, torch.autocast(device_type, enabled=False)
+
+
 def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None, *,
                      ratio: float, num_per_query: int, head_mix: str = "mean",
                      query_valid: torch.Tensor | None = None, mask_self: bool = False,
@@ -381,12 +432,14 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
         (B, L) bool, True = masked. Padding is never masked; each sample with n_b >= 2 real
         tokens has exactly k masked.
     """
+    (q, k), autocast_off = _autocast_inputs(q, k)
     call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
                        query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
                        generator=generator, plan=plan, backend=backend)
-    return _op_or_impl(_mask_op, _mask_impl, q, k, call.valid)(
-        q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
-        call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
+    with autocast_off:
+        return _op_or_impl(_mask_op, _mask_impl, q, k, call.valid)(
+            q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
+            call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
 
 
 def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -402,6 +455,7 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     differentiable with respect to q, k and v, and ``mask`` (B, L) bool. A sample with no real
     token gets a zero output.
     """
+    (q, k, v), autocast_off = _autocast_inputs(q, k, v)
     call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
                        query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
                        generator=generator, plan=plan, backend=backend)
@@ -413,14 +467,15 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] == 0:
         raise ValueError(f"v must have shape (B, H, L, dv) = {tuple(k.shape[:3])} + (dv,), "
                          f"got {tuple(v.shape)}")
-    mask = _op_or_impl(_mask_op, _mask_impl, q, k, call.valid)(
-        q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
-        call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
-    keep = call.valid ^ mask  # = valid & ~mask in one op: padding is never masked
-    if _BACKENDS[call.backend].uses_sdpa:
-        return reference.sdpa_attention(q, k, v, keep, scale=call.scale), mask
-    out, _ = _op_or_impl(_attention_op, _EagerAttention.apply, q, k, v)(q, k, v, keep, call.scale,
-                                                                         call.backend)
+    with autocast_off:
+        mask = _op_or_impl(_mask_op, _mask_impl, q, k, call.valid)(
+            q.detach(), k.detach(), call.valid, call.query_pool, *call.plan, call.ratio,
+            call.num_per_query, call.head_mix, call.mask_self, call.noise, call.scale, call.backend)
+        keep = call.valid ^ mask  # = valid & ~mask in one op: padding is never masked
+        if _BACKENDS[call.backend].uses_sdpa:
+            return reference.sdpa_attention(q, k, v, keep, scale=call.scale), mask
+        out, _ = _op_or_impl(_attention_op, _EagerAttention.apply, q, k, v)(q, k, v, keep, call.scale,
+                                                                             call.backend)
     return out, mask
 
 

@@ -32,6 +32,12 @@ def _load_extension() -> str | None:
 
 UNAVAILABLE: str | None = _load_extension()
 
+if UNAVAILABLE is None:
+    @torch.library.register_fake("sma_kernels_C::self_guided_mask")
+    def _(q, k, valid, query_pool, query_rank, head, token_rank, ratio, num_per_query, head_mix_random,
+          mask_self, noise, scale):
+        return valid.new_empty(valid.shape)
+
 
 def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
                      plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,

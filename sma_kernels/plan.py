@@ -11,6 +11,8 @@ How each backend reads the plan:
 
 * ``query_rank[b]`` is a random permutation of ``0..Q-1``. The chosen rows of sample ``b`` are the
   ``k_q`` rows of the query pool with the smallest rank, i.e. a uniform draw without replacement.
+  A hand-built plan may hold any int32 ranks: equal ranks break toward the lower index
+  (:func:`rank_order`), so every plan gives exactly the documented counts.
 * ``head[b, i]`` is the head that row ``i`` reads under ``head_mix="random"``.
 * ``token_rank[b]`` is a random permutation of ``0..L-1``. The ``k_rand`` random picks are the
   free valid tokens with the smallest rank.
@@ -83,27 +85,20 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
     head = torch.randint(num_heads, (batch_size, num_queries), generator=generator,
                          device=gen_device).to(device=device, dtype=torch.int32)
     token_rank = _random_permutations(batch_size, num_tokens, generator, device)
-    return mark_checked(MaskPlan(query_rank, head, token_rank), (num_queries, num_heads, num_tokens))
+    return MaskPlan(query_rank, head, token_rank)
 
 
-# A plan's entries index into q, k and the heads inside the kernels, so the API checks their
-# ranges. Reading them back costs a device sync per call; a plan whose tensors are unchanged
-# since they were made here or last checked (same autograd version counter), against the same
-# bounds, is not read again.
-_CHECKED = "_sma_kernels_checked"
+def rank_order(rank: torch.Tensor) -> torch.Tensor:
+    """Each row of ``rank`` turned into a permutation of 0..n-1 that orders it the same way.
 
-
-def mark_checked(plan: MaskPlan, bounds: tuple[int, int, int]) -> MaskPlan:
-    """Record that the entries of each plan tensor lie in [0, bound) at their current version."""
-    for tensor, bound in zip(plan, bounds):
-        setattr(tensor, _CHECKED, (tensor._version, bound))
-    return plan
-
-
-def is_checked(plan: MaskPlan, bounds: tuple[int, int, int]) -> bool:
-    """True when every plan tensor was checked against ``bounds`` and not modified since."""
-    return all(getattr(tensor, _CHECKED, None) == (tensor._version, bound)
-               for tensor, bound in zip(plan, bounds))
+    Entry i of the result is the position of i when the row is sorted by (rank, index): a
+    hand-built rank row with repeated values thus breaks its ties toward the lower index, and
+    a row that is already a permutation comes back unchanged. Every backend reads ranks through
+    this, so any int32 values give exactly the documented counts.
+    """
+    order = rank.argsort(dim=1, stable=True)
+    positions = torch.arange(rank.shape[1], device=rank.device, dtype=rank.dtype)
+    return torch.empty_like(rank).scatter_(1, order, positions.expand_as(rank))
 
 
 def round_half_even(x: torch.Tensor) -> torch.Tensor:
@@ -138,12 +133,13 @@ def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
 def take_smallest(keys: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Per row, a bool mask of the ``count`` eligible entries with the smallest ``keys``.
 
-    ``keys`` are distinct per row (ranks), so the result is unique. Used for chosen query rows
-    (keys = query_rank) and for the random picks (keys = token_rank).
+    ``keys`` are ranks in [0, width) (see :func:`rank_order`); equal keys break toward the lower
+    index (a stable sort), so the result is unique. Used for chosen query rows (keys =
+    query_rank) and for the random picks (keys = token_rank).
     """
     width = keys.shape[1]
-    # Ineligible entries sort after every eligible one; keys < width keep rows distinct.
-    ordered = torch.where(eligible, keys.long(), keys.long() + width).argsort(dim=1)
+    # Ineligible entries sort after every eligible one (keys < width).
+    ordered = torch.where(eligible, keys.long(), keys.long() + width).argsort(dim=1, stable=True)
     take_sorted = torch.arange(width, device=keys.device)[None, :] < count[:, None]
     return torch.zeros_like(eligible).scatter(1, ordered, take_sorted)
 

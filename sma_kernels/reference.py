@@ -26,10 +26,18 @@ from .plan import MaskCounts, MaskPlan, chosen_rows, mask_counts, take_smallest
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
                  head: torch.Tensor, *, head_mix: str, scale: float) -> torch.Tensor:
-    """(B, L) fp32: summed attention of the chosen rows on each token; -inf at padding."""
-    logits = scale * torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, Q, L)
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no valid token -> 0
+    """(B, L) fp32: summed attention of the chosen rows on each token; -inf at padding.
+
+    The non-finite rule: a (head, row) whose logits over the real tokens are not all finite (NaN
+    or Inf in q or k, or an fp32 overflow) contributes nothing, so the scores of real tokens are
+    always finite. Padded keys never reach a logit, whatever they hold.
+    """
+    real = valid[:, None, None, :]
+    logits = scale * torch.matmul(q.float(), kept_rows(k, valid).float().transpose(-1, -2))
+    poisoned = (real & ~torch.isfinite(logits)).any(dim=-1, keepdim=True)  # (B, H, Q, 1)
+    logits = logits.masked_fill(~real, float("-inf"))
+    # Rows with no real token (softmax of all -inf is NaN) and poisoned rows give 0.
+    probs = torch.softmax(logits, dim=-1).masked_fill(poisoned, 0.0).nan_to_num(0.0)
     if head_mix == "mean":
         mixed = probs.mean(dim=1)
     else:
@@ -67,10 +75,16 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
     return select_tokens(scores, valid, forced, counts, plan.token_rank)
 
 
+def kept_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) ``x`` with the rows of tokens not kept set to 0: whatever they held (NaN and
+    Inf included) then cannot reach an output or a gradient (0 * NaN would)."""
+    return x.masked_fill(~keep[:, None, :, None], 0)
+
+
 def _masked_logits(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     # Half inputs are computed in fp32, so the oracle is never less accurate than the kernels.
     work = torch.promote_types(q.dtype, torch.float32)
-    logits = scale * torch.matmul(q.to(work), k.to(work).transpose(-1, -2))
+    logits = scale * torch.matmul(q.to(work), kept_rows(k, keep).to(work).transpose(-1, -2))
     return logits.masked_fill(~keep[:, None, None, :], float("-inf"))
 
 
@@ -86,7 +100,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     lse = torch.logsumexp(logits, dim=-1)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     probs = torch.exp(logits - lse[..., None])
-    out = torch.matmul(probs, v.to(probs.dtype))
+    out = torch.matmul(probs, kept_rows(v, keep).to(probs.dtype))
     return out.to(q.dtype), lse
 
 
@@ -102,10 +116,10 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     probs = torch.exp(_masked_logits(q, k, keep, scale).to(work) - lse[..., None])
     d_out = grad_out.to(work)
     d_v = torch.matmul(probs.transpose(-1, -2), d_out)
-    d_probs = torch.matmul(d_out, v.to(work).transpose(-1, -2))
+    d_probs = torch.matmul(d_out, kept_rows(v, keep).to(work).transpose(-1, -2))
     delta = (d_out * out.to(work)).sum(dim=-1, keepdim=True)
     d_logits = probs * (d_probs - delta)
-    d_q = scale * torch.matmul(d_logits, k.to(work))
+    d_q = scale * torch.matmul(d_logits, kept_rows(k, keep).to(work))
     d_k = scale * torch.matmul(d_logits.transpose(-1, -2), q.to(work))
     return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
 
@@ -115,11 +129,13 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
     """:func:`attention_forward`'s output through PyTorch's own SDPA, differentiable natively.
 
     Faster than the fp32 oracle math on the CPU (PyTorch's fused CPU kernel); a sample with no
-    key kept gets a zero output and zero gradients.
+    key kept gets a zero output and zero gradients. Keys and values not kept are zeroed first:
+    SDPA reads every key, and a NaN there would reach the whole row.
     """
     any_kept = keep.any(dim=1)
     attend = keep | ~any_kept[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(q, kept_rows(k, keep), kept_rows(v, keep),
+                                         attn_mask=attend[:, None, None, :], scale=scale)
     return out * any_kept[:, None, None, None].to(out.dtype)
 
 

@@ -9,6 +9,8 @@
  *      every head under head_mix="mean" (weight 1/H), the plan's head under "random" (weight 1).
  *      One sweep over the keys in tiles of kTile tokens gives each pair the max m and the sum
  *      Σ_j exp(s_j - m) of its logits s_j = scale * q·k_j over the valid tokens (online softmax).
+ *      A pair with a non-finite logit on a valid token (NaN or Inf in q or k, or an fp32 overflow)
+ *      contributes nothing to the scores, as in the reference.
  *   2. Token scores. For each tile of tokens, score[j] = Σ over the pairs, in (head, row) order, of
  *      exp(s_j - m) * weight / sum. The logits are recomputed rather than stored, which would
  *      take a (k_q, L) block.
@@ -64,6 +66,7 @@ namespace {
 constexpr int64_t kTile = 64;      // tokens per tile: 8 AVX2 accumulators for the dot products
 constexpr int64_t kRunPairs = 16;  // pairs of one head that share a transposed tile in step 1
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kMaxFloat = std::numeric_limits<float>::max();
 
 struct Counts {
   int64_t num_rows;    // k_q
@@ -263,14 +266,30 @@ SMA_ALWAYS_INLINE void row_stats_body(const Problem<scalar_t>& p, Pair* pairs, i
       load_row(p, pairs[first + r], rows.data() + r * p.dim);
     }
     float row_max[kRunPairs], row_sum[kRunPairs];
+    bool poisoned[kRunPairs];
     std::fill(row_max, row_max + run, kNegInf);
     std::fill(row_sum, row_sum + run, 0.f);
+    std::fill(poisoned, poisoned + run, false);
     const scalar_t* keys = p.k + (int64_t{lead.sample} * p.heads + lead.head) * p.tokens * p.dim;
     const bool* valid = p.valid + int64_t{lead.sample} * p.tokens;
     for (int64_t t0 = 0; t0 < p.tokens; t0 += kTile) {
       loader.load(keys, valid, p.tokens, t0, bias);
       for (int64_t r = 0; r < run; ++r) {
+        if (poisoned[r]) {
+          continue;
+        }
         tile_logits(rows.data() + r * p.dim, loader.tile(), bias, p.dim, p.scale, s);
+        // The non-finite rule: a pair with a NaN or infinite logit on a real token contributes
+        // nothing. !(|s| <= max) is true for NaN and +-Inf alike; padding has bias -inf.
+        int nonfinite = 0;
+#pragma omp simd reduction(| : nonfinite)
+        for (int64_t j = 0; j < kTile; ++j) {
+          nonfinite |= static_cast<int>(bias[j] == 0.f && !(std::fabs(s[j]) <= kMaxFloat));
+        }
+        if (nonfinite) {
+          poisoned[r] = true;
+          continue;
+        }
         float tile_max = kNegInf;
 #pragma omp simd reduction(max : tile_max)
         for (int64_t j = 0; j < kTile; ++j) {
@@ -291,7 +310,8 @@ SMA_ALWAYS_INLINE void row_stats_body(const Problem<scalar_t>& p, Pair* pairs, i
     }
     for (int64_t r = 0; r < run; ++r) {
       pairs[first + r].max = row_max[r];
-      pairs[first + r].coef = row_sum[r] > 0.f ? p.weight / row_sum[r] : 0.f;
+      // coef = 0 (no real token, or poisoned) makes step 2 skip the pair.
+      pairs[first + r].coef = row_sum[r] > 0.f && !poisoned[r] ? p.weight / row_sum[r] : 0.f;
     }
     first = last;
   }
@@ -315,6 +335,9 @@ SMA_ALWAYS_INLINE void token_scores_body(const Problem<scalar_t>& p, const Pair*
     int64_t loaded_head = -1;
     for (int64_t i = pair_offset[b]; i < pair_offset[b + 1]; ++i) {
       const Pair& pair = pairs[i];
+      if (pair.coef == 0.f) {
+        continue;  // contributes nothing; its logits may be NaN, and 0 * NaN is NaN
+      }
       if (pair.head != loaded_head) {  // pairs are sorted by head: one tile load per head
         loader.load(p.k + (b * p.heads + pair.head) * p.tokens * p.dim, p.valid + b * p.tokens, p.tokens,
                     t0, bias);
