@@ -3,8 +3,11 @@
 A checkpoint holds everything the next step depends on: the weights, AdamW's moments, the
 learning-rate schedule, the step, the loss curve so far, the torch (CPU and CUDA) RNG states and
 the state of the generator that draws the masks. The data order is a function of (seed, epoch),
-so it needs no state. Restarting from a checkpoint therefore continues the same loss curve as an
-uninterrupted run, bit for bit on the same machine.
+so it needs no state. Restarting from a checkpoint therefore continues the loss curve of an
+uninterrupted run bit for bit, whenever the run itself is deterministic: on CPU that means one
+torch thread (``torch.set_num_threads(1)``, ``sma ... --threads 1``), since the result of a
+multi-threaded reduction depends on how its work is split between threads, and that split is not
+guaranteed to be the same from run to run.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process takes every WORLD_SIZE-th example
 of the global batch, the model is wrapped in DistributedDataParallel, and only rank 0 writes
@@ -203,12 +206,70 @@ def write_metrics(out_dir: Path, metrics: dict, dist: Dist) -> None:
         (out_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def _resume(run: Run, path: Path, resume: bool) -> dict | None:
-    if not (resume and path.exists()):
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or not the kind its use needs."""
+
+
+_KINDS = {"pretrain": ("a pretraining checkpoint", "a pretraining one (from `sma pretrain`)"),
+          "finetune": ("a fine-tuned checkpoint", "a fine-tuned one (from `sma finetune`)")}
+
+
+def load_checkpoint(path: Path, kind: str, use: str,
+                    map_location: torch.device | str = "cpu") -> dict:
+    """The checkpoint at ``path``, written by ``kind`` ("pretrain" or "finetune").
+
+    Raises :class:`CheckpointError`, with a one-line message naming ``use`` (what needs the
+    checkpoint, e.g. "evaluate"), when the file is missing, is not a torch checkpoint, or is not
+    an sma checkpoint of that kind.
+    """
+    path = Path(path)
+    wanted = f"{use} needs {_KINDS[kind][1]}"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; {wanted}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; {wanted}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # unpickling fails with many types (UnpicklingError, EOFError, ...)
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"{path} is not a torch checkpoint ({type(error).__name__}: "
+                              f"{reason}); {wanted}") from error
+    found = state.get("command") if isinstance(state, dict) else None
+    if found not in _KINDS or not isinstance(state.get("run"), dict):
+        raise CheckpointError(f"{path} is not an sma checkpoint; {wanted}")
+    if found != kind:
+        raise CheckpointError(f"{path} is {_KINDS[found][0]}; {wanted}")
+    return state
+
+
+def check_inputs(path: Path, model: ModelConfig, data: TokenSet, data_name: str) -> None:
+    """Raise :class:`CheckpointError` unless the model from ``path`` reads ``data``'s inputs."""
+    if model.input_kind != data.kind:
+        has = "bytes" if data.kind == "bytes" else f"{data.length} features"
+        raise CheckpointError(f"{path} is a model of {model.input_kind} inputs; "
+                              f"--data {data_name} has {has}")
+    if data.kind == "features" and model.max_len != data.length:
+        raise CheckpointError(f"{path} is a model of {model.max_len} features; "
+                              f"--data {data_name} has {data.length}")
+
+
+def _resume(run: Run, path: Path, resume: bool, kind: str, model_config: ModelConfig,
+            data_name: str) -> dict | None:
+    """The checkpoint state that ``run`` continues from (None without ``resume``); refuses a
+    missing checkpoint and one of another command, model or data set."""
+    if not resume:
         return None
     # Loaded to the CPU: RNG states must stay CPU byte tensors; load_state_dict moves the
     # weights and the optimizer moments to the parameters' device.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, kind, f"{kind} --resume")
+    if state["data"] != data_name:
+        raise CheckpointError(f"{path} is a run on --data {state['data']}, not {data_name}")
+    if state["model"] != model_config.to_dict():
+        saved = state["model"]
+        diff = ", ".join(f"{key} {saved.get(key)}, not {value}"
+                         for key, value in model_config.to_dict().items() if saved.get(key) != value)
+        raise CheckpointError(f"{path} holds a different model ({diff}); resume with the flags of "
+                              "the run that wrote it")
     run.load_state_dict(state["run"])
     return state
 
@@ -216,13 +277,17 @@ def _resume(run: Run, path: Path, resume: bool) -> dict | None:
 def pretrain(corpus: TokenSet, corpus_name: str, model_config: ModelConfig,
              masking: MaskingConfig, config: TrainConfig, out_dir: Path, *, dist: Dist,
              resume: bool = False, backend: str = "auto", progress: bool = True) -> dict:
-    """Pretrain an SMA encoder + decoder on ``corpus``; returns (and writes) the metrics."""
+    """Pretrain an SMA encoder + decoder on ``corpus``; returns (and writes) the metrics.
+
+    With ``resume`` it continues from ``out_dir/checkpoint.pt``, which must exist and come from a
+    pretraining run of the same model on the same corpus (else :class:`CheckpointError`).
+    """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     model = SMAPretrainer(model_config, masking, backend).to(dist.device)
     run = Run(model, config, dist)
     path = out_dir / CHECKPOINT
-    previous = _resume(run, path, resume)
+    previous = _resume(run, path, resume, "pretrain", model_config, corpus_name)
     elapsed = previous["wall_s"] if previous else 0.0
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -277,8 +342,9 @@ def evaluate(model: SMAPredictor, task: Task, stats: tuple[float, float], device
 
 def load_predictor(path: Path, device: torch.device, backend: str = "auto"
                    ) -> tuple[SMAPredictor, dict]:
-    """A fine-tuned model and its checkpoint header from ``path``."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    """A fine-tuned model and its checkpoint header from ``path`` (:class:`CheckpointError` if
+    it is not a fine-tuned checkpoint)."""
+    state = load_checkpoint(path, "finetune", "evaluate", map_location=device)
     model = SMAPredictor(ModelConfig(**state["model"]), backend=backend).to(device)
     model.load_state_dict(state["run"]["model"])
     return model, state
@@ -289,13 +355,19 @@ def finetune(task: Task, config: TrainConfig, out_dir: Path, *, dist: Dist,
              dropout: float = 0.1, resume: bool = False, backend: str = "auto",
              progress: bool = True) -> dict:
     """Fine-tune a predictor on ``task`` from the pretrained encoder at ``init`` (or from scratch
-    with ``model_config``), then evaluate valid and test; returns (and writes) the metrics."""
+    with ``model_config``), then evaluate valid and test; returns (and writes) the metrics.
+
+    ``init`` must be a pretraining checkpoint of a model for the task's inputs; with ``resume`` it
+    continues from ``out_dir/checkpoint.pt``, which must exist and come from a fine-tuning run of
+    the same model on the same task (else :class:`CheckpointError`).
+    """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     pretrained = None
     if init is not None:
-        pretrained = torch.load(init, map_location="cpu", weights_only=False)
+        pretrained = load_checkpoint(init, "pretrain", "finetune --init")
         model_config = ModelConfig(**pretrained["model"])
+        check_inputs(init, model_config, task.splits["train"], task.name)
     if model_config is None:
         raise ValueError("finetune needs a pretrained checkpoint (init) or a model_config")
     model_config = replace(model_config, dropout=dropout)
@@ -311,7 +383,7 @@ def finetune(task: Task, config: TrainConfig, out_dir: Path, *, dist: Dist,
     stats = (float(labels.mean()), float(labels.std())) if task.problem == "regression" else (0.0, 1.0)
     run = Run(model, config, dist)
     path = out_dir / CHECKPOINT
-    previous = _resume(run, path, resume)
+    previous = _resume(run, path, resume, "finetune", model_config, task.name)
     elapsed = previous["wall_s"] if previous else 0.0
 
     def loss_fn(step: int) -> torch.Tensor:
