@@ -4,8 +4,9 @@ Default: the four workloads of DESIGN.md section 9 (shrunk on the CPU, full size
 an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and head dim.
 Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under ``--out``
 (default ``runs/bench/``, git-ignored, so a run leaves the checkout clean; ``--save`` writes to
-the committed ``bench/results/`` instead), prints the table last, and exits 1 if any provider's
-mask or output was wrong or an sma-kernels backend failed.
+the committed ``bench/results/`` instead), then prints each provider's mask check, the timing
+table and the end-to-end steps, and exits 1 if any provider's mask or output was wrong or an
+sma-kernels backend failed.
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         written.append(args.readme)
     log("wrote " + ", ".join(str(path) for path in written))
     log("")
+    log(report.text_table(result))  # the mask check first, then the timings
+    log("")
     log(e2e.text_table(result["end_to_end"]))
-    log(report.text_table(result))
     if result["failures"]:
         log(f"benchmark FAILED: {len(result['failures'])} provider(s) gave wrong results or crashed")
         return 1

@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark (bench/): every provider at tiny sizes on the CPU, the JSON
-schema, the README table, that a wrong provider fails the benchmark instead of
+schema, the terminal and README tables, that a wrong provider fails the benchmark instead of
 winning it, and that a run writes to the git-ignored runs/bench/ unless told to save."""
 
 from __future__ import annotations
@@ -70,7 +70,24 @@ def test_main_writes_valid_json_and_table(tmp_path, capsys):
     # a dated copy of the same run, and the table printed after the files are written
     assert len(list(tmp_path.glob("cpu-*.json"))) == 1
     out = capsys.readouterr().out
-    assert out.index("fwd/SDPA") > out.index("wrote ")
+    lines = out[out.index("wrote "):].splitlines()
+    header = next(i for i, line in enumerate(lines) if "fwd / SDPA" in line)
+    # each ratio column says which way is better, on the header line below its name
+    names, better = lines[header], lines[header + 1]
+    for column, direction in (("fwd / SDPA", "(lower is better)"), ("fwd+bwd / SDPA", "(lower is better)"),
+                              ("fwd speed-up vs published", "(higher is better)"),
+                              ("mask speed-up vs vectorized", "(higher is better)")):
+        end = names.index(column) + len(column)
+        assert better[:end].endswith(direction), (column, better)
+    # the mask check, one line per provider, before the timing table
+    check = next(i for i, line in enumerate(lines) if line.startswith("mask check"))
+    assert check < header
+    for name in fast:
+        (line,) = [line for line in lines[check + 1:header] if line.split()[:1] == [name]]
+        verdict = "no mask" if name.startswith("sdpa") else "ok"
+        assert line.split(None, 1)[1].startswith(verdict), line
+        if verdict == "ok":
+            assert f"same mask as the reference at {len(CASES)} of {len(CASES)} case(s) (exact" in line
 
 
 @pytest.fixture
@@ -146,6 +163,19 @@ def test_readme_table_comes_from_committed_results_only(tmp_path):
         report.main(["--dir", str(tmp_path / "empty"), "--readme", str(readme)])
     assert readme.read_text() == f"{report.START}\n{report.END}\n"
     report.main(["--dir", str(tmp_path)])  # local results are readable, just not for the README
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    results = [json.loads(path.read_text()) for path in sorted(report.RESULTS.glob("latest-*.json"))]
+    expected = report.markdown(results)
+    assert f"{report.START}\n{expected}\n{report.END}" in readme, \
+        "README.md's bench table is stale: python -m bench.report --readme README.md"
+    headers = [line for line in expected.splitlines() if line.startswith("| workload")]
+    assert headers and all("best / SDPA (lower is better)" in line
+                           and "best speed-up vs published (higher is better)" in line
+                           and "best mask speed-up vs vectorized (higher is better)" in line
+                           for line in headers)
 
 
 def test_time_limit_leaves_valid_partial_json(tmp_path):
