@@ -3,8 +3,10 @@
 Default: the four workloads of DESIGN.md section 9 (shrunk on the CPU, full size on a GPU, where
 an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and head dim.
 Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under ``--out``
-(default ``bench/results/``), prints the table last, and exits 1 if any provider's mask or output
-was wrong or an sma-kernels backend failed.
+(default ``runs/bench/``, git-ignored, so a run leaves the checkout clean; ``--save`` writes to
+the committed ``bench/results/`` instead), then prints each provider's mask check, the timing
+table and the end-to-end steps, and exits 1 if any provider's mask or output was wrong or an
+sma-kernels backend failed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="bigger CPU sizes and all sweeps")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes only (smoke tests)")
-    parser.add_argument("--out", type=Path, default=report.RESULTS, help="directory for JSON and plots")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=report.LOCAL,
+                       help="directory for JSON and plots (default: runs/bench/, git-ignored)")
+    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
+                       help="write to the committed results, bench/results/")
     parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="input dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (e.g. higgs L=4096)")
@@ -46,9 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "and no end-to-end step after it (what is left is recorded as not run)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--readme", type=Path, help="also regenerate this README's bench table")
+    parser.add_argument("--readme", type=Path, help="also regenerate this README's bench table "
+                        "from the committed results (needs --save)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.readme and args.out.resolve() != report.RESULTS:
+        parser.error("--readme: the README table comes from the committed results; add --save")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         written.append(args.readme)
     log("wrote " + ", ".join(str(path) for path in written))
     log("")
+    log(report.text_table(result))  # the mask check first, then the timings
+    log("")
     log(e2e.text_table(result["end_to_end"]))
-    log(report.text_table(result))
     if result["failures"]:
         log(f"benchmark FAILED: {len(result['failures'])} provider(s) gave wrong results or crashed")
         return 1

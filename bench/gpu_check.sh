@@ -2,8 +2,10 @@
 # GPU check, run from the repository root on a CUDA host (torch, Triton, nvcc, ninja installed;
 # no network needed):
 #
-#   bash bench/gpu_check.sh            # results in bench/results/
+#   bash bench/gpu_check.sh                     # results in runs/bench/ (git-ignored)
 #   OUT=/some/dir bash bench/gpu_check.sh
+#   OUT=bench/results bash bench/gpu_check.sh   # into the committed results (then
+#                                               # python -m bench.report --readme README.md)
 #   SMA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh   # names the commit when the copy has no .git
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
@@ -13,11 +15,12 @@
 #    end-to-end training steps,
 # and prints a short table last. Every step has a time limit so that the whole check ends in
 # under 5 minutes on an H100; a failing step does not stop the later ones, but the exit status is
-# non-zero if any step failed. Output: $OUT (default bench/results) gets the benchmark JSON
-# (dated + latest-<gpu>.json), the plots, gpu_check.log and the test log (at most 8 files).
+# non-zero if any step failed. Output: $OUT (default runs/bench, git-ignored, so that the check
+# leaves the checkout clean) gets the benchmark JSON (dated + latest-<gpu>.json), the plots,
+# gpu_check.log and the test log (at most 8 files).
 set -u
 export PYTHONUNBUFFERED=1
-OUT_DIR="${OUT:-bench/results}"
+OUT_DIR="${OUT:-runs/bench}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 : > "$LOG"

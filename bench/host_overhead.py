@@ -14,7 +14,8 @@ mask, the forward (mask + attention) and forward+backward of the public function
 their eager path, and through the registered custom ops (the path of torch.compile, and of
 eager calls before they skipped the ops; ``api._needs_registered_op`` is patched to choose).
 Each figure is the minimum over blocks of calls (on a shared machine: the least disturbed).
-Writes ``host-overhead-<cpu>-<UTC date>.json`` under ``--out`` (default ``bench/results/``).
+Writes ``host-overhead-<cpu>-<UTC date>.json`` under ``--out`` (default ``runs/bench/``,
+git-ignored; ``--save`` writes to the committed ``bench/results/``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,11 @@ def calls(case: bench_cases.Case) -> dict[str, Callable[[], object]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=report.RESULTS)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=report.LOCAL,
+                       help="directory for the JSON (default: runs/bench/, git-ignored)")
+    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
+                       help="write to the committed results, bench/results/")
     parser.add_argument("--blocks", type=int, default=60)
     parser.add_argument("--calls", type=int, default=100)
     args = parser.parse_args(argv)

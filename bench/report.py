@@ -1,9 +1,14 @@
 """Tables from benchmark JSON: the terminal table and the README section.
 
-``python -m bench.report [RESULT.json ...] [--readme README.md]`` prints the table of each result
-(default: every ``bench/results/latest-*.json``) and, with ``--readme``, replaces what lies
-between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in that file with a markdown table
-generated from the same JSON. Nothing in the README's table is typed by hand.
+``python -m bench.report [RESULT.json ...] [--dir DIR] [--readme README.md]`` prints the table of
+each result (default: every ``latest-*.json`` of the committed results, ``bench/results/``;
+``--dir runs/bench`` reads those of local runs instead) and, with ``--readme``, replaces what
+lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in that file with a markdown
+table generated from the same JSON. Nothing in the README's table is typed by hand, and it is
+made from committed results only.
+
+Every ratio says which way is better: ``X / SDPA`` is a time ratio (lower is better), a
+speed-up is the other route's time over ours (higher is better).
 """
 
 from __future__ import annotations
@@ -13,7 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+# Committed results: only ``python -m bench --save`` (or an explicit --out) writes here.
+RESULTS = ROOT / "bench" / "results"
+# Default output of a run: git-ignored (``/runs/`` in .gitignore), so a run leaves the checkout clean.
+LOCAL = ROOT / "runs" / "bench"
+LOWER, HIGHER = "(lower is better)", "(higher is better)"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -45,9 +55,11 @@ def _header(result: dict[str, Any]) -> str:
 
 
 def text_table(result: dict[str, Any], groups: tuple[str, ...] = ("workload",)) -> str:
-    """Fixed-width table: per case and provider, times (ms), memory and ratios."""
-    columns = ("case", "provider", "mask ms", "fwd ms", "fwd+bwd ms", "fwd MB", "fwd/SDPA",
-               "fwdbwd/SDPA", "fwd vs published", "mask vs vectorized")
+    """Fixed-width table: the mask check of every provider first, then per case and provider,
+    times (ms), memory and ratios (a second header line says which way each ratio is better)."""
+    columns = ("case", "provider", "mask ms", "fwd ms", "fwd+bwd ms", "fwd MB", "fwd / SDPA",
+               "fwd+bwd / SDPA", "fwd speed-up vs published", "mask speed-up vs vectorized")
+    better = ("", "", "", "", "", "", LOWER, LOWER, HIGHER, HIGHER)
     rows = []
     for case in result["cases"]:
         if case["group"] not in groups:
@@ -60,9 +72,11 @@ def text_table(result: dict[str, Any], groups: tuple[str, ...] = ("workload",)) 
                          _ms(record, "fwdbwd"), _mb(record, "fwd"), _ratio(record, "fwd_over_sdpa"),
                          _ratio(record, "fwdbwd_over_sdpa"), _ratio(record, "fwd_speedup_over_published"),
                          _ratio(record, "mask_speedup_over_vectorized")))
-    widths = [max([len(columns[i])] + [len(r[i]) for r in rows if len(r) == len(columns)])
+    widths = [max([len(columns[i]), len(better[i])] + [len(r[i]) for r in rows if len(r) == len(columns)])
               for i in range(len(columns))]
-    lines = [_header(result), "  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines = [_header(result), *mask_check_lines(result), "",
+             "  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join(c.rjust(w) for c, w in zip(better, widths)).rstrip()]
     for row in rows:
         if len(row) == len(columns):
             lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
@@ -73,6 +87,55 @@ def text_table(result: dict[str, Any], groups: tuple[str, ...] = ("workload",)) 
     if result["failures"]:
         lines.append("FAILED: " + "; ".join(result["failures"]))
     return "\n".join(lines)
+
+
+def mask_checks(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Per provider, over every case of the run: (verdict, detail) of its mask against the
+    reference's under the same plan (exact, or float near-ties; see bench.providers.check_mask).
+    Verdicts: "ok", "FAILED" (a wrong mask or output, or an sma-kernels backend crashed),
+    "not checked" (skipped everywhere) and "no mask" (the SDPA floors)."""
+    records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for case in result["cases"]:
+        for name, record in case["providers"].items():
+            records.setdefault(name, []).append((case["name"], record))
+    checks = {}
+    for name, pairs in records.items():
+        failed = [(case, record) for case, record in pairs if record["status"] == "failed"]
+        checked = [(case, record["check"]) for case, record in pairs
+                   if record["status"] != "failed" and record.get("check") is not None]
+        unchecked = [(case, record) for case, record in pairs
+                     if record["status"] != "failed" and record.get("check") is None]
+        if not failed and not checked and all(r.get("kind") == "floor" for _, r in unchecked):
+            checks[name] = ("no mask", "attention only, nothing to check")
+            continue
+        details = []
+        if failed:
+            case, record = failed[0]
+            details.append(f"failed at {len(failed)} of {len(pairs)} case(s), first {case}: "
+                           f"{record['reason']}")
+        if checked:
+            ties = [f"{case}: {check}" for case, check in checked if check != "exact"]
+            details.append(f"same mask as the reference at {len(checked)} of {len(pairs)} case(s) ("
+                           + ("; ".join(ties) if ties else "exact") + ")")
+        if unchecked:
+            case, record = unchecked[0]
+            details.append(f"skipped at {len(unchecked)} of {len(pairs)} case(s), first {case}: "
+                           f"{record.get('reason')}")
+        verdict = "FAILED" if failed else "ok" if checked else "not checked"
+        checks[name] = (verdict, "; ".join(details))
+    return checks
+
+
+def mask_check_lines(result: dict[str, Any]) -> list[str]:
+    """One line per provider: :func:`mask_checks`, printed before any timing."""
+    checks = mask_checks(result)
+    if not checks:
+        return []
+    width = max(len(name) for name in checks)
+    title = ("mask check (each provider's mask against the reference's under the same plan; "
+             "float near-ties accepted):")
+    return [title] + [f"  {name:<{width}}  {verdict:<11}  {detail}"
+                      for name, (verdict, detail) in checks.items()]
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -91,10 +154,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         speedups = ", ".join(f"{ratio(summary, f'fwd_speedup_over_{base}')} vs {base}"
                              for base in ("published", "vectorized", "compiled", "flex")
                              if f"fwd_speedup_over_{base}" in summary)
-        lines.append(f"{case['name']}: best {summary['best_backend']}: fwd "
-                     f"{ratio(summary, 'fwd_over_sdpa', '{:.2f}x')} SDPA, fwd+bwd "
-                     f"{ratio(summary, 'fwdbwd_over_sdpa', '{:.2f}x')} SDPA (target 1.3x); "
-                     f"fwd speed-up {speedups or 'unknown (no baseline ran)'}; "
+        lines.append(f"{case['name']}: best {summary['best_backend']}: time / SDPA fwd "
+                     f"{ratio(summary, 'fwd_over_sdpa', '{:.2f}x')}, fwd+bwd "
+                     f"{ratio(summary, 'fwdbwd_over_sdpa', '{:.2f}x')} (lower is better, target 1.3x); "
+                     f"fwd speed-up {HIGHER} {speedups or 'unknown (no baseline ran)'}; "
                      f"{achieved['tflops']:.3g} TFLOP/s ({achieved['pct_matmul']:.2g}% of matmul), "
                      f"{achieved['gbps']:.3g} GB/s ({achieved['pct_copy']:.2g}% of copy)"
                      + _host_share(best["times"]["fwd"]))
@@ -139,10 +202,12 @@ def _pair(record: dict[str, Any], first: str, second: str, fmt: Any) -> str:
 def markdown(results: list[dict[str, Any]]) -> str:
     """README section: per result file (device), one row per workload, the forward time of each
     provider, and the best sma-kernels backend's ratios."""
-    parts = [("Generated by `python -m bench.report --readme README.md` from `bench/results/` "
-              "(`python -m bench` writes them). Forward time in ms, forward+backward in "
-              "parentheses; medians; every ratio against baselines timed in the same process. "
-              "\"best\" is the fastest sma-kernels backend.")]
+    parts = [("Generated by `python -m bench.report --readme README.md` from the committed "
+              "`bench/results/latest-*.json` (`python -m bench --save` writes them). Forward time in ms "
+              "(lower is better), forward+backward in parentheses; medians; every ratio against "
+              "baselines timed in the same process. \"best\" is the fastest sma-kernels backend; "
+              "\"best / SDPA\" is its time over SDPA's (lower is better), a speed-up is the "
+              "other route's time over its (higher is better).")]
     for result in results:
         cases = [case for case in result["cases"] if case["group"] == "workload"]
         names = [name for name in dict.fromkeys(n for case in cases for n in case["providers"])
@@ -150,7 +215,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         dtype = cases[0]["dtype"] if cases else ""
         parts.append(f"\n**{_header(result)}**, {dtype}\n")
         parts.append("| workload (B, H, Q, L, d, dv) | " + " | ".join(names) +
-                     " | best / SDPA | best vs published | best mask vs vectorized | best extra MB |")
+                     f" | best / SDPA {LOWER} | best speed-up vs published {HIGHER}"
+                     f" | best mask speed-up vs vectorized {HIGHER} | best extra MB |")
         parts.append("|---" * (len(names) + 5) + "|")
         skipped: dict[str, str] = {}
         for case in cases:
@@ -173,6 +239,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
             parts.append(f"| {case['name']} {_shape(case)} | " + " | ".join(cells) + " |")
         for name, reason in skipped.items():
             parts.append(f"\n- {name} missing in some rows: {reason.replace('|', '/')}")
+        checks = mask_checks({**result, "cases": cases})
+        same = [name for name, (verdict, _) in checks.items() if verdict == "ok"]
+        wrong = [f"{name} ({detail})" for name, (verdict, detail) in checks.items() if verdict == "FAILED"]
+        parts.append("\nMask check: " + (", ".join(f"`{name}`" for name in same) or "no provider")
+                     + " chose the reference's mask (exact or a float near-tie) at every workload"
+                     + " where it ran" + (f"; wrong: {'; '.join(wrong)}" if wrong else "") + ".")
     return "\n".join(parts)
 
 
@@ -189,15 +261,26 @@ def update_readme(readme: Path, results: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="*", type=Path,
-                        help="result JSON files (default: bench/results/latest-*.json)")
-    parser.add_argument("--readme", type=Path, help="README whose bench section to regenerate")
+                        help="result JSON files (default: DIR/latest-*.json)")
+    parser.add_argument("--dir", type=Path, default=RESULTS,
+                        help="read DIR/latest-*.json (default: the committed bench/results/; "
+                             "runs/bench for local runs)")
+    parser.add_argument("--readme", type=Path, help="README whose bench section to regenerate "
+                                                    "(from committed results only)")
     parser.add_argument("--short", action="store_true", help="only the per-workload summary")
     args = parser.parse_args(argv)
-    paths = args.results or sorted(RESULTS.glob("latest-*.json"))
+    paths = args.results or sorted(args.dir.glob("latest-*.json"))
+    if not paths:
+        parser.error(f"no results: {args.dir} has no latest-*.json")
+    if args.readme:
+        local = [path for path in paths if path.resolve().parent != RESULTS]
+        if local:
+            parser.error(f"--readme: the README table comes from committed results "
+                         f"({RESULTS}) only, not {local[0]}; rerun with python -m bench --save")
     results = [json.loads(path.read_text()) for path in paths]
     for result in results:
         if args.short:
-            print("\n".join([_header(result), *summary_lines(result),
+            print("\n".join([_header(result), *mask_check_lines(result), *summary_lines(result),
                              *(["FAILED: " + "; ".join(result["failures"])] if result["failures"] else [])]))
         else:
             print(text_table(result))

@@ -216,6 +216,8 @@ def run_case(case: Case, providers: Sequence[Provider], device: torch.device, dt
         result["providers"][provider.name] = record
         fwd = median_of(record, "fwd")
         note = f"fwd {fwd:9.3f} ms" if fwd is not None else f"{record['status']}: {record['reason']}"
+        if record.get("check") is not None:  # the mask check, ahead of the time it qualifies
+            note = f"mask {record['check']}; {note}"
         log(f"  {case.name:>10} {provider.name:<12} {note}  ({time.perf_counter() - started:.1f} s)")
     return result
 

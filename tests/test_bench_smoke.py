@@ -1,9 +1,12 @@
 """Smoke tests of the benchmark (bench/): every provider at tiny sizes on the CPU, the JSON
-schema, the README table, and that a wrong provider fails the benchmark instead of winning it."""
+schema, the terminal and README tables, that a wrong provider fails the benchmark instead of
+winning it, and that a run writes to the git-ignored runs/bench/ unless told to save."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -67,7 +70,112 @@ def test_main_writes_valid_json_and_table(tmp_path, capsys):
     # a dated copy of the same run, and the table printed after the files are written
     assert len(list(tmp_path.glob("cpu-*.json"))) == 1
     out = capsys.readouterr().out
-    assert out.index("fwd/SDPA") > out.index("wrote ")
+    lines = out[out.index("wrote "):].splitlines()
+    header = next(i for i, line in enumerate(lines) if "fwd / SDPA" in line)
+    # each ratio column says which way is better, on the header line below its name
+    names, better = lines[header], lines[header + 1]
+    for column, direction in (("fwd / SDPA", "(lower is better)"), ("fwd+bwd / SDPA", "(lower is better)"),
+                              ("fwd speed-up vs published", "(higher is better)"),
+                              ("mask speed-up vs vectorized", "(higher is better)")):
+        end = names.index(column) + len(column)
+        assert better[:end].endswith(direction), (column, better)
+    # the mask check, one line per provider, before the timing table
+    check = next(i for i, line in enumerate(lines) if line.startswith("mask check"))
+    assert check < header
+    for name in fast:
+        (line,) = [line for line in lines[check + 1:header] if line.split()[:1] == [name]]
+        verdict = "no mask" if name.startswith("sdpa") else "ok"
+        assert line.split(None, 1)[1].startswith(verdict), line
+        if verdict == "ok":
+            assert f"same mask as the reference at {len(CASES)} of {len(CASES)} case(s) (exact" in line
+
+
+@pytest.fixture
+def checkout_copy(tmp_path):
+    """A git repository holding a copy of this checkout's tracked files (as they are on disk),
+    with everything committed, plus the built extension."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True,
+                                check=True, timeout=60).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    copy = tmp_path / "checkout"
+    for name in filter(None, listed.split("\0")):
+        if (root / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, copy / name)
+    for built in root.glob("sma_kernels/_C*"):
+        shutil.copy2(built, copy / "sma_kernels" / built.name)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run(git + args, cwd=copy, check=True, capture_output=True, timeout=60)
+    return copy
+
+
+def _changed(copy):
+    """``git status --porcelain`` of ``copy``: paths modified or added (ignored ones excepted)."""
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=copy, capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    return sorted(line[3:] for line in status.splitlines())
+
+
+def test_default_runs_leave_the_checkout_clean(checkout_copy):
+    copy = checkout_copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(copy / "python")])}
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", *args], cwd=copy, env=env, capture_output=True,
+                              text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    quick = ["--tiny", "--no-e2e", "--min-run-time", "0.002", "--providers", "sdpa", "published",
+             "vectorized"]
+    assert _changed(copy) == []
+    run("bench", *quick)
+    run("bench.host_overhead", "--blocks", "1", "--calls", "1")
+    # nothing tracked changed and nothing new outside the git-ignored runs/
+    assert _changed(copy) == []
+    local = copy / "runs" / "bench"
+    assert {"latest-cpu.json", "latest-cpu-speedup.png"} <= {path.name for path in local.iterdir()}
+    assert len(list(local.glob("cpu-*.json"))) == len(list(local.glob("host-overhead-cpu-*.json"))) == 1
+    # --save writes into the committed results, and nowhere else
+    out = run("bench", *quick, "--no-plots", "--save")
+    changed = _changed(copy)
+    assert "bench/results/latest-cpu.json" in changed
+    assert all(path.startswith("bench/results/") for path in changed), changed
+    assert str(copy / "bench" / "results" / "latest-cpu.json") in out
+
+
+def test_readme_table_comes_from_committed_results_only(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--readme", str(tmp_path / "README.md")])  # needs --save
+    assert bench_main.parse_args(["--save", "--readme", "README.md"]).out == report.RESULTS
+    assert bench_main.parse_args([]).out == report.LOCAL
+    local = tmp_path / "latest-cpu.json"
+    shutil.copy2(report.RESULTS / "latest-cpu.json", local)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    with pytest.raises(SystemExit):
+        report.main([str(local), "--readme", str(readme)])
+    with pytest.raises(SystemExit):
+        report.main(["--dir", str(tmp_path / "empty"), "--readme", str(readme)])
+    assert readme.read_text() == f"{report.START}\n{report.END}\n"
+    report.main(["--dir", str(tmp_path)])  # local results are readable, just not for the README
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    results = [json.loads(path.read_text()) for path in sorted(report.RESULTS.glob("latest-*.json"))]
+    expected = report.markdown(results)
+    assert f"{report.START}\n{expected}\n{report.END}" in readme, \
+        "README.md's bench table is stale: python -m bench.report --readme README.md"
+    headers = [line for line in expected.splitlines() if line.startswith("| workload")]
+    assert headers and all("best / SDPA (lower is better)" in line
+                           and "best speed-up vs published (higher is better)" in line
+                           and "best mask speed-up vs vectorized (higher is better)" in line
+                           for line in headers)
 
 
 def test_time_limit_leaves_valid_partial_json(tmp_path):
