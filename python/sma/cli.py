@@ -6,7 +6,7 @@ Examples (``--data`` names are listed in :mod:`sma.data`)::
         --head-mix random --mask-self --steps 2000
     sma finetune --data freesolv --init runs/mol/checkpoint.pt --out runs/freesolv --steps 500
     sma evaluate --checkpoint runs/freesolv/checkpoint.pt --out runs/freesolv/eval.json
-    sma show-masks --checkpoint runs/mol/checkpoint.pt --out docs/show_masks.png
+    sma show-masks --checkpoint runs/mol/checkpoint.pt --out runs/show_masks.png
 
 Each training command writes ``checkpoint.pt`` and ``metrics.json`` to ``--out``; ``--resume``
 continues from the checkpoint there where it stopped. The resumed run reproduces the loss curve of

@@ -1,6 +1,6 @@
 """Guided masking vs random masking vs no pretraining, per domain, over several seeds.
 
-    python -m sma.experiments --out python/results --seeds 0 1 2 --workers 2
+    python -m sma.experiments --out runs/experiments --seeds 0 1 2 --workers 2
 
 For each domain and seed: pretrain one encoder with guided masking and one with random masking
 (same op, eta = 1) on the domain's unlabelled corpus, then fine-tune each, and a freshly
@@ -177,7 +177,8 @@ def plot(rows: list[dict], path: Path, subtitle: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sma.experiments", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("python/results"))
+    parser.add_argument("--out", type=Path, default=Path("runs/experiments"),
+                        help="where the results go (the committed ones: python/results)")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/sma-experiments"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
