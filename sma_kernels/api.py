@@ -424,13 +424,19 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
             random picks instead of top scores (eta = 1 gives a uniform random mask).
         scale: logit scale, default d ** -0.5.
         generator: randomness for the plan when ``plan`` is not given.
-        plan: a :class:`MaskPlan` from :func:`make_plan`; the same plan gives the same mask on
-            every backend.
+        plan: a :class:`MaskPlan` from :func:`make_plan` (or any int32 tensors of its shapes:
+            equal ranks break toward the lower index; ``head`` must lie in [0, H)); the same
+            plan gives the same mask on every backend.
         backend: "auto", "reference", "cpp" (CPU tensors) or "triton" (CUDA tensors).
 
     Returns:
         (B, L) bool, True = masked. Padding is never masked; each sample with n_b >= 2 real
         tokens has exactly k masked.
+
+    Edge rules (README, "The rules at the edges"): padded keys are never read; a (head, row)
+    whose fp32 logits over the real tokens are not all finite adds nothing to the scores; under
+    ``torch.autocast`` float inputs other than float64 are cast to the autocast dtype first, as
+    scaled_dot_product_attention does; a ``generator`` cannot be used inside ``torch.compile``.
     """
     (q, k), autocast_off = _autocast_inputs(q, k)
     call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
@@ -453,7 +459,8 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Takes the arguments of :func:`self_guided_mask`, plus ``v`` (B, H, L, dv). Returns
     ``out`` (B, H, Q, dv) = softmax(scale q k^T with masked and padded key columns removed) v,
     differentiable with respect to q, k and v, and ``mask`` (B, L) bool. A sample with no real
-    token gets a zero output.
+    token gets a zero output. Keys and values that are padded or masked never reach the output
+    or the gradients, whatever they hold (NaN and Inf included); their gradients are zero.
     """
     (q, k, v), autocast_off = _autocast_inputs(q, k, v)
     call = _check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,

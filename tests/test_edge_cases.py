@@ -1,19 +1,18 @@
 """The contract at its edges: torch modes, non-finite and padded contents, hand-built plans,
-autocast, and the arguments that used to escape the checks. Every backend available here."""
+autocast, and arguments at their limits. Every backend available here."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_masks_match
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sma_kernels as sk
 from sma_kernels import reference
 from sma_kernels.plan import chosen_rows, mask_counts
-
-from helpers import assert_masks_match
 
 B, H, Q, L, D, DV = 3, 2, 4, 10, 4, 3
 
