@@ -12,7 +12,7 @@ launches; the launches themselves (a few microseconds each in Triton's launcher)
 Per workload's options (tiny shapes: the host work does not depend on the sizes), it times the
 mask, the forward (mask + attention) and forward+backward of the public functions, twice: on
 their eager path, and through the registered custom ops (the path of torch.compile, and of
-eager calls before they skipped the ops; ``api._needs_registered_op`` is patched to choose).
+eager calls before they skipped the ops; ``ops.needs_registered_op`` is patched to choose).
 Each figure is the minimum over blocks of calls (on a shared machine: the least disturbed).
 Writes ``host-overhead-<cpu>-<UTC date>.json`` under ``--out`` (default ``runs/bench/``,
 git-ignored; ``--save`` writes to the committed ``bench/results/``).
@@ -38,7 +38,7 @@ from unittest import mock
 import torch
 
 import sma_kernels
-from sma_kernels import api
+from sma_kernels import ops
 
 from . import cases as bench_cases
 from . import measure, report
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 record.setdefault("launches", {})[metric] = list(launched)
                 for route, through_ops in (("eager", False), ("ops", True)):
                     # "ops": the path torch.compile takes, through the registered custom ops.
-                    with mock.patch.object(api, "_needs_registered_op", lambda *_, flag=through_ops: flag):
+                    with mock.patch.object(ops, "needs_registered_op", lambda *_, flag=through_ops: flag):
                         record[f"{route}_{metric}_us"] = host_us(fn, args.blocks, args.calls)
             records.append(record)
             print(f"{workload.name:10s}" + "".join(

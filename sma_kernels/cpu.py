@@ -1,8 +1,8 @@
 """The compiled CPU backend: the fused self-guided mask of ``csrc/cpu`` (C++, OpenMP).
 
 It computes the row log-sum-exp and the token scores for the chosen rows only, then selects the
-mask in place, with O(B*L) extra memory. ``self_guided_attention`` then applies the mask with
-PyTorch's own SDPA (see ``uses_sdpa`` in :mod:`sma_kernels.api`).
+mask in place, with O(B*L) extra memory. The attention after it is PyTorch's own fused CPU
+attention (SDPA) with the mask applied, differentiated by PyTorch.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import importlib
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
+from .backends import FLOAT_DTYPES, Backend
 from .plan import MaskPlan
+from .reference import kept_rows
 
 
 def _load_extension() -> str | None:
@@ -46,3 +49,24 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, quer
     return torch.ops.sma_kernels_C.self_guided_mask(
         q, k, valid, query_pool, plan.query_rank, plan.head, plan.token_rank, ratio, num_per_query,
         head_mix == "random", mask_self, noise, scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
+                   scale: float) -> torch.Tensor:
+    """:func:`sma_kernels.reference.attention_forward`'s output through PyTorch's SDPA,
+    differentiable natively.
+
+    Faster than the fp32 oracle math on the CPU (PyTorch's fused CPU kernel); a sample with no
+    key kept gets a zero output and zero gradients. Keys and values not kept are zeroed first:
+    SDPA reads every key, and a NaN there would reach the whole row.
+    """
+    any_kept = keep.any(dim=1)
+    attend = keep | ~any_kept[:, None]
+    out = F.scaled_dot_product_attention(q, kept_rows(k, keep), kept_rows(v, keep),
+                                         attn_mask=attend[:, None, None, :], scale=scale)
+    return out * any_kept[:, None, None, None].to(out.dtype)
+
+
+BACKEND = Backend(name="cpp", devices=("cpu",), auto_devices=("cpu",), dtypes=FLOAT_DTYPES,
+                  self_guided_mask=self_guided_mask, attention=attention,
+                  unavailable=lambda: UNAVAILABLE)

@@ -62,7 +62,12 @@ def _random_permutations(rows: int, n: int, generator: torch.Generator | None,
 def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int, *,
               generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> MaskPlan:
-    """Draw a :class:`MaskPlan` for inputs of shape (B, H, Q, d) / (B, H, L, d).
+    """Draw a :class:`MaskPlan` for inputs of shape q (B, H, Q, d) and k (B, H, L, d).
+
+    The sizes come in the plan's own order, B, Q, L, H, not the tensors' (B, H, Q, L): pass them
+    by name (``make_plan(batch_size=B, num_queries=Q, num_tokens=L, num_heads=H)``), or use
+    :func:`make_plan_for`, which reads them off q and k. A plan drawn for the wrong sizes is
+    refused by the ops with an error naming the field and the shape it needs.
 
     Args:
         batch_size, num_queries, num_tokens, num_heads: B, Q, L and H of the call it is for.
@@ -86,6 +91,31 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
                          device=gen_device).to(device=device, dtype=torch.int32)
     token_rank = _random_permutations(batch_size, num_tokens, generator, device)
     return MaskPlan(query_rank, head, token_rank)
+
+
+def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None = None) -> MaskPlan:
+    """A :class:`MaskPlan` for these q (B, H, Q, d) and k (B, H, L, d), on q's device."""
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"make_plan_for: {name} must be a 4-d tensor (B, H, n, d), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    batch, heads, num_queries, _ = q.shape
+    return make_plan(batch_size=batch, num_queries=num_queries, num_tokens=k.shape[2], num_heads=heads,
+                     generator=generator, device=q.device)
+
+
+def default_query_pool(valid: torch.Tensor, num_queries: int, query_valid: torch.Tensor | None,
+                       mask_self: bool) -> torch.Tensor:
+    """(B, Q) bool: the query rows that may be chosen.
+
+    ``query_valid`` when given, else every row; under ``mask_self`` only real tokens (a chosen
+    query token is masked itself), so ``valid`` is the default and is intersected with.
+    """
+    if query_valid is None:
+        if mask_self:
+            return valid
+        return torch.ones(valid.shape[0], num_queries, dtype=torch.bool, device=valid.device)
+    return query_valid & valid if mask_self else query_valid
 
 
 def rank_order(rank: torch.Tensor) -> torch.Tensor:

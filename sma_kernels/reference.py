@@ -19,8 +19,8 @@ math and the "vectorized" baseline of the benchmarks. The kernels never build th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .backends import FLOAT_DTYPES, Backend
 from .plan import MaskCounts, MaskPlan, chosen_rows, mask_counts, take_smallest
 
 
@@ -124,21 +124,6 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
-                   scale: float) -> torch.Tensor:
-    """:func:`attention_forward`'s output through PyTorch's own SDPA, differentiable natively.
-
-    Faster than the fp32 oracle math on the CPU (PyTorch's fused CPU kernel); a sample with no
-    key kept gets a zero output and zero gradients. Keys and values not kept are zeroed first:
-    SDPA reads every key, and a NaN there would reach the whole row.
-    """
-    any_kept = keep.any(dim=1)
-    attend = keep | ~any_kept[:, None]
-    out = F.scaled_dot_product_attention(q, kept_rows(k, keep), kept_rows(v, keep),
-                                         attn_mask=attend[:, None, None, :], scale=scale)
-    return out * any_kept[:, None, None, None].to(out.dtype)
-
-
 def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                           query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
                           num_per_query: int, head_mix: str, mask_self: bool, noise: float,
@@ -148,3 +133,8 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
                             head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
     out, _ = attention_forward(q, k, v, valid & ~mask, scale=scale)
     return out, mask
+
+
+BACKEND = Backend(name="reference", devices=None, auto_devices=None, dtypes=FLOAT_DTYPES,
+                  self_guided_mask=self_guided_mask, attention_forward=attention_forward,
+                  attention_backward=attention_backward)

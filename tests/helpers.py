@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from sma_kernels import api, reference
+from sma_kernels import checks, reference
 from sma_kernels.plan import MaskPlan, chosen_rows, mask_counts, take_smallest
 
 MAX_CHOICES = 20_000  # top sets tried per sample before giving up on a band of near-ties
@@ -33,7 +33,7 @@ def assert_masks_match(mask: torch.Tensor, ref_mask: torch.Tensor, q: torch.Tens
     mask, ref_mask = mask.cpu(), ref_mask.cpu()
     if torch.equal(mask, ref_mask):
         return
-    call = api._check_call(q.detach().cpu(), k.detach().cpu(), None if valid is None else valid.cpu(),
+    call = checks.check_call(q.detach().cpu(), k.detach().cpu(), None if valid is None else valid.cpu(),
                            plan=plan.to("cpu"), generator=None, backend="reference",
                            **{"head_mix": "mean", "query_valid": None, "mask_self": False,
                               "noise": 0.0, "scale": None, **options})

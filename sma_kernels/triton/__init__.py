@@ -1,7 +1,8 @@
 """Triton backend: fused mask scores, in-kernel selection and masked attention.
 
 The three functions have the signatures and contracts of their namesakes in
-:mod:`sma_kernels.reference`; :mod:`sma_kernels.api` registers them as the ``"triton"`` backend.
+:mod:`sma_kernels.reference`; ``BACKEND`` at the end declares them as the ``"triton"`` backend
+for fp16, bf16 and fp32 (float64, used by gradient checks, goes to the reference).
 Kernels live one family per file: ``mask_scores.py`` (token scores from the chosen rows),
 ``select.py`` (forced, top and random picks without a sort), ``attention.py`` (FlashAttention
 forward and backward with masked keys skipped). They run on CUDA tensors, or on CPU tensors
@@ -10,10 +11,13 @@ under ``TRITON_INTERPRET=1`` (slow; for tests).
 
 from __future__ import annotations
 
+import torch
+
+from ..backends import Backend
+
 
 def _unavailable() -> str | None:
     try:
-        import torch
         import triton  # noqa: F401
     except ImportError as error:
         return f"triton is not installed ({error})"
@@ -26,9 +30,6 @@ def _unavailable() -> str | None:
 UNAVAILABLE: str | None = _unavailable()
 
 if UNAVAILABLE is None:
-    import torch
-
-    from .. import reference
     from ..plan import MaskPlan
     from ._common import INTERPRET as INTERPRET
     from .attention import attention_backward as attention_backward
@@ -40,14 +41,7 @@ if UNAVAILABLE is None:
                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                          scale: float) -> torch.Tensor:
-        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton.
-
-        fp64 inputs (gradient checks) take the reference: the kernels serve fp16, bf16 and fp32.
-        """
-        if q.dtype == torch.float64:
-            return reference.self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio,
-                                              num_per_query=num_per_query, head_mix=head_mix,
-                                              mask_self=mask_self, noise=noise, scale=scale)
+        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton."""
         # One launch for the counts and the chosen rows, two for the scores, one to select.
         rows, segments, chosen, meta = prepare(
             valid, query_pool, plan.query_rank, plan.head, ratio=ratio,
@@ -57,3 +51,12 @@ if UNAVAILABLE is None:
                                   head_mix=head_mix, scale=scale)
         return select_with_meta(scores, valid, chosen if mask_self else None, meta,
                                 plan.token_rank)
+
+    BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
+                      auto_devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                      self_guided_mask=self_guided_mask, attention_forward=attention_forward,
+                      attention_backward=attention_backward, fallback="reference")
+else:
+    BACKEND = Backend(name="triton", devices=("cuda",), auto_devices=("cuda",),
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32), self_guided_mask=None,
+                      fallback="reference", unavailable=lambda: UNAVAILABLE)

@@ -1,0 +1,149 @@
+"""The torch.library ops, and the eager path that skips their dispatch.
+
+Three custom ops carry the work, so that it runs under ``torch.compile`` and passes
+``torch.library.opcheck``:
+
+* ``sma_kernels::self_guided_mask`` -> (B, L) bool. Not differentiable.
+* ``sma_kernels::masked_attention`` -> (out, lse), with autograd through q, k, v by
+  ``sma_kernels::masked_attention_backward``, for backends that declare an
+  ``attention_forward`` / ``attention_backward`` pair (see :mod:`sma_kernels.backends`).
+
+Each op is a plain function registered with ``torch.library.custom_op``. Plain eager calls run
+the plain functions (the attention through an ``autograd.Function`` with the op's autograd):
+the same backend code without the custom-op dispatch, whose host time (tens of microseconds per
+call, see ``bench/host_overhead.py``) is as long as a small attention kernel takes on a GPU.
+Whenever something must see the ops (:func:`needs_registered_op`) the registered ops run.
+Both paths give the same bits (tests/test_api.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from . import backends
+from .plan import MaskPlan
+
+
+def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
+               query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
+               num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
+               backend: str) -> torch.Tensor:
+    return backends.get(backend).self_guided_mask(
+        q, k, valid, query_pool, MaskPlan(query_rank, head, token_rank), ratio=ratio,
+        num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
+
+
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                    scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    forward = backends.get(backend).attention_forward
+    if forward is None:
+        raise ValueError(f"backend={backend!r} has no masked_attention kernels: it attends with its "
+                         "own differentiable function (see sma_kernels.backends)")
+    return forward(q, k, v, keep, scale=scale)
+
+
+def _attention_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, keep: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, scale: float, backend: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.get(backend).attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
+
+
+_mask_op = torch.library.custom_op("sma_kernels::self_guided_mask", _mask_impl, mutates_args=())
+_attention_op = torch.library.custom_op("sma_kernels::masked_attention", _attention_impl,
+                                        mutates_args=())
+_attention_backward_op = torch.library.custom_op("sma_kernels::masked_attention_backward",
+                                                 _attention_backward_impl, mutates_args=())
+
+
+@_mask_op.register_fake
+def _(q, k, valid, query_pool, query_rank, head, token_rank, ratio, num_per_query, head_mix,
+      mask_self, noise, scale, backend):
+    return valid.new_empty(valid.shape)
+
+
+@_attention_op.register_fake
+def _(q, k, v, keep, scale, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, keep, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, keep, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, keep, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _attention_grads(ctx, grad_out: torch.Tensor, backward: Callable[..., tuple]) -> tuple:
+    q, k, v, keep, out, lse = ctx.saved_tensors
+    d_q, d_k, d_v = backward(grad_out.contiguous(), q, k, v, keep, out, lse, ctx.scale, ctx.backend)
+    return d_q, d_k, d_v, None, None, None
+
+
+_attention_op.register_autograd(
+    lambda ctx, grad_out, grad_lse: _attention_grads(ctx, grad_out, _attention_backward_op),
+    setup_context=_attention_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``masked_attention`` with its registered autograd, minus the custom-op dispatch.
+
+    Like the op, it has no second derivative: the backward kernels are not differentiable, so
+    differentiating through them raises instead of returning wrong numbers.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, scale, backend):
+        # The forward(ctx, ...) form: with a separate setup_context, apply() binds its arguments
+        # through inspect.signature on every call, which more than doubles its host time.
+        out, lse = _attention_impl(q, k, v, keep, scale, backend)
+        _attention_setup_context(ctx, (q, k, v, keep, scale, backend), (out, lse))
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        return _attention_grads(ctx, grad_out, _attention_backward_impl)
+
+
+def needs_registered_op(*tensors: torch.Tensor) -> bool:
+    """Whether a call must go through the registered ops: under torch.compile or torch.export,
+    a dispatch mode (make_fx, FakeTensorMode), a functorch transform (vmap, torch.func.grad), or
+    with a tensor subclass (DTensor). (The ops also check that no output aliases an input; the
+    backends return fresh tensors.)"""
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(type(x) is not torch.Tensor for x in tensors))
+
+
+def _op_or_impl(op: Callable, impl: Callable, *tensors: torch.Tensor) -> Callable:
+    """The registered op if :func:`needs_registered_op`, else the plain function."""
+    return op if needs_registered_op(*tensors) else impl
+
+
+def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
+                     plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
+                     mask_self: bool, noise: float, scale: float, backend: str) -> torch.Tensor:
+    """The named backend's mask, through the op when it must be seen (q and k are detached)."""
+    return _op_or_impl(_mask_op, _mask_impl, q, k, valid)(
+        q.detach(), k.detach(), valid, query_pool, *plan, ratio, num_per_query, head_mix, mask_self,
+        noise, scale, backend)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
+                     scale: float, backend: str) -> torch.Tensor:
+    """The named backend's attention over the ``keep`` keys, differentiable in q, k and v."""
+    declared = backends.get(backend)
+    if declared.attention is not None:
+        return declared.attention(q, k, v, keep, scale=scale)
+    out, _ = _op_or_impl(_attention_op, _EagerAttention.apply, q, k, v)(q, k, v, keep, scale, backend)
+    return out
