@@ -16,7 +16,7 @@ from .checks import CheckedCall, check_call, check_v
 from .plan import MaskPlan
 
 
-def _autocast_inputs(*tensors: object) -> tuple[tuple[object, ...], contextlib.AbstractContextManager]:
+def autocast_inputs(*tensors: object) -> tuple[tuple[object, ...], contextlib.AbstractContextManager]:
     """The rule under ``torch.autocast``: the ops behave as scaled_dot_product_attention does.
 
     When autocast is on for the first tensor's device type, every floating-point input except
@@ -70,7 +70,7 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
     ``torch.autocast`` float inputs other than float64 are cast to the autocast dtype first, as
     scaled_dot_product_attention does; a ``generator`` cannot be used inside ``torch.compile``.
     """
-    (q, k), autocast_off = _autocast_inputs(q, k)
+    (q, k), autocast_off = autocast_inputs(q, k)
     call = check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
                       query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
                       generator=generator, plan=plan, backend=backend)
@@ -92,7 +92,7 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     token gets a zero output. Keys and values that are padded or masked never reach the output
     or the gradients, whatever they hold (NaN and Inf included); their gradients are zero.
     """
-    (q, k, v), autocast_off = _autocast_inputs(q, k, v)
+    (q, k, v), autocast_off = autocast_inputs(q, k, v)
     call = check_call(q, k, valid, ratio=ratio, num_per_query=num_per_query, head_mix=head_mix,
                       query_valid=query_valid, mask_self=mask_self, noise=noise, scale=scale,
                       generator=generator, plan=plan, backend=backend)
