@@ -5,7 +5,7 @@
 
 namespace sma_kernels::cpu {
 
-// (B, L) bool, True = masked: DESIGN.md section 2 with the randomness of the plan
+// (B, L) bool, True = masked: docs/design.md, "The computation", with the randomness of the plan
 // (query_rank, head, token_rank). Same contract as sma_kernels.reference.self_guided_mask.
 at::Tensor self_guided_mask(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid,
                             const at::Tensor& query_pool, const at::Tensor& query_rank,
