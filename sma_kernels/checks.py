@@ -16,7 +16,7 @@ import torch
 from . import backends
 from .backends import FLOAT_DTYPES
 from .ops import needs_registered_op
-from .plan import MaskPlan, default_query_pool, make_plan, rank_order
+from .plan import MaskPlan, default_query_pool, make_plan
 
 HEAD_MIXES = ("mean", "random")
 INT64_MAX = 2**63 - 1
@@ -154,12 +154,11 @@ def check_call(q: object, k: object, valid: object, *, ratio: object, num_per_qu
 
 def check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, heads: int,
                 device: torch.device) -> MaskPlan:
-    """A user's plan, checked and with its ranks in the form every backend reads.
+    """A user's plan, checked.
 
-    Ranks may hold any int32 values (equal ranks break toward the lower index, see
-    :func:`sma_kernels.plan.rank_order`), so only ``head`` needs a range check: it indexes the
-    heads inside the kernels. The plan is checked on every call, so changing it in place between
-    calls is safe.
+    Ranks may hold any int32 values (every backend breaks equal ranks toward the lower index), so
+    only ``head`` needs a range check: it indexes the heads inside the kernels. The plan is
+    checked on every call, so changing it in place between calls is safe.
     """
     if not isinstance(plan, tuple) or len(plan) != 3:
         raise TypeError(f"plan must be a MaskPlan from make_plan, got {type_name(plan)}")
@@ -176,7 +175,7 @@ def check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, head
         if x.device != device:
             raise ValueError(f"plan.{field} is on {x.device} but q is on {device}")
     check_head_range(plan.head, heads)
-    return MaskPlan(rank_order(plan.query_rank), plan.head, rank_order(plan.token_rank))
+    return plan
 
 
 def check_head_range(head: torch.Tensor, heads: int) -> None:

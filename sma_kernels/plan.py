@@ -1,25 +1,26 @@
 """The randomness plan: every random draw of the self-guided mask, made once, shared by all backends.
 
-SMA's mask has three sources of randomness (DESIGN.md section 2): which query rows are summed,
-which head each row reads under ``head_mix="random"``, and which tokens the curriculum noise
-``noise`` (eta) picks at random. A :class:`MaskPlan` holds all three as small integer tensors
-(O(B*Q + B*L)), drawn from one ``torch.Generator``. Every backend consumes the same plan, so with
-a fixed plan the reference, the C++ kernel and the Triton kernels return the same mask, and a seed
-reproduces a run.
+SMA's mask has three sources of randomness (docs/design.md, "The randomness plan"): which query
+rows are summed, which head each row reads under ``head_mix="random"``, and which tokens the
+curriculum noise ``noise`` (eta) picks at random. A :class:`MaskPlan` holds all three as small
+int32 tensors (O(B*Q + B*L)), drawn from one ``torch.Generator`` in one call. Every backend reads
+the same plan, so with a fixed plan the reference, the C++ kernel and the Triton kernels return
+the same mask, and a seed reproduces a run.
 
 How each backend reads the plan:
 
-* ``query_rank[b]`` is a random permutation of ``0..Q-1``. The chosen rows of sample ``b`` are the
-  ``k_q`` rows of the query pool with the smallest rank, i.e. a uniform draw without replacement.
-  A hand-built plan may hold any int32 ranks: equal ranks break toward the lower index
-  (:func:`rank_order`), so every plan gives exactly the documented counts.
+* ``query_rank[b, i]`` is a priority of query row ``i``: the chosen rows of sample ``b`` are the
+  ``k_q`` rows of the query pool with the smallest (priority, index). Uniform random int32
+  priorities make that a uniform draw without replacement, with no sort (two equal draws, rare,
+  go to the lower index).
 * ``head[b, i]`` is the head that row ``i`` reads under ``head_mix="random"``.
-* ``token_rank[b]`` is a random permutation of ``0..L-1``. The ``k_rand`` random picks are the
-  free valid tokens with the smallest rank.
+* ``token_rank[b, j]`` is a priority of token ``j``: the ``k_rand`` random picks are the free valid
+  tokens with the smallest (priority, index).
 
-The helpers below derive the per-sample counts and the chosen rows from a plan, vectorized over
-the batch; the reference and the Triton backend share them, the C++ kernel re-derives them per
-sample and is tested against them.
+Ranks may hold any int32 values, so any plan with the right shapes gives exactly the documented
+counts; only ``head`` must lie in [0, H). The helpers below derive the per-sample counts and the
+chosen rows from a plan, vectorized over the batch; the reference and the Triton backend share
+them, the C++ kernel re-derives them per sample and is tested against them.
 """
 
 from __future__ import annotations
@@ -32,31 +33,22 @@ import torch
 class MaskPlan(NamedTuple):
     """Random draws for one call of the self-guided mask (see the module docstring)."""
 
-    query_rank: torch.Tensor  # (B, Q) int32, a permutation per row
+    query_rank: torch.Tensor  # (B, Q) int32 priorities of the query rows (smallest first)
     head: torch.Tensor  # (B, Q) int32 in [0, H)
-    token_rank: torch.Tensor  # (B, L) int32, a permutation per row
+    token_rank: torch.Tensor  # (B, L) int32 priorities of the tokens (smallest first)
 
     def to(self, device: torch.device | str) -> MaskPlan:
         return MaskPlan(*(t.to(device) for t in self))
 
 
 class MaskCounts(NamedTuple):
-    """Per-sample counts of DESIGN.md section 2, steps 4 and 6; each is (B,) int64."""
+    """Per-sample counts (docs/design.md, "The computation", steps 4 and 6); each is (B,) int64."""
 
     num_masked: torch.Tensor  # k: tokens masked in total
     num_rows: torch.Tensor  # k_q: query rows summed into the token score
     num_forced: torch.Tensor  # f: chosen query tokens forced in under mask_self, else 0
     num_top: torch.Tensor  # k - f - k_rand: tokens taken by score
     num_random: torch.Tensor  # k_rand: uniform random picks (curriculum noise)
-
-
-def _random_permutations(rows: int, n: int, generator: torch.Generator | None,
-                         device: torch.device) -> torch.Tensor:
-    # argsort of i.i.d. uniforms is a uniform random permutation; drawn on the generator's
-    # device so that a CPU generator reproduces the same plan for any target device.
-    gen_device = generator.device if generator is not None else device
-    keys = torch.rand(rows, n, generator=generator, device=gen_device)
-    return keys.argsort(dim=-1).to(device=device, dtype=torch.int32)
 
 
 def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int, *,
@@ -85,12 +77,15 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
-    gen_device = generator.device if generator is not None else device
-    query_rank = _random_permutations(batch_size, num_queries, generator, device)
-    head = torch.randint(num_heads, (batch_size, num_queries), generator=generator,
-                         device=gen_device).to(device=device, dtype=torch.int32)
-    token_rank = _random_permutations(batch_size, num_tokens, generator, device)
-    return MaskPlan(query_rank, head, token_rank)
+    # One draw of uniform int32 for all three fields, on the generator's device, so that a CPU
+    # generator gives the same plan for any target device. The heads are the middle block mod H
+    # (a bias below 2^-31 * H).
+    int32 = torch.iinfo(torch.int32)
+    draws = torch.randint(int32.min, int32.max, (batch_size, 2 * num_queries + num_tokens),
+                          generator=generator, dtype=torch.int32,
+                          device=generator.device if generator is not None else device).to(device)
+    query_rank, head, token_rank = draws.split([num_queries, num_queries, num_tokens], dim=1)
+    return MaskPlan(query_rank, head.remainder(num_heads), token_rank)
 
 
 def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None = None) -> MaskPlan:
@@ -118,19 +113,6 @@ def default_query_pool(valid: torch.Tensor, num_queries: int, query_valid: torch
     return query_valid & valid if mask_self else query_valid
 
 
-def rank_order(rank: torch.Tensor) -> torch.Tensor:
-    """Each row of ``rank`` turned into a permutation of 0..n-1 that orders it the same way.
-
-    Entry i of the result is the position of i when the row is sorted by (rank, index): a
-    hand-built rank row with repeated values thus breaks its ties toward the lower index, and
-    a row that is already a permutation comes back unchanged. Every backend reads ranks through
-    this, so any int32 values give exactly the documented counts.
-    """
-    order = rank.argsort(dim=1, stable=True)
-    positions = torch.arange(rank.shape[1], device=rank.device, dtype=rank.dtype)
-    return torch.empty_like(rank).scatter_(1, order, positions.expand_as(rank))
-
-
 def round_half_even(x: torch.Tensor) -> torch.Tensor:
     """Round half-to-even (Python's and torch's rule) and return int64."""
     return torch.round(x).long()
@@ -138,7 +120,7 @@ def round_half_even(x: torch.Tensor) -> torch.Tensor:
 
 def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
                 num_per_query: int, mask_self: bool, noise: float) -> MaskCounts:
-    """Counts of DESIGN.md section 2 for every sample at once.
+    """The counts of docs/design.md, "The computation", for every sample at once.
 
     ``valid`` is (B, L) bool, ``query_pool`` (B, Q) bool (already intersected with ``valid``
     under ``mask_self``). k = clamp(round(r*n), 1, n-1) for n >= 2, else 0;
@@ -161,15 +143,16 @@ def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
 
 
 def take_smallest(keys: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Per row, a bool mask of the ``count`` eligible entries with the smallest ``keys``.
+    """Per row, a bool mask of the ``count`` eligible entries with the smallest (key, index).
 
-    ``keys`` are ranks in [0, width) (see :func:`rank_order`); equal keys break toward the lower
-    index (a stable sort), so the result is unique. Used for chosen query rows (keys =
-    query_rank) and for the random picks (keys = token_rank).
+    ``keys`` are any int32 values (priorities); equal keys break toward the lower index. Used for
+    the chosen query rows (keys = query_rank) and for the random picks (keys = token_rank).
     """
     width = keys.shape[1]
-    # Ineligible entries sort after every eligible one (keys < width).
-    ordered = torch.where(eligible, keys.long(), keys.long() + width).argsort(dim=1, stable=True)
+    # One int64 sort key: ineligible entries after every eligible one, then the int32 key; a
+    # stable sort breaks equal keys by index.
+    composite = keys.long() - torch.iinfo(torch.int32).min + (~eligible).long() * 2**32
+    ordered = composite.argsort(dim=1, stable=True)
     take_sorted = torch.arange(width, device=keys.device)[None, :] < count[:, None]
     return torch.zeros_like(eligible).scatter(1, ordered, take_sorted)
 

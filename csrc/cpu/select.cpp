@@ -32,8 +32,8 @@ Counts sample_counts(int64_t n, int64_t pool, double ratio, int64_t num_per_quer
 }
 
 void select_tokens(const Counts& counts, const int32_t* chosen, bool mask_self, const bool* valid,
-                   const float* score, const int32_t* token_rank, int64_t tokens, int64_t b,
-                   std::vector<int32_t>& candidates, std::vector<int32_t>& by_rank, bool* taken) {
+                   const float* score, const int32_t* token_rank, int64_t tokens,
+                   std::vector<int32_t>& candidates, bool* taken) {
   if (mask_self) {
     for (int64_t r = 0; r < counts.num_rows; ++r) {
       taken[chosen[r]] = true;
@@ -61,8 +61,8 @@ void select_tokens(const Counts& counts, const int32_t* chosen, bool mask_self, 
   }
   if (counts.num_random > 0) {
     take_smallest_ranks(
-        token_rank, tokens, counts.num_random, by_rank, "token_rank", b,
-        [&](int32_t j) { return valid[j] && !taken[j]; }, [&](int32_t j) { taken[j] = true; });
+        token_rank, tokens, counts.num_random, candidates, [&](int32_t j) { return valid[j] && !taken[j]; },
+        [&](int32_t j) { taken[j] = true; });
   }
 }
 

@@ -132,7 +132,7 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
   std::vector<Counts> counts(batch);
   std::vector<int32_t> chosen(batch * queries);
   at::parallel_for(0, batch, grain(queries + tokens, kScalarWork), [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> by_rank(queries);
+    std::vector<int32_t> scratch(queries);
     std::vector<uint8_t> picked(queries);
     for (int64_t b = begin; b < end; ++b) {
       const bool* ok = valid + b * tokens;
@@ -147,7 +147,7 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
       }
       counts[b] = sample_counts(n, pool_size, ratio, num_per_query, mask_self, noise);
       std::fill(picked.begin(), picked.end(), 0);
-      take_smallest_ranks(query_rank + b * queries, queries, counts[b].num_rows, by_rank, "query_rank", b,
+      take_smallest_ranks(query_rank + b * queries, queries, counts[b].num_rows, scratch,
                           [&](int32_t i) { return in_pool[i]; }, [&](int32_t i) { picked[i] = 1; });
       int32_t* rows = chosen.data() + b * queries;
       for (int64_t i = 0, m = 0; i < queries; ++i) {
@@ -233,11 +233,10 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
 
   // Step 3: forced tokens, then the top scores, then the random picks.
   at::parallel_for(0, batch, grain(2 * tokens, kScalarWork), [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> candidates(tokens), by_rank(tokens);
+    std::vector<int32_t> candidates(tokens);
     for (int64_t b = begin; b < end; ++b) {
       select_tokens(counts[b], chosen.data() + b * queries, mask_self, valid + b * tokens,
-                    scores.data() + b * tokens, token_rank + b * tokens, tokens, b, candidates, by_rank,
-                    out + b * tokens);
+                    scores.data() + b * tokens, token_rank + b * tokens, tokens, candidates, out + b * tokens);
     }
   });
   return mask;

@@ -15,13 +15,13 @@ One program per sample builds its (L,) mask in three steps, in the reference's o
    t. Then every key > t is taken, and of the keys == t the first (num_top - count(key > t)) by
    index, using an exclusive prefix count (cumsum) carried across the row's blocks.
 3. Random picks (curriculum noise): the ``num_random`` free valid tokens with the smallest plan
-   ``token_rank``. Ranks are distinct, so the same search on key = L - 1 - rank finds the
-   threshold and needs no tie rule.
+   ``token_rank``: the same search on key = ~rank (which reverses the order of every int32),
+   and the same tie rule (equal ranks go to the lower index).
 
 The same search picks the chosen query rows in ``_prepare_kernel``, the first launch of the fused
 mask: per sample it computes the counts of :func:`sma_kernels.plan.mask_counts` (in float64,
 rounding half-to-even, exactly as the plan does), takes the k_q pool rows with the smallest
-query rank (key = Q - 1 - rank) and lists them for the score kernels, grouped by plan head under
+query rank (key = ~rank, ties to the lower index) and lists them for the score kernels, grouped by plan head under
 ``head_mix="random"`` (see mask_scores.py).
 
 Rows longer than BLOCK are swept block by block, so any L works (L = 36,864 is the pixel
@@ -76,11 +76,35 @@ def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK, STAGE: tl.co
             eligible = eligible & (tl.load(FORCED + base + offs, mask=in_row, other=0) == 0)
         bits = tl.load(SCORES + base + offs, mask=in_row, other=0.0).to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    else:  # smallest rank = largest key
+    else:  # smallest rank = largest key: ~rank reverses the order of every int32
         if STAGE == 2:
             eligible = eligible & (tl.load(TAKEN + base + offs, mask=in_row, other=1) == 0)
-        key = (NK - 1) - tl.load(RANK + base + offs, mask=in_row, other=0)
+        key = ~tl.load(RANK + base + offs, mask=in_row, other=0)
     return key, eligible
+
+
+@triton.jit
+def _count_above(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, t, STAGE: tl.constexpr,
+                 HAS_FORCED: tl.constexpr, BLOCK: tl.constexpr):
+    """count(eligible & key > t) over the row."""
+    offs = tl.arange(0, BLOCK)
+    above = tl.zeros((), tl.int32)
+    for start in range(0, NK, BLOCK):
+        key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, start + offs, NK, STAGE,
+                                    HAS_FORCED)
+        above += tl.sum((eligible & (key > t)).to(tl.int32), axis=0)
+    return above
+
+
+@triton.jit
+def _take_block(key, eligible, t, ties, ties_before):
+    """The entries of one block among the ``need`` largest (key, -index) of the row: every key
+    above the threshold t, and of the keys equal to t the first ``ties`` by index (``ties_before``
+    of them sit in earlier blocks). Returns them and the new ``ties_before``."""
+    tie = (eligible & (key == t)).to(tl.int32)
+    tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count
+    take = eligible & ((key > t) | ((tie != 0) & (tie_rank < ties)))
+    return take, ties_before + tl.sum(tie, axis=0)
 
 
 @triton.jit
@@ -157,27 +181,31 @@ def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META,
         forced = k_q
     k_rand = _round_half_even((k - forced).to(tl.float64) * noise)
 
-    # plan.chosen_rows: the k_q pool rows with the smallest query rank.
-    t = tl.full((), 2147483647, tl.int32)  # k_q = 0: no key reaches it
+    # plan.chosen_rows: the k_q pool rows with the smallest (query rank, index).
+    t = tl.full((), 2147483647, tl.int32)  # k_q = 0: nothing is above it, and no ties are taken
     if k_q > 0:
         t = _kth_largest_key(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, NQ, k_q, 0, False,
                              BLOCK, RADIX_BITS)
+    ties = k_q.to(tl.int32) - _count_above(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, NQ, t, 0,
+                                           False, BLOCK)
+    ties_before = tl.zeros((), tl.int32)
     for start in range(0, NQ, BLOCK):
         rows = start + offs
         key, eligible = _block_keys(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, rows, NQ, 0,
                                     False)
-        tl.store(CHOSEN + b * NQ + rows, (eligible & (key >= t)).to(tl.uint8), mask=rows < NQ)
+        take, ties_before = _take_block(key, eligible, t, ties, ties_before)
+        tl.store(CHOSEN + b * NQ + rows, take.to(tl.uint8), mask=rows < NQ)
     # The table lists them in row order, under GROUP_BY_HEAD grouped by plan head first (one
     # group per head, one sweep each): the score kernels then compute each head only for its
-    # own rows. Otherwise one group that every head reads.
+    # own rows. Otherwise one group that every head reads. It reads back the rows this program
+    # just chose.
+    tl.debug_barrier()
     listed = tl.zeros((), tl.int32)
     for group in range(H if GROUP_BY_HEAD else 1):
         group_start = listed
         for start in range(0, NQ, BLOCK):
             rows = start + offs
-            key, eligible = _block_keys(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, rows, NQ,
-                                        0, False)
-            member = eligible & (key >= t)
+            member = tl.load(CHOSEN + b * NQ + rows, mask=rows < NQ, other=0) != 0
             if GROUP_BY_HEAD:
                 row_head = tl.load(HEAD + b * NQ + rows, mask=rows < NQ, other=-1)
                 member = member & (row_head == group)
@@ -214,24 +242,17 @@ def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, NK_BUCKET, HAS_FO
     if num_top > 0:
         t = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_top, 1, HAS_FORCED,
                              BLOCK, RADIX_BITS)
-    above = tl.zeros((), tl.int32)
-    for start in range(0, NK, BLOCK):
-        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, start + offs, NK, 1,
-                                    HAS_FORCED)
-        above += tl.sum((eligible & (key > t)).to(tl.int32), axis=0)
-    ties = num_top - above  # how many of the keys equal to t are taken, lowest index first
+    # How many of the keys equal to t are taken, lowest index first.
+    ties = num_top - _count_above(SCORES, VALID, FORCED, OUT, RANK, base, NK, t, 1, HAS_FORCED, BLOCK)
     ties_before = tl.zeros((), tl.int32)
     for start in range(0, NK, BLOCK):
         cols = start + offs
         key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 1,
                                     HAS_FORCED)
-        tie = (eligible & (key == t)).to(tl.int32)
-        tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count
-        take = eligible & ((key > t) | ((tie != 0) & (tie_rank < ties)))
+        take, ties_before = _take_block(key, eligible, t, ties, ties_before)
         if HAS_FORCED:
             take = take | (tl.load(FORCED + base + cols, mask=cols < NK, other=0) != 0)
         tl.store(OUT + base + cols, take.to(tl.uint8), mask=cols < NK)
-        ties_before += tl.sum(tie, axis=0)
 
     # Step 3 reads what every thread of this program wrote above.
     tl.debug_barrier()
@@ -239,14 +260,19 @@ def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, NK_BUCKET, HAS_FO
     if num_random > 0:
         t_rand = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_random, 2,
                                   HAS_FORCED, BLOCK, RADIX_BITS)
+        ties = num_random - _count_above(SCORES, VALID, FORCED, OUT, RANK, base, NK, t_rand, 2,
+                                         HAS_FORCED, BLOCK)
+        # The count above reads OUT as it is before this sweep writes it.
+        tl.debug_barrier()
+        ties_before = tl.zeros((), tl.int32)
         for start in range(0, NK, BLOCK):
             cols = start + offs
             key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 2,
                                         HAS_FORCED)
-            # Ranks are distinct: exactly num_random keys reach the threshold. Only free tokens
-            # are written, so no block reads a value another block of this sweep changed.
-            tl.store(OUT + base + cols, tl.full([BLOCK], 1, tl.uint8),
-                     mask=(cols < NK) & eligible & (key >= t_rand))
+            take, ties_before = _take_block(key, eligible, t_rand, ties, ties_before)
+            # Only free tokens are written, so no block reads a value another block of this
+            # sweep changed.
+            tl.store(OUT + base + cols, tl.full([BLOCK], 1, tl.uint8), mask=(cols < NK) & take)
 
 
 def _float_bits(x: float) -> int:
