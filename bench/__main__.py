@@ -1,8 +1,8 @@
 """``python -m bench``: time every sma-kernels backend against the pure-PyTorch baselines.
 
-Default: the four workloads of DESIGN.md section 9 (shrunk on the CPU, full size on a GPU, where
-an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and head dim.
-Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under ``--out``
+Default: the four workloads of bench/README.md, "Workloads" (shrunk on the CPU, full size on a
+GPU, where an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and
+head dim. Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under ``--out``
 (default ``runs/bench/``, git-ignored, so a run leaves the checkout clean; ``--save`` writes to
 the committed ``bench/results/`` instead), then prints each provider's mask check, the timing
 table and the end-to-end steps, and exits 1 if any provider's mask or output was wrong or an

@@ -1,11 +1,11 @@
 """The randomness plan: every random draw of the self-guided mask, made once, shared by all backends.
 
-SMA's mask has three sources of randomness (DESIGN.md section 2): which query rows are summed,
-which head each row reads under ``head_mix="random"``, and which tokens the curriculum noise
-``noise`` (eta) picks at random. A :class:`MaskPlan` holds all three as small integer tensors
-(O(B*Q + B*L)), drawn from one ``torch.Generator``. Every backend consumes the same plan, so with
-a fixed plan the reference, the C++ kernel and the Triton kernels return the same mask, and a seed
-reproduces a run.
+SMA's mask has three sources of randomness (docs/design.md, "The randomness plan"): which query
+rows are summed, which head each row reads under ``head_mix="random"``, and which tokens the
+curriculum noise ``noise`` (eta) picks at random. A :class:`MaskPlan` holds all three as small
+integer tensors (O(B*Q + B*L)), drawn from one ``torch.Generator``. Every backend consumes the
+same plan, so with a fixed plan the reference, the C++ kernel and the Triton kernels return the
+same mask, and a seed reproduces a run.
 
 How each backend reads the plan:
 
@@ -41,7 +41,7 @@ class MaskPlan(NamedTuple):
 
 
 class MaskCounts(NamedTuple):
-    """Per-sample counts of DESIGN.md section 2, steps 4 and 6; each is (B,) int64."""
+    """Per-sample counts of docs/design.md, "The computation" (steps 4, 6 and 7); each is (B,) int64."""
 
     num_masked: torch.Tensor  # k: tokens masked in total
     num_rows: torch.Tensor  # k_q: query rows summed into the token score
@@ -138,7 +138,7 @@ def round_half_even(x: torch.Tensor) -> torch.Tensor:
 
 def mask_counts(valid: torch.Tensor, query_pool: torch.Tensor, *, ratio: float,
                 num_per_query: int, mask_self: bool, noise: float) -> MaskCounts:
-    """Counts of DESIGN.md section 2 for every sample at once.
+    """Counts of docs/design.md, "The computation", for every sample at once.
 
     ``valid`` is (B, L) bool, ``query_pool`` (B, Q) bool (already intersected with ``valid``
     under ``mask_self``). k = clamp(round(r*n), 1, n-1) for n >= 2, else 0;
