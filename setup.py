@@ -5,14 +5,17 @@ The extension is built with ``torch.utils.cpp_extension`` and ninja against the 
 installed, so install torch first and then ``pip install --no-build-isolation .`` (build
 isolation would fetch another torch and build against the wrong headers).
 
+The extension holds the C++ (CPU) kernels of ``csrc/`` only; the GPU kernels are Triton, compiled
+at run time, and need no build step.
+
 Environment:
     SMA_KERNELS_NO_EXT=1    install without the extension; the package then runs the reference.
-    SMA_KERNELS_CUDA=0|1    skip | require the CUDA sources (``csrc/cuda``). By default they are
-                            built where torch has CUDA and nvcc exists.
+    SMA_KERNELS_CUDA=1      require a CUDA build of the extension: the install stops with an error,
+                            since ``csrc/`` has no CUDA sources. Unset or 0: the C++ build.
     MAX_JOBS                parallel compile jobs.
 
-A failed C++ build does not fail the install (unless SMA_KERNELS_CUDA=1): the package still
-imports, runs the reference, and ``sma_kernels.backends()`` says that the extension is missing.
+A failed C++ build does not fail the install: the package still imports, runs the reference, and
+``sma_kernels.backends()`` says that the extension is missing.
 """
 
 from __future__ import annotations

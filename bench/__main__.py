@@ -1,12 +1,14 @@
 """``python -m bench``: time every sma-kernels backend against the pure-PyTorch baselines.
 
-Default: the four workloads of DESIGN.md section 9 (shrunk on the CPU, full size on a GPU, where
-an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and head dim.
-Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under ``--out``
-(default ``runs/bench/``, git-ignored, so a run leaves the checkout clean; ``--save`` writes to
-the committed ``bench/results/`` instead), then prints each provider's mask check, the timing
-table and the end-to-end steps, and exits 1 if any provider's mask or output was wrong or an
-sma-kernels backend failed.
+Default: the four workloads of bench/README.md, "Workloads" (shrunk on the CPU, full size on a
+GPU, where an L sweep is added). ``--full`` adds bigger CPU sizes and the sweeps over L, Q, B and
+head dim. Writes ``<device>-<UTC date>.json`` and ``latest-<device>.json`` plus plots under
+``--out`` (default ``runs/bench/``, git-ignored, so a run leaves the checkout clean). ``--save``
+writes to the committed ``bench/results/`` instead, which keeps one full result per device: there
+a run replaces ``latest-<device>.json`` and its plots and appends its headline ratios to
+``history.csv`` (``python -m bench.report --history`` prints it) instead of adding a dated copy.
+Then it prints each provider's mask check, the timing table and the end-to-end steps, and exits 1
+if any provider's mask or output was wrong or an sma-kernels backend failed.
 """
 
 from __future__ import annotations
@@ -94,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                 "dense_budget_gb": dense_budget, "seed": args.seed, "time_limit_s": args.time_limit}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    # The committed results hold the latest run per device and the history, not a dated copy.
+    committed = args.out.resolve() == report.RESULTS
 
     def save(result: dict) -> list[Path]:
         # Written after every case too, so a run cut short still leaves its results.
         slug = measure.device_slug(result["device"])
         text = json.dumps(result, indent=1) + "\n"
-        paths = [args.out / f"{slug}-{stamp}.json", args.out / f"latest-{slug}.json"]
+        paths = [args.out / f"latest-{slug}.json"]
+        if not committed:
+            paths.insert(0, args.out / f"{slug}-{stamp}.json")
         for path in paths:
             path.write_text(text)
         return paths
@@ -125,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     result["partial"] = False
     suite.validate(result)
     written = save(result)
+    if committed:
+        report.append_history(result, measure.device_slug(result["device"]), report.HISTORY)
+        written.append(report.HISTORY)
     if not args.no_plots:
         try:
             written += plots.make_plots(result, args.out / f"latest-{measure.device_slug(result['device'])}")

@@ -10,9 +10,9 @@
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
 # 2. runs the GPU tests (pytest -k "triton or cuda or gpu", on 8 processes with pytest-xdist),
-# 3. runs the benchmark on the GPU: every backend and baseline at the four DESIGN.md section 9
-#    workloads at full size (forward, forward+backward, peak extra memory), an L sweep and the
-#    end-to-end training steps,
+# 3. runs the benchmark on the GPU: every backend and baseline at the four workloads of
+#    bench/README.md ("Workloads") at full size (forward, forward+backward, peak extra memory),
+#    an L sweep and the end-to-end training steps,
 # and prints a short table last. Every step has a time limit so that the whole check ends in
 # under 5 minutes on an H100; a failing step does not stop the later ones, but the exit status is
 # non-zero if any step failed. Output: $OUT (default runs/bench, git-ignored, so that the check

@@ -11,8 +11,8 @@ launches; the launches themselves (a few microseconds each in Triton's launcher)
 
 Per workload's options (tiny shapes: the host work does not depend on the sizes), it times the
 mask, the forward (mask + attention) and forward+backward of the public functions, twice: on
-their eager path, and through the registered custom ops (the path of torch.compile, and of
-eager calls before they skipped the ops; ``ops.needs_registered_op`` is patched to choose).
+their eager path, and through the registered custom ops (the path of torch.compile and the other
+tracers; ``ops.needs_registered_op`` is patched to choose).
 Each figure is the minimum over blocks of calls (on a shared machine: the least disturbed).
 Writes ``host-overhead-<cpu>-<UTC date>.json`` under ``--out`` (default ``runs/bench/``,
 git-ignored; ``--save`` writes to the committed ``bench/results/``).

@@ -1,4 +1,4 @@
-"""Tables from benchmark JSON: the terminal table and the README section.
+"""Tables from benchmark JSON: the terminal table, the README section and the run history.
 
 ``python -m bench.report [RESULT.json ...] [--dir DIR] [--readme README.md]`` prints the table of
 each result (default: every ``latest-*.json`` of the committed results, ``bench/results/``;
@@ -7,6 +7,11 @@ lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in that file wi
 table generated from the same JSON. Nothing in the README's table is typed by hand, and it is
 made from committed results only.
 
+``python -m bench.report --history [CSV]`` prints the run history (default:
+``bench/results/history.csv``): one line per (run, workload) with the headline ratios, appended
+by every saved run (:func:`append_history`), so that the committed results keep one full JSON
+per device and a compact record of every run before it.
+
 Every ratio says which way is better: ``X / SDPA`` is a time ratio (lower is better), a
 speed-up is the other route's time over ours (higher is better).
 """
@@ -14,6 +19,7 @@ speed-up is the other route's time over ours (higher is better).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,12 @@ RESULTS = ROOT / "bench" / "results"
 LOCAL = ROOT / "runs" / "bench"
 LOWER, HIGHER = "(lower is better)", "(higher is better)"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+# One line per (run, workload): who ran what, and the best sma-kernels backend's headline ratios.
+HISTORY = RESULTS / "history.csv"
+HISTORY_FIELDS = ("created_utc", "device", "device_name", "cpu_cores", "commit", "dirty", "torch",
+                  "triton", "dtype", "workload", "shape", "best", "fwd_over_sdpa", "fwdbwd_over_sdpa",
+                  "fwd_speedup_over_published", "fwdbwd_speedup_over_published",
+                  "mask_speedup_over_vectorized")
 
 
 def _ms(record: dict[str, Any], metric: str) -> str:
@@ -248,6 +260,68 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def history_rows(result: dict[str, Any], device: str) -> list[dict[str, str]]:
+    """The lines of ``result`` for the history: one per workload that has a summary.
+
+    ``device`` is the run's file-name tag (``bench.measure.device_slug``: "cpu", "h100", ...).
+    Ratios are those of the best sma-kernels backend (see :func:`summary_lines`); an empty field
+    means the run did not measure it. ``commit`` is empty where the run did not know its commit.
+    """
+    rows = []
+    for case in result["cases"]:
+        summary = case.get("summary")
+        if case["group"] != "workload" or not summary:
+            continue
+        c = case["case"]
+        rows.append({
+            "created_utc": result["created_utc"], "device": device,
+            "device_name": result["device"]["name"], "cpu_cores": str(result["device"]["cpu_cores"]),
+            "commit": (result["git"]["commit"] or "")[:10],
+            "dirty": "yes" if result["git"].get("dirty") else "no",
+            "torch": result["versions"]["torch"], "triton": str(result["versions"].get("triton") or ""),
+            "dtype": case["dtype"], "workload": case["name"],
+            "shape": "x".join(str(c[key]) for key in ("batch", "heads", "queries", "tokens", "dim",
+                                                      "dim_v")),
+            "best": summary["best_backend"],
+            **{key: f"{summary[key]:.3f}" if key in summary else ""
+               for key in HISTORY_FIELDS[HISTORY_FIELDS.index("fwd_over_sdpa"):]},
+        })
+    return rows
+
+
+def append_history(result: dict[str, Any], device: str, path: Path = HISTORY) -> list[dict[str, str]]:
+    """Append the lines of ``result`` to the history CSV at ``path`` (with a header if new)."""
+    rows = history_rows(result, device)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def read_history(path: Path = HISTORY) -> list[dict[str, str]]:
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def history_table(rows: list[dict[str, str]]) -> str:
+    """The history as a fixed-width table, oldest run first; ratios of the best backend."""
+    columns = ("created_utc", "device", "commit", "dtype", "workload", "best", "fwd_over_sdpa",
+               "fwdbwd_over_sdpa", "fwd_speedup_over_published")
+    titles = ("run (UTC)", "device", "commit", "dtype", "workload", "best", "fwd / SDPA",
+              "fwd+bwd / SDPA", "fwd speed-up vs published")
+    better = ("", "", "", "", "", "", LOWER, LOWER, HIGHER)
+    cells = [[row.get(column) or "-" for column in columns] for row in rows]
+    widths = [max([len(title), len(note)] + [len(line[i]) for line in cells])
+              for i, (title, note) in enumerate(zip(titles, better))]
+    lines = ["  ".join(t.rjust(w) for t, w in zip(titles, widths)),
+             "  ".join(t.rjust(w) for t, w in zip(better, widths)).rstrip()]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
 def update_readme(readme: Path, results: list[dict[str, Any]]) -> None:
     """Replace the text between the bench markers of ``readme`` with :func:`markdown`."""
     text = readme.read_text()
@@ -268,7 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", type=Path, help="README whose bench section to regenerate "
                                                     "(from committed results only)")
     parser.add_argument("--short", action="store_true", help="only the per-workload summary")
+    parser.add_argument("--history", type=Path, nargs="?", const=HISTORY, metavar="CSV",
+                        help="print the run history instead (default: bench/results/history.csv)")
     args = parser.parse_args(argv)
+    if args.history:
+        if not args.history.exists():
+            parser.error(f"--history: {args.history} does not exist")
+        print(history_table(read_history(args.history)))
+        return
     paths = args.results or sorted(args.dir.glob("latest-*.json"))
     if not paths:
         parser.error(f"no results: {args.dir} has no latest-*.json")

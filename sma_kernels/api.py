@@ -65,7 +65,7 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
         (B, L) bool, True = masked. Padding is never masked; each sample with n_b >= 2 real
         tokens has exactly k masked.
 
-    Edge rules (README, "The rules at the edges"): padded keys are never read; a (head, row)
+    Edge rules (docs/design.md, "Rules at the edges"): padded keys are never read; a (head, row)
     whose fp32 logits over the real tokens are not all finite adds nothing to the scores; under
     ``torch.autocast`` float inputs other than float64 are cast to the autocast dtype first, as
     scaled_dot_product_attention does; a ``generator`` cannot be used inside ``torch.compile``.

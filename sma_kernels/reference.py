@@ -1,6 +1,7 @@
 """Pure-PyTorch self-guided masking: the oracle for every backend and the CPU fallback.
 
-This is DESIGN.md section 2, vectorized over the batch (no Python loop over samples):
+This is docs/design.md, "The computation", vectorized over the batch (no Python loop over
+samples):
 
 1. Logits S = scale * q k^T in fp32, padded key columns at -inf.
 2. P = softmax over tokens; all-padding rows give P = 0 rather than NaN.

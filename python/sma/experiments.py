@@ -32,9 +32,10 @@ from .train import METRICS, TrainConfig, finetune, pretrain, setup
 
 CONDITIONS = ("guided", "random", "none")
 MODEL = {"width": 64, "depth": 2, "heads": 4, "latents": 32, "widening": 2}
-# Masking settings follow the published ones per domain (DESIGN.md section 6): molecules and
-# jets use the self-attention encoder with random head mix and mask_self (jets: curriculum over
-# the first 25 % of steps, like HIGGS); proteins the cross-attention encoder with head mean.
+# Masking settings follow the paper's per-domain ones (python/sma/README.md, "Experiment"):
+# molecules and jets use the self-attention encoder with random head mix and mask_self (jets:
+# curriculum over the first 25 % of steps, like HIGGS); proteins the cross-attention encoder with
+# head mean.
 DOMAINS = {
     "molecules": {
         "corpus": "molecules", "encoder": "self",

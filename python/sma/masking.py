@@ -2,7 +2,8 @@
 
 Guided and random masking go through the same op, ``sma_kernels.self_guided_attention``: random
 masking is curriculum noise eta = 1, which makes the mask a uniform random k-subset of the valid
-tokens (DESIGN.md section 2, step 6), so the two strategies differ in nothing but the choice.
+tokens (docs/design.md, "The computation", step 7), so the two strategies differ in nothing but
+the choice.
 """
 
 from __future__ import annotations

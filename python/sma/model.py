@@ -1,7 +1,7 @@
 """The SMA network: a Perceiver-style encoder whose first layer masks itself, a per-position
 reconstruction decoder for pretraining, and a one-query head for fine-tuning.
 
-Encoder (two variants of the first layer, DESIGN.md section 6):
+Encoder (two variants of the first layer; python/sma/README.md, "The model"):
 
 * ``"cross"`` (Perceiver): N learned latents cross-attend to the L input tokens; the following
   layers self-attend over the latents. The mask removes key columns, so no latent sees a masked
