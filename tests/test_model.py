@@ -91,7 +91,7 @@ def test_decoding_only_masked_positions_equals_full_decoding(encoder: str) -> No
                           MaskingConfig(ratio=0.3, num_per_query=2))
     ids, valid = _bytes_batch()
     loss, mask = model(ids, valid, generator=torch.Generator().manual_seed(3))
-    encoded = model.encoder(ids, valid, masking=model.masking,
+    encoded = model.encoder(ids, valid, masking=True,
                             generator=torch.Generator().manual_seed(3))
     assert torch.equal(encoded.mask, mask)
     every = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
@@ -106,9 +106,9 @@ def test_masked_tokens_do_not_reach_the_encoder_output(encoder: str) -> None:
     model = SMAPretrainer(ModelConfig(max_len=32, encoder=encoder, **TINY),
                           MaskingConfig("random", ratio=0.4, num_per_query=2))
     ids, valid = _bytes_batch()
-    first = model.encoder(ids, valid, masking=model.masking, generator=torch.Generator().manual_seed(5))
+    first = model.encoder(ids, valid, masking=True, generator=torch.Generator().manual_seed(5))
     other_ids = torch.where(first.mask, torch.randint(6, VOCAB_SIZE, ids.shape), ids)
-    second = model.encoder(other_ids, valid, masking=model.masking,
+    second = model.encoder(other_ids, valid, masking=True,
                            generator=torch.Generator().manual_seed(5))
     assert torch.equal(first.mask, second.mask)
     hidden = first.hidden[first.valid]

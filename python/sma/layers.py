@@ -1,9 +1,13 @@
 """Building blocks of the SMA network: the pre-LN attention layer and its GELU MLP.
 
-Every attention layer of the model (the first, masked layer; the latent or token self-attention
-layers; the reconstruction decoder; the fine-tuning head) is one :class:`AttentionLayer`:
+Every attention layer of the model has the same pre-LN shape:
 
     h = LN(x_q);  y = x_q + W_o attention(W_q h, W_k x_kv, W_v x_kv);  out = y + MLP(LN(y))
+
+The latent or token self-attention layers, the reconstruction decoder and the fine-tuning head
+are :class:`AttentionLayer`; the first, masking layer is :class:`MaskingLayer`, whose attention
+is the library's module ``sma_kernels.nn.SelfGuidedAttention`` (projections, mask and attention
+in one op).
 
 Only the queries are normalized (as in the published Perceiver/SMA code); callers normalize the
 keys/values themselves where they need it (the decoder and the head read LN(encoder output), the
@@ -16,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sma_kernels.nn import SelfGuidedAttention, SelfGuidedAttentionOutput
 
 
 class MLP(nn.Module):
@@ -78,8 +84,7 @@ class AttentionLayer(nn.Module):
         """Residual and MLP block, given the per-head attention output (B, H, Q, dv)."""
         batch, _, num_queries, _ = attended.shape
         merged = attended.transpose(1, 2).reshape(batch, num_queries, -1)
-        y = x_q + self.dropout(self.to_out(merged))
-        return y + self.mlp(self.norm_mlp(y))
+        return residual_mlp(self, x_q, self.to_out(merged))
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor | None = None,
                 kv_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,3 +93,38 @@ class AttentionLayer(nn.Module):
         q, k, v = self.project(x_q, x_kv)
         attn_mask = None if kv_valid is None else kv_valid[:, None, None, :]
         return self.finish(x_q, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+
+
+class MaskingLayer(nn.Module):
+    """The first layer: :class:`AttentionLayer`'s shape around ``SelfGuidedAttention``.
+
+    Its queries are N learned latents (``num_latents``, cross-attention) or the tokens themselves
+    (``num_latents=None``); keys and values read the token embedding as given. ``attention_options``
+    are SelfGuidedAttention's masking options (ratio, num_per_query, head_mix, mask_self, noise,
+    backend, masking).
+    """
+
+    def __init__(self, width: int, heads: int, *, num_latents: int | None = None, widening: int = 1,
+                 dropout: float = 0.0, **attention_options: object) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(width)
+        self.attention = SelfGuidedAttention(width, heads, num_latents=num_latents, **attention_options)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = MLP(width, widening, dropout)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, *, masking: bool, noise: float | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, SelfGuidedAttentionOutput]:
+        """(out (B, Q, width), the attention's output with its mask and keep mask) for tokens
+        ``x`` (B, L, width) with ``valid`` (B, L) bool; Q = L for self-attention."""
+        latents = self.attention.latents
+        x_q = x if latents is None else latents.expand(x.shape[0], -1, -1)
+        attended = self.attention(x, valid, queries=self.norm_q(x_q), noise=noise, masking=masking,
+                                  generator=generator)
+        return residual_mlp(self, x_q, attended.out), attended
+
+
+def residual_mlp(layer: AttentionLayer | MaskingLayer, x_q: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """y = x_q + dropout(update); y + MLP(LN(y)), with the layer's dropout, norm_mlp and mlp."""
+    y = x_q + layer.dropout(update)
+    return y + layer.mlp(layer.norm_mlp(y))

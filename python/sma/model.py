@@ -10,9 +10,10 @@ Encoder (two variants of the first layer; python/sma/README.md, "The model"):
   dropped with ``sma_kernels.drop_masked`` and the following layers run on the visible tokens only,
   as in an MAE encoder.
 
-During pretraining the first layer is ``sma_kernels.self_guided_attention``: it picks the mask from
-its own attention map (detached) and attends with the masked keys removed, in one op. Without
-masking (fine-tuning, evaluation) it is plain attention with the padding mask.
+The first layer's attention is the library's ``sma_kernels.nn.SelfGuidedAttention``: during
+pretraining it picks the mask from its own attention map (detached) and attends with the masked
+keys removed, in one op. Without masking (fine-tuning, evaluation) it is plain attention with the
+padding mask.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 import sma_kernels
 
-from .layers import AttentionLayer
+from .layers import AttentionLayer, MaskingLayer
 from .masking import MaskingConfig
 from .tokens import VOCAB_SIZE, ByteEmbedding, FeatureEmbedding
 
@@ -93,57 +94,49 @@ def _init_weights(model: nn.Module) -> None:
 
 
 class Encoder(nn.Module):
-    """Input embedding, the (masking) first layer, then ``depth`` self-attention layers."""
+    """Input embedding, the (masking) first layer, then ``depth`` self-attention layers.
 
-    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
+    ``masking`` sets the first layer's masking options (None: an encoder that never masks, as in
+    fine-tuning); whether a call masks is the ``masking`` argument of :meth:`forward`.
+    """
+
+    def __init__(self, config: ModelConfig, backend: str = "auto", masking: MaskingConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.backend = backend
         width = config.width
         if config.input_kind == "bytes":
             self.embed: nn.Module = ByteEmbedding(width, config.max_len, config.dropout)
         else:
             self.embed = FeatureEmbedding(width, config.max_len, config.dropout)
-        if config.encoder == "cross":
-            self.latents = nn.Parameter(torch.empty(config.latents, width))
-        self.first = AttentionLayer(width, config.heads, widening=config.widening,
-                                    dropout=config.dropout)
+        cross = config.encoder == "cross"
+        options = {"backend": backend, "masking": masking is not None}
+        if masking is not None:
+            options.update(ratio=masking.ratio, num_per_query=masking.num_per_query,
+                           head_mix=masking.head_mix, mask_self=masking.mask_self and not cross,
+                           noise=1.0 if masking.strategy == "random" else 0.0)
+        self.first = MaskingLayer(width, config.heads, num_latents=config.latents if cross else None,
+                                  widening=config.widening, dropout=config.dropout, **options)
         self.layers = nn.ModuleList(
             AttentionLayer(width, config.heads, widening=config.widening, dropout=config.dropout)
             for _ in range(config.depth))
 
-    def forward(self, inputs: torch.Tensor, valid: torch.Tensor, *,
-                masking: MaskingConfig | None = None, noise: float = 0.0,
-                generator: torch.Generator | None = None) -> EncoderOutput:
+    def forward(self, inputs: torch.Tensor, valid: torch.Tensor, *, masking: bool = False,
+                noise: float | None = None, generator: torch.Generator | None = None) -> EncoderOutput:
         """Encode ``inputs`` ((B, L) ids or (B, L) feature values) with ``valid`` (B, L) bool.
 
-        With ``masking`` the first layer masks itself (curriculum eta = ``noise``, randomness from
-        ``generator``); without it nothing is masked.
+        With ``masking`` the first layer masks itself (curriculum eta = ``noise``, default the
+        layer's own: 1 for random masking, 0 for guided; randomness from ``generator``); without
+        it nothing is masked.
         """
-        x = self.embed(inputs)
-        batch = x.shape[0]
-        cross = self.config.encoder == "cross"
-        x_q = self.latents.expand(batch, -1, -1) if cross else x
-        q, k, v = self.first.project(x_q, x)
-        if masking is None:
-            mask = None
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        hidden, first = self.first(self.embed(inputs), valid, masking=masking, noise=noise,
+                                   generator=generator)
+        if self.first.attention.self_attention:
+            hidden, hidden_valid, _ = sma_kernels.drop_masked(hidden, first.keep)
         else:
-            noise = 1.0 if masking.strategy == "random" else noise
-            attended, mask = sma_kernels.self_guided_attention(
-                q, k, v, valid, ratio=masking.ratio, num_per_query=masking.num_per_query,
-                head_mix=masking.head_mix, query_valid=None if cross else valid,
-                mask_self=masking.mask_self and not cross, noise=noise, generator=generator,
-                backend=self.backend)
-        hidden = self.first.finish(x_q, attended)
-        if cross:
             hidden_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        else:
-            keep = valid if mask is None else valid & ~mask
-            hidden, hidden_valid, _ = sma_kernels.drop_masked(hidden, keep)
         for layer in self.layers:
             hidden = layer(hidden, kv_valid=hidden_valid)
-        return EncoderOutput(hidden, hidden_valid, mask)
+        return EncoderOutput(hidden, hidden_valid, first.mask if masking else None)
 
 
 class Readout(nn.Module):
@@ -192,7 +185,7 @@ class SMAPretrainer(nn.Module):
         super().__init__()
         self.config = config
         self.masking = masking
-        self.encoder = Encoder(config, backend)
+        self.encoder = Encoder(config, backend, masking)
         out = VOCAB_SIZE if config.input_kind == "bytes" else 1
         self.decoder = Readout(config.width, config.heads, config.max_len, out, config.widening)
         _init_weights(self)
@@ -205,7 +198,8 @@ class SMAPretrainer(nn.Module):
         they are packed to the left with ``drop_masked`` (the result is the same as decoding
         every position and discarding the others, since decoder queries do not interact).
         """
-        encoded = self.encoder(inputs, valid, masking=self.masking, noise=noise, generator=generator)
+        noise = None if self.masking.strategy == "random" else noise  # random masking: eta = 1
+        encoded = self.encoder(inputs, valid, masking=True, noise=noise, generator=generator)
         positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
         _, packed_valid, packed_positions = sma_kernels.drop_masked(positions, encoded.mask)
         prediction = self.decoder(encoded, packed_positions)
