@@ -6,17 +6,18 @@ Masking providers are checked against the reference mask before they are timed (
 
 * ``sdpa`` / ``sdpa+pad``: plain scaled-dot-product attention with no mask / the padding mask.
   They choose no mask: the floor that the fused op is measured against.
-* ``published``: the published algorithm in eager PyTorch (sma_paper_notes.md section 3.3): the
-  (B, H, Q, L) logits and an fp32 softmax of them are materialized, heads mixed, then a Python
-  loop over samples does the row draw, the row sum and ``topk``; masked SDPA follows. It reads
-  the shared plan (rows and random picks ordered by the plan's ranks stand in for ``randperm``)
-  and the counts of :func:`sma_kernels.plan.mask_counts`, so its mask equals the reference's.
-  Its logits are fp32 (the published code computes them in the model dtype, then copies them to
-  fp32 for the softmax) so that half-precision runs can be checked too.
+* ``published``: the published algorithm in eager PyTorch (docs/design.md, "Differences from the
+  published code", says where ours departs from it): the (B, H, Q, L) logits and an fp32 softmax
+  of them are materialized, heads mixed, then a Python loop over samples does the row draw, the
+  row sum and ``topk``; masked SDPA follows. It reads the shared plan (rows and random picks
+  ordered by the plan's ranks stand in for ``randperm``) and the counts of
+  :func:`sma_kernels.plan.mask_counts`, so its mask equals the reference's. Its logits are fp32
+  (the published code computes them in the model dtype, then copies them to fp32 for the
+  softmax) so that half-precision runs can be checked too.
 * ``vectorized``: the mask of ``sma_kernels`` with ``backend="reference"`` (the same math
-  without the loop), then masked SDPA (DESIGN.md section 9).
+  without the loop), then masked SDPA.
 * ``compiled``: ``torch.compile`` of that (the reference mask math, then masked SDPA).
-* ``flex``: the FlexAttention route of DESIGN.md section 9, below.
+* ``flex``: the FlexAttention route, below.
 * ``sma:<name>``: each sma-kernels backend that ``sma_kernels.backends()`` reports available.
 
 The FlexAttention route: call 1 attends the chosen rows to the valid tokens and returns each
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 import sma_kernels
 from sma_kernels import reference
 from sma_kernels.plan import MaskCounts, MaskPlan, chosen_rows, mask_counts
+from sma_kernels.testing import compare_masks, reference_selection, selection_from_scores
 
 from .cases import Inputs
 
@@ -344,49 +346,23 @@ def counts_and_chosen_rows(x: Inputs) -> tuple[MaskCounts, torch.Tensor]:
 
 def reference_scores(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) fp32 token scores of the reference, for judging near-ties, and the forced tokens."""
-    options = x.options
-    _, chosen = counts_and_chosen_rows(x)
-    with torch.no_grad():
-        scores = reference.token_scores(x.q, x.k, x.valid, chosen, x.plan.head,
-                                        head_mix=options["head_mix"], scale=options["scale"])
-    return scores, chosen if options["mask_self"] else torch.zeros_like(x.valid)
+    selection = reference_selection(x.q, x.k, x.valid, query_valid=x.query_pool, plan=x.plan, **x.options)
+    return selection.scores, selection.forced
 
 
 def check_mask(mask: torch.Tensor, ref_mask: torch.Tensor, ref_scores: torch.Tensor,
                valid: torch.Tensor, forced: torch.Tensor, rel_tol: float = 1e-5) -> str:
     """Compare a provider's mask with the reference (noise 0); raise AssertionError if wrong.
 
-    Exact equality passes. Otherwise each sample must mask the same number of tokens, no
-    padding, every forced token, and every token where the two differ must be a float near-tie:
-    its reference score within ``rel_tol`` (relative) of the score of the weakest token the
-    reference took by score. Returns "exact" or a note on the near-ties accepted.
+    The rule of :func:`sma_kernels.testing.compare_masks`: exact equality, or a different choice
+    among the tokens whose reference scores lie within ``rel_tol`` (relative) of the score at the
+    reference's cut. Returns "exact" or a note on the near-ties accepted.
     """
-    if mask.dtype != torch.bool or mask.shape != ref_mask.shape:
-        raise AssertionError(f"mask must be bool {tuple(ref_mask.shape)}, got {mask.dtype} "
-                             f"{tuple(mask.shape)}")
-    differ = mask != ref_mask
-    if not differ.any():
-        return "exact"
-    if (mask & ~valid).any():
-        raise AssertionError("padding is masked")
-    if (forced & ~mask).any():
-        raise AssertionError("a forced (chosen query) token is not masked")
-    counts, ref_counts = mask.sum(1), ref_mask.sum(1)
-    if not torch.equal(counts, ref_counts):
-        bad = (counts != ref_counts).nonzero().squeeze(1).tolist()
-        raise AssertionError(f"masked counts differ from the reference in samples {bad[:5]}")
-    by_score = ref_mask & ~forced
-    finite = torch.where(by_score & torch.isfinite(ref_scores), ref_scores, float("inf"))
-    threshold = finite.min(dim=1).values  # the weakest token the reference took by score
-    gap = (ref_scores - threshold[:, None]).abs()
-    allowed = gap <= rel_tol * threshold.abs()[:, None]
-    bad = differ & ~allowed
-    if bad.any():
-        b, j = (int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"mask differs from the reference at sample {b}, token {j}: reference "
-                             f"score {float(ref_scores[b, j]):.9g} vs threshold "
-                             f"{float(threshold[b]):.9g} (not a near-tie)")
-    return f"{int(differ.sum()) // 2} near-tie swap(s) within {rel_tol:g} relative"
+    result = compare_masks(mask, ref_mask, selection_from_scores(ref_mask, ref_scores, valid, forced),
+                           rtol=rel_tol, atol=0.0)
+    if not result.ok:
+        raise AssertionError(result.problem)
+    return "exact" if result.exact else f"{result.swaps} near-tie swap(s) within {rel_tol:g} relative"
 
 
 def check_output(out: torch.Tensor, ref_out: torch.Tensor, same_mask: torch.Tensor) -> float:

@@ -1,49 +1,25 @@
 """The compiled CPU backend (csrc/cpu): the same mask as the reference under the same plan.
 
-Exactly, except at genuine float near-ties (see helpers.assert_masks_match), across shapes,
-options, padding and dtypes; deterministic across calls and thread counts; reachable through the
-public API; defensive about a corrupt plan; and O(L) in memory at L = 32768.
+Exactly, except at genuine float near-ties (see sma_kernels.testing.assert_masks_match), across
+shapes, options, padding and dtypes; deterministic across calls and thread counts; reachable
+through the public API; defensive about a corrupt plan; and O(L) in memory at L = 32768.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_masks_match
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sma_kernels as sk
 from sma_kernels.plan import mask_counts
+from sma_kernels.testing import LAYOUTS, assert_masks_match, padded_valid
 
 CPP = sk.backends()["cpp"]
 pytestmark = pytest.mark.skipif(not CPP["available"], reason=f"C++ backend unavailable: {CPP['reason']}")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-PADDINGS = ["none", "right", "left", "middle", "scattered", "all", "single"]
-
-
-def make_valid(patterns: list[str], length: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, L) bool with one padding pattern per sample."""
-    rows = []
-    for pattern in patterns:
-        row = torch.ones(length, dtype=torch.bool)
-        cut = int(torch.randint(length + 1, (1,), generator=generator))
-        if pattern == "right":
-            row[cut:] = False
-        elif pattern == "left":
-            row[:cut] = False
-        elif pattern == "middle":
-            row[cut // 2:cut] = False
-        elif pattern == "scattered":
-            row = torch.rand(length, generator=generator) < 0.6
-        elif pattern == "all":
-            row[:] = False
-        elif pattern == "single":
-            row[:] = False
-            row[cut % length] = True
-        rows.append(row)
-    return torch.stack(rows)
 
 
 @st.composite
@@ -55,7 +31,7 @@ def cases(draw: st.DrawFn) -> dict:
     return {
         "shape": (batch, heads, queries, length, draw(st.integers(1, 40))),
         "dtype": draw(st.sampled_from(DTYPES)),
-        "paddings": draw(st.lists(st.sampled_from(PADDINGS), min_size=batch, max_size=batch)),
+        "paddings": draw(st.lists(st.sampled_from(LAYOUTS), min_size=batch, max_size=batch)),
         "nan_padding": draw(st.booleans()),
         "query_valid": not mask_self and draw(st.booleans()),
         "seed": draw(st.integers(0, 2**31 - 1)),
@@ -75,7 +51,7 @@ def build(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, sk.Mask
     g = torch.Generator().manual_seed(case["seed"])
     q = torch.randn(batch, heads, queries, dim, generator=g).to(case["dtype"])
     k = torch.randn(batch, heads, length, dim, generator=g).to(case["dtype"])
-    valid = make_valid(case["paddings"], length, g)
+    valid = padded_valid(batch, length, g, case["paddings"], random_cuts=True)
     if case["nan_padding"]:  # whatever padded keys hold must not matter
         k = k.masked_fill(~valid[:, None, :, None], float("nan"))
     options = dict(case["options"])
@@ -226,33 +202,3 @@ def test_kernel_refuses_inconsistent_inputs(changes: dict, message: str) -> None
     assert torch.ops.sma_kernels_C.self_guided_mask(*raw_args()).sum(dim=1).tolist() == [3, 3]
     with pytest.raises(RuntimeError, match=message):
         torch.ops.sma_kernels_C.self_guided_mask(*raw_args(**changes))
-
-
-def test_assert_masks_match_tolerates_only_near_ties() -> None:
-    g = torch.Generator().manual_seed(6)
-    batch, heads, queries, length, dim = 1, 1, 2, 12, 4
-    k = torch.randn(batch, heads, length, dim, generator=g)
-    valid = torch.ones(batch, length, dtype=torch.bool)
-    plan = sk.make_plan(batch, queries, length, heads, generator=g)
-    options = {"ratio": 0.25, "num_per_query": 1}  # k = 3, all taken by score
-
-    def mask_of(*tokens: int) -> torch.Tensor:
-        mask = torch.zeros(batch, length, dtype=torch.bool)
-        mask[0, list(tokens)] = True
-        return mask
-
-    tied = torch.zeros(batch, heads, queries, dim)  # every score equal: tokens 0, 1, 2 by index
-    ref = sk.self_guided_mask(tied, k, valid, plan=plan, backend="reference", **options)
-    assert torch.equal(ref, mask_of(0, 1, 2))
-    assert_masks_match(mask_of(0, 1, 7), ref, tied, k, valid, plan=plan, **options)
-    with pytest.raises(AssertionError):
-        assert_masks_match(mask_of(0, 1), ref, tied, k, valid, plan=plan, **options)
-
-    distinct = torch.randn(batch, heads, queries, dim, generator=g) * 3
-    ref = sk.self_guided_mask(distinct, k, valid, plan=plan, backend="reference", **options)
-    scores_low_first = [int(j) for j in (~ref[0]).nonzero().flatten()]
-    swapped = ref.clone()
-    swapped[0, ref[0].nonzero().flatten()[0]] = False
-    swapped[0, scores_low_first[0]] = True
-    with pytest.raises(AssertionError):
-        assert_masks_match(swapped, ref, distinct, k, valid, plan=plan, **options)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_masks_match
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sma_kernels as sk
 from sma_kernels import reference
 from sma_kernels.plan import chosen_rows, mask_counts
+from sma_kernels.testing import assert_masks_match
 
 B, H, Q, L, D, DV = 3, 2, 4, 10, 4, 3
 

@@ -1,13 +1,12 @@
 """The vectorized reference against a deliberately simple per-sample loop, and its invariants.
 
-The loop below is written from DESIGN.md section 2 alone: plain Python over samples, rows and
-tokens, fp64 softmax per row, and `sorted` for every selection. It shares no code with
-`sma_kernels.reference` or `sma_kernels.plan` beyond reading the plan's random draws.
+The loop is :func:`sma_kernels.testing.brute_force_mask`, written from docs/design.md, "The
+computation", alone: plain Python over samples, rows and tokens, fp64 softmax per row, and
+`sorted` for every selection. It shares no code with `sma_kernels.reference` or
+`sma_kernels.plan` beyond reading the plan's random draws.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -16,83 +15,20 @@ from hypothesis import strategies as st
 
 import sma_kernels as sk
 from sma_kernels import reference
+from sma_kernels.testing import assert_masks_match, brute_force_mask, padded_valid
 
-
-def brute_force_mask(q, k, valid, plan, *, ratio, num_per_query, head_mix, mask_self, noise,
-                     query_valid=None, scale=None):
-    """Returns (mask, scores): scores are the fp64 token scores before forcing, per sample."""
-    batch, heads, num_queries, dim = q.shape
-    num_tokens = k.shape[2]
-    scale = dim ** -0.5 if scale is None else scale
-    mask = torch.zeros(batch, num_tokens, dtype=torch.bool)
-    all_scores = torch.full((batch, num_tokens), -math.inf, dtype=torch.float64)
-    for b in range(batch):
-        tokens = [j for j in range(num_tokens) if valid[b, j]]
-        n = len(tokens)
-        if query_valid is not None:
-            pool = [i for i in range(num_queries) if query_valid[b, i] and (not mask_self or valid[b, i])]
-        elif mask_self:
-            pool = list(tokens)
-        else:
-            pool = list(range(num_queries))
-        n_masked = 0 if n <= 1 else min(max(round(ratio * n), 1), n - 1)
-        n_rows = min(max(round(n * ratio / num_per_query), 1), len(pool))
-        if mask_self:
-            n_rows = min(n_rows, n_masked)
-        rows = sorted(pool, key=lambda i: int(plan.query_rank[b, i]))[:n_rows]
-
-        scores = {j: 0.0 for j in tokens}
-        for i in rows if tokens else []:
-            mix_heads = range(heads) if head_mix == "mean" else [int(plan.head[b, i])]
-            for h in mix_heads:
-                logits = {j: scale * float(q[b, h, i].double() @ k[b, h, j].double()) for j in tokens}
-                top = max(logits.values())
-                total = sum(math.exp(s - top) for s in logits.values())
-                for j in tokens:
-                    scores[j] += math.exp(logits[j] - top) / total / len(mix_heads)
-        for j in tokens:
-            all_scores[b, j] = scores[j]
-
-        forced = set(rows) if mask_self else set()
-        n_random = round((n_masked - len(forced)) * noise)
-        n_top = n_masked - len(forced) - n_random
-        free = [j for j in tokens if j not in forced]
-        top = sorted(free, key=lambda j: (-scores[j], j))[:n_top]
-        rest = [j for j in free if j not in top]
-        picked = sorted(rest, key=lambda j: int(plan.token_rank[b, j]))[:n_random]
-        for j in [*forced, *top, *picked]:
-            mask[b, j] = True
-    return mask, all_scores
-
-
-def assert_same_up_to_ties(mask, expected, scores, rel=1e-5):
-    """Masks must be equal, except at tokens whose score ties the selection threshold."""
-    for b in torch.nonzero((mask != expected).any(dim=1)).flatten().tolist():
-        differ = (mask[b] != expected[b]).nonzero().flatten()
-        threshold = scores[b][expected[b] & torch.isfinite(scores[b])].min()
-        close = (scores[b][differ] - threshold).abs() <= rel * threshold.abs() + 1e-12
-        assert bool(close.all()), f"sample {b}: masks differ at {differ.tolist()} away from a tie"
-
-
-def random_valid(batch, num_tokens, generator, layout):
-    """Padding on the right, on the left, or scattered anywhere; lengths 0..L."""
-    lengths = torch.randint(0, num_tokens + 1, (batch,), generator=generator)
-    positions = torch.arange(num_tokens)
-    if layout == "right":
-        return positions[None, :] < lengths[:, None]
-    if layout == "left":
-        return positions[None, :] >= (num_tokens - lengths)[:, None]
-    return torch.rand(batch, num_tokens, generator=generator) < 0.7
+# Padding on the right or on the left with lengths 0..L, or 70% of the tokens real anywhere.
+RANDOM_PADDING = {"random_cuts": True, "density": 0.7}
 
 
 CASES = [
     # (B, H, Q, L, d, head_mix, mask_self, noise, layout)
     (4, 2, 5, 11, 8, "mean", False, 0.0, "right"),
-    (4, 3, 6, 9, 4, "random", False, 0.0, "anywhere"),
+    (4, 3, 6, 9, 4, "random", False, 0.0, "scattered"),
     (5, 2, 12, 12, 8, "random", True, 0.0, "left"),
-    (5, 2, 12, 12, 8, "mean", True, 0.5, "anywhere"),
+    (5, 2, 12, 12, 8, "mean", True, 0.5, "scattered"),
     (3, 1, 1, 7, 16, "mean", False, 0.3, "right"),
-    (6, 4, 20, 20, 8, "random", True, 1.0, "anywhere"),
+    (6, 4, 20, 20, 8, "random", True, 1.0, "scattered"),
 ]
 
 
@@ -103,20 +39,20 @@ def test_reference_matches_brute_force(case, ratio, npq):
     g = torch.Generator().manual_seed(hash((case, ratio)) % 2**31)
     q = torch.randn(batch, heads, num_queries, dim, generator=g) * 2
     k = torch.randn(batch, heads, num_tokens, dim, generator=g)
-    valid = random_valid(batch, num_tokens, g, layout)
+    valid = padded_valid(batch, num_tokens, g, layout, **RANDOM_PADDING)
     valid[0] = True  # always one full-length sample
     plan = sk.make_plan(batch, num_queries, num_tokens, heads, generator=g)
     options = {"ratio": ratio, "num_per_query": npq, "head_mix": head_mix, "mask_self": mask_self,
                "noise": noise}
     mask = sk.self_guided_mask(q, k, valid, plan=plan, backend="reference", **options)
-    expected, scores = brute_force_mask(q, k, valid, plan, **options)
-    assert_same_up_to_ties(mask, expected, scores)
+    expected = brute_force_mask(q, k, valid, plan, **options)
+    assert_masks_match(expected, mask, q, k, valid, plan=plan, atol=1e-12, **options)
 
 
 def test_reference_with_query_valid():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(4, 2, 10, 8, generator=g), torch.randn(4, 2, 10, 8, generator=g)
-    valid = random_valid(4, 10, g, "anywhere")
+    valid = padded_valid(4, 10, g, "scattered", **RANDOM_PADDING)
     query_valid = torch.rand(4, 10, generator=g) < 0.5
     query_valid[:, 0] = True
     plan = sk.make_plan(4, 10, 10, 2, generator=g)
@@ -124,8 +60,9 @@ def test_reference_with_query_valid():
         options = {"ratio": 0.4, "num_per_query": 1, "head_mix": "mean", "mask_self": mask_self, "noise": 0.0}
         mask = sk.self_guided_mask(q, k, valid, query_valid=query_valid, plan=plan,
                                    backend="reference", **options)
-        expected, scores = brute_force_mask(q, k, valid, plan, query_valid=query_valid, **options)
-        assert_same_up_to_ties(mask, expected, scores)
+        expected = brute_force_mask(q, k, valid, plan, query_valid=query_valid, **options)
+        assert_masks_match(expected, mask, q, k, valid, plan=plan, query_valid=query_valid, atol=1e-12,
+                           **options)
 
 
 def test_exact_ties_go_to_the_lower_index():
@@ -142,7 +79,7 @@ def test_reference_scores_sum_to_chosen_row_count():
     # Each chosen row is a distribution over the valid tokens, so scores sum to k_q.
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(3, 2, 6, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
-    valid = random_valid(3, 9, g, "anywhere")
+    valid = padded_valid(3, 9, g, "scattered", **RANDOM_PADDING)
     valid[:, 0] = True
     chosen = torch.rand(3, 6, generator=g) < 0.5
     head = torch.randint(2, (3, 6), generator=g, dtype=torch.int32)
@@ -163,11 +100,11 @@ def mask_inputs(draw):
     num_queries = num_tokens if mask_self else draw(st.integers(1, 12))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    layout = draw(st.sampled_from(["right", "left", "anywhere"]))
+    layout = draw(st.sampled_from(["right", "left", "scattered"]))
     return {
         "q": torch.randn(batch, heads, num_queries, 8, generator=g),
         "k": torch.randn(batch, heads, num_tokens, 8, generator=g),
-        "valid": random_valid(batch, num_tokens, g, layout),
+        "valid": padded_valid(batch, num_tokens, g, layout, **RANDOM_PADDING),
         "ratio": draw(st.floats(0.01, 0.99)),
         "num_per_query": draw(st.integers(1, 5)),
         "head_mix": draw(st.sampled_from(["mean", "random"])),
@@ -237,7 +174,7 @@ def test_attention_removes_masked_and_padded_keys():
     q, k, v = (torch.randn(3, 2, 4, 8, generator=g, dtype=torch.float64),
                torch.randn(3, 2, 10, 8, generator=g, dtype=torch.float64),
                torch.randn(3, 2, 10, 5, generator=g, dtype=torch.float64))
-    valid = random_valid(3, 10, g, "anywhere")
+    valid = padded_valid(3, 10, g, "scattered", **RANDOM_PADDING)
     valid[:, :2] = True
     valid[2] = False  # a sample with no real token gets a zero output
     out, mask = sk.self_guided_attention(q, k, v, valid, ratio=0.3, num_per_query=1, generator=g,
