@@ -36,7 +36,6 @@ from .plan import (
     chosen_rows,
     default_query_pool,
     mask_counts,
-    rank_order,
     take_smallest,
 )
 
@@ -114,7 +113,7 @@ class Selection(NamedTuple):
     valid: torch.Tensor  # (B, L) bool, True = real token
     forced: torch.Tensor  # (B, L) bool: the chosen query tokens under mask_self, else none
     counts: MaskCounts
-    token_rank: torch.Tensor  # (B, L) ranks of the random picks, a permutation per row
+    token_rank: torch.Tensor  # (B, L) priorities of the random picks (smallest first)
     chosen: torch.Tensor  # (B, Q) bool: the query rows summed into the scores
 
     def mask(self) -> torch.Tensor:
@@ -137,15 +136,14 @@ def reference_selection(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | 
     :func:`sma_kernels.self_guided_mask`, on q's device.
 
     Defaults are those of the public op: every token real, the query pool of
-    :func:`sma_kernels.plan.default_query_pool`, ``scale = d ** -0.5``. The plan's ranks go
-    through :func:`sma_kernels.plan.rank_order`, as the op reads them, so a hand-built plan with
-    repeated ranks gives the op's selection.
+    :func:`sma_kernels.plan.default_query_pool`, ``scale = d ** -0.5``. The plan's ranks may be
+    any int32 values (equal ranks go to the lower index), as in the op.
     """
     q, k = q.detach(), k.detach()
     batch, _, num_queries, dim = q.shape
     if valid is None:
         valid = torch.ones(batch, k.shape[2], dtype=torch.bool, device=q.device)
-    plan = MaskPlan(rank_order(plan.query_rank), plan.head, rank_order(plan.token_rank))
+    plan = MaskPlan(*plan)
     query_pool = default_query_pool(valid, num_queries, query_valid, mask_self)
     counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
                          mask_self=mask_self, noise=noise)
