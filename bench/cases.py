@@ -1,4 +1,4 @@
-"""Benchmark cases: the four workloads of DESIGN.md section 9, their small CPU versions, and sweeps.
+"""Benchmark cases: the four workloads (bench/README.md, "Workloads"), their small CPU versions, and sweeps.
 
 A :class:`Case` is one shape plus the SMA options of the domain it comes from. Its inputs are
 random q, k, v with realistic padding (right-padded, lengths drawn uniformly in
@@ -108,7 +108,7 @@ def _workload(name: str, shape: tuple[int, ...], ratio: float, npq: int, head_mi
                 mask_self=mask_self, min_length_frac=min_length_frac)
 
 
-# DESIGN.md section 9, with each domain's published masking settings (sma_paper_notes.md 5.1).
+# bench/README.md, "Workloads": each domain's shape with its published masking settings.
 WORKLOADS = (
     _workload("proteins", (64, 8, 256, 1024, 32, 128), 0.15, 4, "mean", False, 0.25),
     _workload("molecules", (32, 12, 512, 512, 64, 64), 0.3, 3, "random", True, 0.5),
@@ -124,7 +124,7 @@ _CPU_FULL = {"proteins": {"batch": 8}, "molecules": {"batch": 8}, "higgs": {},
 
 
 def workloads(device_type: str, full: bool) -> list[Case]:
-    """The four workloads: full DESIGN sizes on a GPU, shrunk versions on the CPU."""
+    """The four workloads: full sizes on a GPU, shrunk versions on the CPU."""
     if device_type != "cpu":
         return list(WORKLOADS)
     sizes = _CPU_FULL if full else _CPU_SMALL

@@ -1,6 +1,6 @@
 """pytest-benchmark version of the workloads: ``pytest bench/ --benchmark-only``.
 
-The four DESIGN.md section 9 workloads at their small CPU sizes (full sizes on a GPU), for each
+The four workloads (bench/README.md, "Workloads") at their small CPU sizes (full sizes on a GPU), for each
 masking provider that needs no compile step, timing the mask alone and the forward pass. Each
 provider's mask is checked against the reference before it is timed. ``python -m bench`` is the
 complete suite (compiled routes, backward, memory, ratios, JSON); this file is for
