@@ -220,6 +220,83 @@ def test_self_guided_attention_matches_reference():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def poisoned(x, dropped):
+    """x with NaN, +inf and -inf (cycling over the key index) at the ``dropped`` keys."""
+    poison = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype)
+    return torch.where(dropped, poison[torch.arange(x.shape[2]) % 3][:, None], x)
+
+
+# Under the interpreter NumPy warns where the dK/dV kernel computes on the dropped keys' NaN and
+# Inf, in the rows it then sets to 0.
+DROPPED_KEY_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@DROPPED_KEY_WARNINGS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_ignores_dropped_keys(dtype):
+    # Padded and masked keys (valid, not kept) hold NaN, +inf and -inf in k and v: forward and
+    # backward equal those of the same call with zeros there, bit for bit. L = 140 with 32-key
+    # tiles: the middle hole of padded_valid spans a whole tile, which the kernels skip.
+    g = torch.Generator().manual_seed(21)
+    batch, heads, num_q, length, dim, dim_v = 7, 2, 9, 140, 16, 32
+    q = torch.randn(batch, heads, num_q, dim, generator=g)
+    k = torch.randn(batch, heads, length, dim, generator=g)
+    v = torch.randn(batch, heads, length, dim_v, generator=g)
+    grad_out = torch.randn(batch, heads, num_q, dim_v, generator=g)
+    valid = padded_valid(batch, length, g)
+    keep = valid & (torch.rand(batch, length, generator=g) < 0.7)
+    dropped = ~keep[:, None, :, None]
+    empty = ~keep.any(dim=1)
+    assert empty[5] and (valid & ~keep).any()  # a sample without tokens, and masked tokens
+    q, grad_out, keep_d = q.to(DEVICE, dtype), grad_out.to(DEVICE, dtype), keep.to(DEVICE)
+    runs = []
+    for k_in, v_in in [(k.masked_fill(dropped, 0.0), v.masked_fill(dropped, 0.0)),
+                       (poisoned(k, dropped), poisoned(v, dropped))]:
+        k_in, v_in = k_in.to(DEVICE, dtype), v_in.to(DEVICE, dtype)
+        out, lse = triton_backend.attention_forward(q, k_in, v_in, keep_d, scale=0.25)
+        grads = triton_backend.attention_backward(grad_out, q, k_in, v_in, keep_d, out, lse,
+                                                  scale=0.25)
+        runs.append([x.cpu() for x in (out, lse, *grads)])
+    for name, clean, got in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert not got.isnan().any(), name
+        assert torch.equal(got, clean), name
+    out, lse, d_q, d_k, d_v = runs[1]
+    assert not d_k.masked_select(dropped).any() and not d_v.masked_select(dropped).any()
+    assert torch.isinf(lse[empty]).all()
+    for x in (out, d_q, d_k, d_v):  # the sample without a kept key: zeros, whatever v holds
+        assert not x[empty].any()
+
+
+@DROPPED_KEY_WARNINGS
+def test_self_guided_attention_ignores_padded_and_masked_values():
+    # Through the public op: k and v of the padded tokens, and v of the masked ones, hold NaN and
+    # infinities (the masked tokens' k decides the mask, so it stays finite). The mask, output
+    # and gradients are those of the clean inputs.
+    g = torch.Generator().manual_seed(9)
+    batch, heads, num_q, length, dim = 7, 2, 6, 45, 16
+    q = torch.randn(batch, heads, num_q, dim, generator=g)
+    k, v = (torch.randn(batch, heads, length, dim, generator=g) for _ in range(2))
+    valid = padded_valid(batch, length, g)
+    grad_out = torch.randn(batch, heads, num_q, dim, generator=g)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
+    kwargs = {"ratio": 0.3, "num_per_query": 2, "head_mix": "random", "noise": 0.3, "plan": plan,
+              "backend": "triton"}
+    _, mask = sk.self_guided_attention(q, k, v, valid, **kwargs)
+    padded = ~valid[:, None, :, None]
+    dropped = ~(valid & ~mask)[:, None, :, None]
+    runs = []
+    for inputs in [(q, k.masked_fill(padded, 0.0), v.masked_fill(dropped, 0.0)),
+                   (q, poisoned(k, padded), poisoned(v, dropped))]:
+        inputs = [x.clone().requires_grad_() for x in inputs]
+        out, got_mask = sk.self_guided_attention(*inputs, valid, **kwargs)
+        out.backward(grad_out)
+        runs.append((got_mask, out.detach(), *(x.grad for x in inputs)))
+    for name, clean, got in zip(("mask", "out", "dq", "dk", "dv"), *runs):
+        assert torch.equal(got, clean), name
+    _, _, _, d_k, d_v = runs[1]
+    assert not d_k.masked_select(dropped).any() and not d_v.masked_select(dropped).any()
+
+
 def test_opcheck_attention_op():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 2, 5, 16, generator=g).to(DEVICE).requires_grad_()

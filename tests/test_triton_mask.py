@@ -15,7 +15,7 @@ import sma_kernels as sk
 from sma_kernels import reference
 from sma_kernels.plan import chosen_rows, mask_counts
 
-import_triton_backend()
+triton_backend = import_triton_backend()
 
 from sma_kernels.triton._common import META_FIRST, META_LAST, META_RANDOM, META_TOP
 from sma_kernels.triton.mask_scores import token_scores
@@ -161,6 +161,101 @@ def test_opcheck_mask_op():
     args = (q, k, valid, torch.ones(3, 5, dtype=torch.bool, device=DEVICE), *plan, 0.3, 1,
             "random", False, 0.5, 0.25, "triton")
     torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, args)
+
+
+# ----------------------------------------------------------------------------- non-finite inputs
+
+def rule_scores(q, k, valid, chosen, head, *, head_mix, scale):
+    """Token scores by the non-finite rule, in plain PyTorch, and the (B, H, Q) bad pairs.
+
+    Logits are fp32. A (sample, head, row) whose logits over the sample's valid tokens are not
+    all finite is bad and contributes nothing; the others contribute their softmax. Padded
+    columns never enter a logit, whatever k holds there.
+    """
+    logits = scale * torch.matmul(q.float(), k.float().transpose(-1, -2))
+    real = valid[:, None, None, :]
+    bad = (~torch.isfinite(logits) & real).any(dim=-1)
+    logits = logits.masked_fill(~real | bad[..., None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # bad rows and rows without tokens
+    if head_mix == "mean":
+        mixed = probs.mean(dim=1)
+    else:
+        index = head.long()[:, None, :, None].expand(-1, 1, -1, probs.shape[-1])
+        mixed = probs.gather(1, index).squeeze(1)
+    scores = torch.einsum("bq,bql->bl", chosen.float(), mixed)
+    return scores.masked_fill(~valid, float("-inf")), bad
+
+
+def corrupt(q, k, valid, value, g):
+    """Copies of q and k with ``value`` in one coordinate of about a third of the q rows, of one
+    valid k row of about a third of the (sample, head) pairs, and everywhere in the padded k
+    rows."""
+    batch, heads, num_q, dim = q.shape
+    q, k = q.clone(), k.clone()
+    rows = torch.rand(batch, heads, num_q, generator=g) < 0.3
+    coordinate = torch.randint(dim, (batch, heads, num_q, 1), generator=g)
+    q.scatter_(-1, coordinate, torch.where(rows[..., None], value, q.gather(-1, coordinate)))
+    for b in range(batch):
+        tokens = valid[b].nonzero().flatten()
+        for h in range(heads):
+            if tokens.numel() and torch.rand((), generator=g) < 0.3:
+                j = tokens[torch.randint(tokens.numel(), (), generator=g)]
+                k[b, h, j, torch.randint(dim, (), generator=g)] = value
+    return q, k.masked_fill(~valid[:, None, :, None], value)
+
+
+# (Q, L, head_mix, mask_self, self-attention pool, noise)
+NON_FINITE_SETUPS = {
+    "cross-mean": (5, 37, "mean", False, False, 0.0),
+    "cross-random-noise": (7, 37, "random", False, False, 0.3),
+    "self-mean-mask-self": (28, 28, "mean", True, True, 0.0),
+    "self-random-mask-self-noise": (28, 28, "random", True, True, 0.5),
+    "self-random": (28, 28, "random", False, True, 0.0),
+}
+
+
+# Under the interpreter NumPy warns about the overflows these inputs are made of.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "overflow"])
+@pytest.mark.parametrize("setup", NON_FINITE_SETUPS.values(), ids=NON_FINITE_SETUPS.keys())
+def test_mask_non_finite_inputs(setup, value, dtype):
+    num_q, length, head_mix, mask_self, self_pool, noise = setup
+    batch, heads, dim = 7, 2, 16
+    q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, torch.float32,
+                                    seed=num_q + length)
+    q, k, valid, plan = q.cpu(), k.cpu(), valid.cpu(), plan.to("cpu")
+    g = torch.Generator().manual_seed(length)
+    if value == "overflow":
+        # Finite inputs (fp16 too) whose fp32 logits overflow for some (row, token) pairs: rows
+        # with an overflow are bad, the others keep finite logits up to the top of fp32.
+        q, k, scale = q * 6000.0, k * 6000.0, 1e30
+    else:
+        q, k = corrupt(q, k, valid, float(value), g)
+        scale = dim ** -0.5
+    q, k = q.to(dtype), k.to(dtype)
+    pool = valid if self_pool else torch.ones(batch, num_q, dtype=torch.bool)
+    counts = mask_counts(valid, pool, ratio=0.3, num_per_query=2, mask_self=mask_self,
+                         noise=noise)
+    chosen = chosen_rows(plan, pool, counts.num_rows)
+    want_scores, bad = rule_scores(q, k, valid, chosen, plan.head, head_mix=head_mix,
+                                   scale=scale)
+    bad_chosen = bad & chosen[:, None, :]
+    assert bad_chosen.any() and (chosen[:, None, :] & ~bad).any(), "case covers both kinds"
+    forced = chosen if mask_self else torch.zeros_like(valid)
+    want = reference.select_tokens(want_scores, valid, forced, counts, plan.token_rank)
+
+    q, k, valid, pool, plan = q.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), pool.to(DEVICE), \
+        plan.to(DEVICE)
+    scores = token_scores(q, k, valid, chosen.to(DEVICE), plan.head, head_mix=head_mix,
+                          scale=scale).cpu()
+    torch.testing.assert_close(scores, want_scores, rtol=2e-6, atol=1e-6)
+    got = triton_backend.self_guided_mask(
+        q, k, valid, pool, plan, ratio=0.3, num_per_query=2, head_mix=head_mix,
+        mask_self=mask_self, noise=noise, scale=scale).cpu()
+    assert torch.equal(got, want)
+    assert not (got & ~valid.cpu()).any(), "padding masked"
+    assert torch.equal(got.sum(dim=1), counts.num_masked)
 
 
 # ----------------------------------------------------------------------------- GPU only

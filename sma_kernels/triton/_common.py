@@ -27,9 +27,10 @@ import triton.testing
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("SMA_KERNELS_AUTOTUNE", "1") != "0"
 
-# Kernels use exp2/log2 (one MUFU instruction each) with log2(e) folded into the logit scale,
-# instead of exp/log: same result up to rounding, fewer instructions, no libdevice.
+# Kernels use exp2/log2 (one MUFU instruction each) with a factor log2(e), instead of exp/log:
+# same result up to rounding, fewer instructions, no libdevice.
 LOG2E = math.log2(math.e)
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same number inside the kernels
 
 
 def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str],

@@ -4,13 +4,13 @@ Forward (one program per (query tile, sample, head)). For a tile of BLOCK_M quer
 the L keys in tiles of BLOCK_N and keep, per row, the running maximum m and the running sum
 l = sum exp(S - m), rescaling the output accumulator by exp(m_old - m_new) whenever the maximum
 grows (the online softmax of FlashAttention). Key columns that are masked or padded
-(``keep`` False) get S = -inf. The loop runs only over the key tiles that hold a kept key, read
-from a per-sample list (key_tiles.py): a tile where every key is masked or padded is skipped
-entirely, and the loop body has no "skip this tile" branch, so Triton prefetches the next K and
-V tiles while computing. At the end out = acc / l and lse = m + log(l) per row. ``keep`` is per
-(sample, token), the same for every row and head, so a row has no kept key only when its whole
-sample has none: then out = 0 and lse = +inf, which makes exp(S - lse) = 0 in the backward
-instead of NaN (the reference's rule).
+(``keep`` False) get S = -inf, and their K and V rows are loaded as zeros. The loop runs only
+over the key tiles that hold a kept key, read from a per-sample list (key_tiles.py): a tile where
+every key is masked or padded is skipped entirely, and the loop body has no "skip this tile"
+branch, so Triton prefetches the next K and V tiles while computing. At the end out = acc / l
+and lse = m + log(l) per row. ``keep`` is per (sample, token), the same for every row and head,
+so a row has no kept key only when its whole sample has none: then out = 0 and lse = +inf, which
+makes exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
 
 Backward (FlashAttention-2 recomputation). With P = exp(S - lse) recomputed tile by tile from the
 saved lse, and delta = rowsum(dO * O):
@@ -19,6 +19,11 @@ Two kernels, so that every output element has exactly one writer and no atomics 
 (deterministic bits): one program per key tile accumulates dK and dV over all query tiles (a key
 tile with no kept key writes zeros at once), one program per query tile accumulates dQ over the
 same list of key tiles as the forward.
+
+Dropped keys (``keep`` False: padded or masked) influence no output or gradient, whatever they
+hold, NaN and Inf included: the forward and the dQ kernel load their K and V rows as zeros (P is
+0 there, but 0 * NaN is not), and the dK/dV kernel, whose rows each depend on one key only,
+selects their rows to exactly 0.
 
 Exponentials are base 2: S is computed as (scale * log2 e) q.k, so exp(x) becomes exp2(x') and
 no libdevice call is needed (the kernels also run under ``TRITON_INTERPRET=1``). The saved lse
@@ -36,6 +41,7 @@ from ._common import (
     BUCKET_ARGS,
     INTERPRET,
     LOG2E,
+    LOG2E_C,
     autotune,
     block_dim,
     cdiv,
@@ -44,8 +50,6 @@ from ._common import (
     size_buckets,
 )
 from .key_tiles import TILE_SIZES, key_tiles
-
-LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # lse is saved in natural-log units
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int, *,
@@ -60,7 +64,9 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, *,
 _FWD_CONFIGS = [_config(*c) for c in [(32, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
                                       (128, 64, 8, 3), (128, 128, 8, 2)]]
 _BWD_SHAPES = [(32, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
-_DQ_CONFIGS = [_config(*c) for c in _BWD_SHAPES]
+# The dQ loop's K and V loads are masked by the keep flags loaded in the same iteration; at the
+# smallest blocks Triton prefetches K only with a third stage for that chain.
+_DQ_CONFIGS = [_config(*c) for c in [(32, 32, 4, 3), *_BWD_SHAPES[1:]]]
 _DKDV_CONFIGS = [_config(*c, tile_list=False) for c in _BWD_SHAPES]
 # Under the interpreter: one config, blocks small enough that the tests still cover several
 # tiles, large enough to keep NumPy busy per step.
@@ -72,11 +78,11 @@ _KEY = [*BUCKET_ARGS, "BLOCK_D", "BLOCK_DV"]
 @triton.jit
 def _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd,
               offs_d, offs_dv, NK, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr):
-    """keep, K and V of the key tile ``cols``."""
-    col_ok = cols < NK
-    keep = tl.load(keep_base + cols, mask=col_ok, other=0) != 0
-    k = load_tile(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
-    v = load_tile(v_base, cols, col_ok, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
+    """keep, K and V of the key tile ``cols``. K and V are loaded as 0 at the keys not kept,
+    whatever they hold: there P = 0, and 0 * NaN in P V or dS K would reach every row."""
+    keep = tl.load(keep_base + cols, mask=cols < NK, other=0) != 0
+    k = load_tile(k_base, cols, keep, stride_kn, offs_d, stride_kd, D, DOT_F32)
+    v = load_tile(v_base, cols, keep, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
     return keep, k, v
 
 
@@ -199,9 +205,14 @@ def _attention_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = cols < NK
 
-    keep, k, v = _key_tile(KEEP + b * stride_keep_b, K + b * stride_kb + h * stride_kh,
-                           V + b * stride_vb + h * stride_vh, cols, stride_kn, stride_kd,
-                           stride_vn, stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
+    # Unlike _key_tile, K and V are loaded as they are: row j of dK and dV depends only on key j,
+    # so whatever a dropped key holds (NaN, Inf) stays in its own rows, which are set to 0 below.
+    # (Masking these loads by keep makes Triton stop prefetching Q and dO in the loop.)
+    keep = tl.load(KEEP + b * stride_keep_b + cols, mask=col_ok, other=0) != 0
+    k = load_tile(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_kn, offs_d, stride_kd,
+                  D, DOT_F32)
+    v = load_tile(V + b * stride_vb + h * stride_vh, cols, col_ok, stride_vn, offs_dv, stride_vd,
+                  DV, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if tl.max(keep.to(tl.int32), axis=0) > 0:  # a tile with no kept key has zero gradient
@@ -216,6 +227,9 @@ def _attention_bwd_dkdv_kernel(
             p, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        # Exact zeros at the dropped keys, selected (their rows may hold NaN), not multiplied.
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
     tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))

@@ -16,6 +16,13 @@ each head's chosen rows, forms P = exp(S - lse) and sums it over the rows, times
 fixed order, so the sum is deterministic without atomics. Padding columns get -inf, which the
 selection never takes.
 
+Non-finite inputs. A (sample, head, chosen row) whose fp32 logits scale * q.k over the sample's
+valid tokens are not all finite (a NaN or infinite q or valid k, or a product that overflows)
+contributes nothing: pass 1 keeps a per-row flag and writes lse = NaN for such a row, and pass 2
+selects its probabilities, and those of padding columns, to 0 with tl.where (never a product
+with 0: their S may be NaN or infinite). Padded keys are loaded as 0, whatever k holds there.
+So the scores are finite at every valid token.
+
 Which rows a head reads comes from a per-(sample, head) segment of the chosen-row table: under
 "mean" every head reads all k_q rows; under "random" the table lists the rows grouped by their
 plan head, and head h reads only its own group. Each (row, head) pair the mix uses is computed
@@ -27,10 +34,11 @@ scores.
 
 The table ((B, Q) int32) and the segments ((B, H, 2) int32, start and end) are written by one
 kernel, ``select.prepare``, together with the counts of the selection and the valid token range
-(a per-sample int32 metadata row). Logits are in base 2 (log2 e folded into the scale), so the
-kernels use exp2 / log2 and no libdevice. Pass 1 streams keys only between the sample's first and
-last valid token, with no branch in the loop body, so its K loads are software-pipelined (see
-attention.py).
+(a per-sample int32 metadata row). Logits are scale * q.k in natural units, the fp32 values
+the rule tests, and exponentials are exp2((S - m) * log2 e), so no libdevice is needed. (Folding
+log2 e into the scale, as attention.py does, would overflow fp32 for finite logits above
+FLT_MAX / log2 e.) Pass 1 streams keys only between the sample's first and last valid token, with
+no branch in the loop body, so its K loads are software-pipelined (see attention.py).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import triton.language as tl
 from ._common import (
     BUCKET_ARGS,
     INTERPRET,
-    LOG2E,
+    LOG2E_C,
     META_FIRST,
     META_FIRST_C,
     META_LAST,
@@ -70,15 +78,15 @@ _KEY = [*BUCKET_ARGS, "BLOCK_D"]
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _chosen_row_lse_kernel(
-    Q, K, VALID, META, ROWS, SEGMENTS, LSE2,
+    Q, K, VALID, META, ROWS, SEGMENTS, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, qk_scale, NQ_BUCKET, NK_BUCKET,
+    H, NQ, NK, scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Pass 1: LSE2[b, h, r] = log2-sum-exp2 of the table's r-th row over the valid tokens, for
-    the rows r of head h's segment."""
+    """Pass 1: LSE[b, h, r] = log-sum-exp of the table's r-th row over the valid tokens, for the
+    rows r of head h's segment; NaN where one of those logits is not finite."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -97,6 +105,7 @@ def _chosen_row_lse_kernel(
         k_base = K + b * stride_kb + h * stride_kh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        bad = tl.zeros([BLOCK_M], tl.int32)  # 1 once the row has a non-finite valid logit
         # Only the tiles from the first to the last valid token: no branch in the loop body,
         # so the K loads are prefetched (see attention.py).
         first = tl.load(META + b * META_WIDTH_C + META_FIRST_C)
@@ -104,30 +113,37 @@ def _chosen_row_lse_kernel(
         for start_n in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
             cols = start_n + offs_n
             valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
-            k = load_tile(k_base, cols, cols < NK, stride_kn, offs_d, stride_kd, D, DOT_F32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            # Finite from the first tile on (it holds the first valid token): no NaN.
+            k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            finite = tl.abs(s) < float("inf")  # False for NaN too
+            bad = tl.maximum(bad, tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1))
+            # A non-finite valid logit counts as 0 here (its row's lse is replaced by NaN at the
+            # end), so m is finite from the first tile on (it holds the first valid token) and
+            # the loop computes no NaN.
+            s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
+            l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
             m_i = m_new
         # A sample without valid tokens: +inf makes every probability of pass 2 exactly 0.
-        lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
-        tl.store(LSE2 + pid_bh.to(tl.int64) * NQ + offs_r, lse2, mask=row_ok)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)) / LOG2E_C,
+                       float("inf"))
+        lse = tl.where(bad != 0, float("nan"), lse)
+        tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_r, lse, mask=row_ok)
 
 
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _token_scores_kernel(
-    Q, K, VALID, ROWS, SEGMENTS, LSE2, SCORES,
+    Q, K, VALID, ROWS, SEGMENTS, LSE, SCORES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, qk_scale, head_weight, NQ_BUCKET, NK_BUCKET,
+    H, NQ, NK, scale, head_weight, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Pass 2: SCORES[b, j] = head_weight * sum over heads h and the rows of h's segment of the
-    probabilities."""
+    probabilities; rows whose lse is NaN add nothing."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,13 +157,13 @@ def _token_scores_kernel(
         # Per-head bases advance by pointer increments: 64-bit pointers, no int32 overflow.
         q_head = Q + b * stride_qb
         k_head = K + b * stride_kb
-        lse_head = LSE2 + b * H * NQ
+        lse_head = LSE + b * H * NQ
         segment = SEGMENTS + 2 * b * H
         for head in range(H):
             seg_start = tl.load(segment)
             seg_end = tl.load(segment + 1)
             if seg_end > seg_start:  # under "random" a head may have no row: skip its K tile
-                k = load_tile(k_head, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
                 for start_m in range(seg_start, seg_end, BLOCK_M):
                     offs_r = start_m + offs_m
                     row_ok = offs_r < seg_end
@@ -155,11 +171,14 @@ def _token_scores_kernel(
                     q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D,
                                   DOT_F32)
                     # Rows past the segment read lse = +inf: their probabilities are exactly 0.
-                    lse2 = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
-                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                    p = tl.exp2(s - lse2[:, None])
-                    p = tl.where(valid[None, :], p, 0.0)  # padding keys may overflow exp2
-                    acc += tl.sum(p, axis=0)
+                    lse = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                    p = tl.exp2((s - lse[:, None]) * LOG2E_C)
+                    # Padding columns (S is q.0 there, which a NaN q makes NaN) and rows with a
+                    # non-finite logit (lse NaN, so the comparison is False) are selected away,
+                    # not multiplied by 0.
+                    take = valid[None, :] & (lse < float("inf"))[:, None]
+                    acc += tl.sum(tl.where(take, p, 0.0), axis=0)
             q_head += stride_qh
             k_head += stride_kh
             lse_head += NQ
@@ -175,7 +194,7 @@ def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows
     ``segments`` of it (B, H, 2) int32, and the per-sample ``meta`` (see ``_common.META_*``)."""
     batch, heads, num_q, dim = q.shape
     num_k = k.shape[2]
-    lse2 = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
     valid_u8 = valid.contiguous().view(torch.uint8)
     # D is a compile-time constant: see attention.py's _common_args.
@@ -189,11 +208,11 @@ def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows
         return (cdiv(num_k, meta_params["BLOCK_N"]), batch)
 
     _chosen_row_lse_kernel[grid_rows](
-        q, k, valid_u8, meta, rows, segments, lse2, *q.stride(), *k.stride(), heads, num_q,
-        num_k, scale * LOG2E, **common)
+        q, k, valid_u8, meta, rows, segments, lse, *q.stride(), *k.stride(), heads, num_q,
+        num_k, scale, **common)
     _token_scores_kernel[grid_tokens](
-        q, k, valid_u8, rows, segments, lse2, scores, *q.stride(), *k.stride(), heads, num_q,
-        num_k, scale * LOG2E, 1.0 if head_mix == "random" else 1.0 / heads, **common)
+        q, k, valid_u8, rows, segments, lse, scores, *q.stride(), *k.stride(), heads, num_q,
+        num_k, scale, 1.0 if head_mix == "random" else 1.0 / heads, **common)
     return scores
 
 
