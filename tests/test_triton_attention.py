@@ -3,7 +3,7 @@
 Accuracy rule (as FlashAttention tests it): the kernel's error against the fp64 reference is at
 most twice the error of plain PyTorch attention computed in the same dtype, plus a tiny atol.
 Without a GPU these run in Triton's interpreter on CPU (tests/conftest.py), in fp32 and fp16 at
-tiny shapes. On a GPU the same tests run compiled, plus bf16, the DESIGN.md section 9 workloads
+tiny shapes. On a GPU the same tests run compiled, plus bf16, the benchmark workloads (bench/README.md, "Workloads")
 (reduced batch), determinism, peak memory, opcheck and torch.compile.
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu, padded_valid
+from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu
 
 import sma_kernels as sk
 from sma_kernels import reference
+from sma_kernels.testing import assert_close_to_fp64, padded_valid
 
 triton_backend = import_triton_backend()
 
@@ -37,10 +38,6 @@ def plain_attention(q, k, v, keep, scale):
     logits = (q @ k.transpose(-1, -2)) * scale
     logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
     return (torch.softmax(logits, dim=-1) @ v).nan_to_num(0.0)
-
-
-def max_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    return float((x.detach().double() - oracle).abs().max())
 
 
 def check_attention(batch, heads, num_q, length, dim, dim_v, dtype, seed, keep=None):
@@ -75,16 +72,15 @@ def check_attention(batch, heads, num_q, length, dim, dim_v, dtype, seed, keep=N
     for name, got, plain, oracle in zip(("out", "dq", "dk", "dv"), (out, *grads),
                                         (plain_out, *plain_grads), (out64, *grads64)):
         assert got.dtype == dtype and got.shape == oracle.shape, name
-        err, plain_err = max_error(got, oracle), max_error(plain, oracle)
         atol = ATOL[dtype] * max(1.0, float(oracle.abs().max()))
-        assert err <= 2 * plain_err + atol, f"{name}: error {err:.3g} vs PyTorch {plain_err:.3g}"
+        assert_close_to_fp64(got, plain, oracle, atol=atol, name=name)
     empty = ~keep.any(dim=1)  # samples with no kept key: zero output and zero gradients
     for x in (out, *grads):
         assert not x[empty].any()
     return out, lse, grads
 
 
-# (B, H, Q, L, d, dv); B = 7 covers every padding pattern of helpers.padded_valid
+# (B, H, Q, L, d, dv); B = 7 covers every padding layout of sma_kernels.testing.padded_valid
 SHAPES = {
     "L37-Q28-d16": (7, 2, 28, 37, 16, 16),
     "dv-ne-d": (7, 2, 5, 70, 16, 32),
@@ -310,7 +306,7 @@ def test_opcheck_attention_op():
 
 # ----------------------------------------------------------------------------- GPU only
 
-# DESIGN.md section 9 workloads at reduced batch: (B, H, Q, L, d, dv)
+# The benchmark workloads (bench/README.md, "Workloads") at reduced batch: (B, H, Q, L, d, dv)
 WORKLOADS = {
     "proteins": (4, 8, 256, 1024, 32, 128),
     "molecules": (2, 12, 512, 512, 64, 64),

@@ -1,7 +1,7 @@
 """Triton mask kernels (mask_scores.py, select.py) against the reference, under the same plan.
 
 Without a GPU these run in Triton's interpreter on CPU (tests/conftest.py), at tiny shapes. On a
-GPU the same tests run compiled, plus bf16 at the DESIGN.md section 9 workloads (reduced batch),
+GPU the same tests run compiled, plus bf16 at the benchmark workloads (bench/README.md, "Workloads") (reduced batch),
 determinism and torch.library.opcheck.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_masks_match, import_triton_backend, needs_gpu, padded_valid
+from helpers import DEVICE, import_triton_backend, needs_gpu
 
 import sma_kernels as sk
 from sma_kernels import reference
 from sma_kernels.plan import chosen_rows, mask_counts
+from sma_kernels.testing import assert_masks_match, padded_valid
 
 triton_backend = import_triton_backend()
 
@@ -260,7 +261,7 @@ def test_mask_non_finite_inputs(setup, value, dtype):
 
 # ----------------------------------------------------------------------------- GPU only
 
-# DESIGN.md section 9 workloads at reduced batch:
+# The benchmark workloads (bench/README.md, "Workloads") at reduced batch:
 # (B, H, Q, L, d, ratio, npq, head_mix, mask_self, noise)
 WORKLOADS = {
     "proteins": (4, 8, 256, 1024, 32, 0.15, 4, "mean", False, 0.0),

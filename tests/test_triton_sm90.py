@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import import_triton_backend, padded_valid
+from helpers import import_triton_backend
 
 import sma_kernels as sk
+from sma_kernels.testing import padded_valid
 
 triton_backend = import_triton_backend()
 

@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ._common import (
     BUCKET_ARGS,
     INTERPRET,
@@ -307,8 +306,6 @@ def _tile_args(keep: torch.Tensor) -> tuple:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                       *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`sma_kernels.reference.attention_forward` (same contract)."""
-    if q.dtype == torch.float64:  # fp64 (gradient checks) takes the oracle; kernels: fp16/bf16/fp32
-        return reference.attention_forward(q, k, v, keep, scale=scale)
     batch, heads, num_q, _ = q.shape
     num_k, dim_v = k.shape[2], v.shape[3]
     out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
@@ -330,8 +327,6 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of :func:`sma_kernels.reference.attention_backward` (same contract)."""
-    if q.dtype == torch.float64:
-        return reference.attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     # delta = rowsum(dO * O): (B, H, Q) fp32, output-sized, cheaper in PyTorch than a kernel.
