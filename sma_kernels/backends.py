@@ -87,6 +87,15 @@ def get(name: str) -> Backend:
     return declared()[name]
 
 
+def serving(name: str, dtype: torch.dtype) -> Backend:
+    """The backend that runs ``name``'s work for inputs of ``dtype``: itself, or its fallback
+    (the registered ops take a backend name and apply this, so a direct op call falls back too)."""
+    backend = declared()[name]
+    if dtype in backend.dtypes or backend.fallback is None:
+        return backend
+    return serving(backend.fallback, dtype)
+
+
 def backends() -> dict[str, dict[str, Any]]:
     """Every backend: whether it runs here (and if not, why not), on which devices, for which dtypes.
 

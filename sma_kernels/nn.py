@@ -92,7 +92,8 @@ class SelfGuidedAttention(nn.Module):
         self.num_heads = num_heads
         self.ratio, self.num_per_query, self.head_mix = ratio, num_per_query, head_mix
         self.mask_self, self.noise, self.masking, self.backend = mask_self, noise, masking, backend
-        self.latents = None if num_latents is None else nn.Parameter(torch.randn(num_latents, query_dim) * 0.02)
+        self.latents = (None if num_latents is None
+                        else nn.Parameter(torch.randn(num_latents, query_dim) * 0.02))
         self.to_q = nn.Linear(query_dim, qk_dim, bias=bias)
         self.to_k = nn.Linear(embed_dim, qk_dim, bias=bias)
         self.to_v = nn.Linear(embed_dim, value_dim, bias=bias)

@@ -31,14 +31,14 @@ def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool
                query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
                num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
                backend: str) -> torch.Tensor:
-    return backends.get(backend).self_guided_mask(
+    return backends.serving(backend, q.dtype).self_guided_mask(
         q, k, valid, query_pool, MaskPlan(query_rank, head, token_rank), ratio=ratio,
         num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
 
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                     scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    forward = backends.get(backend).attention_forward
+    forward = backends.serving(backend, q.dtype).attention_forward
     if forward is None:
         raise ValueError(f"backend={backend!r} has no masked_attention kernels: it attends with its "
                          "own differentiable function (see sma_kernels.backends)")
@@ -49,7 +49,8 @@ def _attention_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              v: torch.Tensor, keep: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, scale: float, backend: str
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.get(backend).attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)
+    return backends.serving(backend, q.dtype).attention_backward(grad_out, q, k, v, keep, out, lse,
+                                                                 scale=scale)
 
 
 _mask_op = torch.library.custom_op("sma_kernels::self_guided_mask", _mask_impl, mutates_args=())

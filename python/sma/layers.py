@@ -124,7 +124,8 @@ class MaskingLayer(nn.Module):
         return residual_mlp(self, x_q, attended.out), attended
 
 
-def residual_mlp(layer: AttentionLayer | MaskingLayer, x_q: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+def residual_mlp(layer: AttentionLayer | MaskingLayer, x_q: torch.Tensor,
+                 update: torch.Tensor) -> torch.Tensor:
     """y = x_q + dropout(update); y + MLP(LN(y)), with the layer's dropout, norm_mlp and mlp."""
     y = x_q + layer.dropout(update)
     return y + layer.mlp(layer.norm_mlp(y))
