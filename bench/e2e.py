@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import sma_kernels
+import sma_kernels.nn
 
 from . import measure
 from .cases import Inputs
@@ -72,14 +73,17 @@ def _import_model() -> tuple[types.ModuleType | None, str | None]:
 
 
 class _Routed:
-    """Stands in for ``sma_kernels`` inside ``sma.model``: the first layer goes through a
-    provider, and the inputs of its last call are kept for timing the mask alone."""
+    """Stands in for the op module that ``sma_kernels.nn.SelfGuidedAttention`` (the model's first
+    layer) calls: the first layer goes through a provider, and the inputs of its last call are
+    kept for timing the mask alone. Everything else is the real module's."""
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
-        self.drop_masked = sma_kernels.drop_masked
         self.last: Inputs | None = None
         self.prepared_for: tuple | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sma_kernels.api, name)
 
     def self_guided_attention(self, q, k, v, valid=None, *, ratio, num_per_query, head_mix="mean",
                               query_valid=None, mask_self=False, noise=0.0, scale=None,
@@ -104,14 +108,14 @@ class _Routed:
 
 
 @contextmanager
-def _routed(model_module: types.ModuleType, provider: Provider) -> Iterator[_Routed]:
+def _routed(provider: Provider) -> Iterator[_Routed]:
     routed = _Routed(provider)
-    original = model_module.sma_kernels
-    model_module.sma_kernels = routed
+    original = sma_kernels.nn.api
+    sma_kernels.nn.api = routed
     try:
         yield routed
     finally:
-        model_module.sma_kernels = original
+        sma_kernels.nn.api = original
 
 
 def _batch(max_len: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +181,7 @@ def _time_step(model_module: types.ModuleType, provider: Provider, config: Any, 
 
     entry: dict[str, Any] = {"status": "ok", "reason": None}
     try:
-        with _routed(model_module, provider) as routed:
+        with _routed(provider) as routed:
             entry["step"] = measure.time_call(step, device, min_run_time)
             entry["mask"] = measure.time_call(lambda: provider.mask(routed.last), device, min_run_time)
         entry["mask_share"] = entry["mask"]["median_ms"] / entry["step"]["median_ms"]
