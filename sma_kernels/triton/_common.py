@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernel files: interpreter detection, autotuning, tile loads.
+"""Helpers shared by the Triton kernel files: interpreter detection, autotuning and its configs,
+launch grids, tile offsets and loads.
 
 ``TRITON_INTERPRET=1`` runs every kernel in NumPy, one program at a time, on CPU tensors. Two
 things differ there and are decided here once:
@@ -14,9 +15,11 @@ things differ there and are decided here once:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,10 +50,13 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
     if not AUTOTUNE:
         return triton.autotune(configs=[configs[0]], key=[])
 
-    def prune(configs, named_args, **_):
+    def prune(configs, named_args, **kwargs):
+        # The autotuner passes the positional arguments as named_args and the keyword ones as
+        # kwargs; the launchers pass everything by keyword.
+        args = {**named_args, **kwargs}
+
         def fits(config):
-            return all(config.kwargs[block] <= max(smallest[block],
-                                                   next_power_of_2(named_args[size]))
+            return all(config.kwargs[block] <= max(smallest[block], next_power_of_2(args[size]))
                        for block, size in bounds.items())
         return [config for config in configs if fits(config)]
 
@@ -63,6 +69,81 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
     return triton.autotune(configs=list(configs), key=key,
                            prune_configs_by={"early_config_prune": prune}, do_bench=bench)
 
+
+class TileConfig(NamedTuple):
+    """An autotune config of a kernel that tiles rows by BLOCK_M and keys (or tokens) by
+    BLOCK_N."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+    def to_triton(self, **extra: int) -> triton.Config:
+        """The ``triton.Config``; ``extra`` adds meta-parameters derived from the blocks."""
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, **extra},
+                             num_warps=self.warps, num_stages=self.stages)
+
+
+def strides(name: str, tensor: torch.Tensor, axes: str) -> dict[str, int]:
+    """A tensor's strides as kernel keyword arguments: ``strides("q", q, "bhmd")`` is
+    ``{"stride_qb": ..., "stride_qh": ..., "stride_qm": ..., "stride_qd": ...}``."""
+    return dict(zip(_stride_names(name, axes), tensor.stride(), strict=True))
+
+
+@functools.cache
+def _stride_names(name: str, axes: str) -> tuple[str, ...]:
+    # Cached: the launchers build these names on every call (host overhead).
+    return tuple(f"stride_{name}{axis}" for axis in axes)
+
+
+# CUDA's grid limits: 2^31 - 1 programs along x, 65,535 along y and z.
+GRID_X_MAX = 2**31 - 1
+GRID_YZ_MAX = 65_535
+
+
+def tile_grid(rows: int, tiles: int, *, x_max: int = GRID_X_MAX) -> tuple[int, int]:
+    """The launch grid of ``rows * tiles`` programs (rows: samples, or (sample, head) pairs;
+    tiles: the blocks of one row), which :func:`program_tile` reads back.
+
+    The programs are numbered row-major, the tiles of a row consecutive, and laid along x: CUDA
+    starts programs in x-then-y order, so programs that run together share their row's K and V
+    in L2. x holds up to 2^31 - 1 programs; only a larger count continues along y, whose last
+    grid row is partial: its spare programs fall past the last row, and the kernels skip them.
+    (Rows along y, tiles along x, would fail to launch past 65,535 rows: B = 8192 with H = 8.)
+    ``x_max`` is CUDA's limit; a smaller one lets a test reach the y axis with a few programs.
+    """
+    total = rows * tiles
+    if total <= x_max:
+        return total, 1
+    height = cdiv(total, x_max)
+    if height > GRID_YZ_MAX:
+        raise ValueError(f"{rows} x {tiles} programs do not fit in a CUDA grid")
+    return cdiv(total, height), height
+
+
+def tiles_grid(rows: int, size: int, block: str):
+    """The grid of an autotuned kernel with one program per row and tile of its ``block``
+    meta-parameter (say "BLOCK_M") over ``size``."""
+    return lambda meta: tile_grid(rows, cdiv(size, meta[block]))
+
+
+@triton.jit
+def program_tile(NUM_TILES):
+    """(row, tile) of this program in a :func:`tile_grid` of NUM_TILES tiles per row: the row as
+    int64 (a (sample, head) pair indexes int64 bases), the tile as int32. A row past the last
+    one is a spare program of the grid's partial last y row."""
+    linear = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    return linear // NUM_TILES, (linear % NUM_TILES).to(tl.int32)
+
+
+
+@triton.jit
+def head_tile(H, NUM_TILES):
+    """:func:`program_tile` for rows that are (sample, head) pairs of H heads a sample: the
+    sample, the head, the pair's row index (all int64), and the tile."""
+    bh, tile = program_tile(NUM_TILES)
+    return bh // H, bh % H, bh, tile
 
 def cdiv(a: int, b: int) -> int:
     """Host-side ceil(a / b). (``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
@@ -100,12 +181,23 @@ def block_dim(d: int) -> int:
 
 
 @triton.jit
+def tile_offsets(rows, stride_row, cols, stride_col):
+    """int64 element offsets of the (rows, cols) tile of a matrix with these strides.
+
+    The indices are widened before the products: a row index times its stride passes 2^31 in a
+    sequence-first layout (L, B, H, d) viewed as (B, H, L, d), whose row stride is B * H * d,
+    and Triton passes strides below 2^31 as int32."""
+    return (rows.to(tl.int64)[:, None] * stride_row
+            + cols.to(tl.int64)[None, :] * stride_col)
+
+
+@triton.jit
 def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.constexpr,
               TO_F32: tl.constexpr):
     """The (rows, offs_col) tile at ``base``: zero outside ``row_ok`` and the first COLS columns,
     cast to fp32 when TO_F32 (the interpreter's ``tl.dot``, see above). Inlined by Triton, so a
     load in a loop is still software-pipelined."""
-    tile = tl.load(base + rows[:, None] * stride_row + offs_col[None, :] * stride_col,
+    tile = tl.load(base + tile_offsets(rows, stride_row, offs_col, stride_col),
                    mask=row_ok[:, None] & (offs_col[None, :] < COLS), other=0.0)
     if TO_F32:
         tile = tile.to(tl.float32)

@@ -41,35 +41,40 @@ from ._common import (
     INTERPRET,
     LOG2E,
     LOG2E_C,
+    TileConfig,
     autotune,
     block_dim,
-    cdiv,
     dot_precision,
+    head_tile,
     load_tile,
     size_buckets,
+    strides,
+    tile_offsets,
+    tiles_grid,
 )
 from .key_tiles import TILE_SIZES, key_tiles
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int, *,
-            tile_list: bool = True) -> triton.Config:
-    """A config; with ``tile_list``, also the index of its key tile list (see key_tiles.py)."""
-    params = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    if tile_list:
-        params["TILE_LIST"] = TILE_SIZES.index(block_n)
-    return triton.Config(params, num_warps=warps, num_stages=stages)
+def _listed(config: TileConfig) -> triton.Config:
+    """A config of a kernel that walks a key tile list: also the index of its list, the one for
+    its BLOCK_N (see key_tiles.py)."""
+    return config.to_triton(TILE_LIST=TILE_SIZES.index(config.block_n))
 
 
-_FWD_CONFIGS = [_config(*c) for c in [(32, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
-                                      (128, 64, 8, 3), (128, 128, 8, 2)]]
-_BWD_SHAPES = [(32, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)]
+_FWD_TILES = [TileConfig(32, 32, warps=4, stages=2), TileConfig(64, 64, warps=4, stages=3),
+              TileConfig(64, 128, warps=4, stages=3), TileConfig(128, 64, warps=8, stages=3),
+              TileConfig(128, 128, warps=8, stages=2)]
+_BWD_TILES = [TileConfig(32, 32, warps=4, stages=2), TileConfig(64, 64, warps=4, stages=2),
+              TileConfig(64, 128, warps=8, stages=2), TileConfig(128, 64, warps=8, stages=2)]
+_FWD_CONFIGS = [_listed(config) for config in _FWD_TILES]
 # The dQ loop's K and V loads are masked by the keep flags loaded in the same iteration; at the
 # smallest blocks Triton prefetches K only with a third stage for that chain.
-_DQ_CONFIGS = [_config(*c) for c in [(32, 32, 4, 3), *_BWD_SHAPES[1:]]]
-_DKDV_CONFIGS = [_config(*c, tile_list=False) for c in _BWD_SHAPES]
+_DQ_CONFIGS = [_listed(config) for config in
+               [_BWD_TILES[0]._replace(stages=3), *_BWD_TILES[1:]]]
+_DKDV_CONFIGS = [config.to_triton() for config in _BWD_TILES]
 # Under the interpreter: one config, blocks small enough that the tests still cover several
 # tiles, large enough to keep NumPy busy per step.
-_INTERPRET_SHAPE = (32, 32, 4, 1)
+_INTERPRET_TILES = TileConfig(32, 32, warps=4, stages=1)
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
 _KEY = [*BUCKET_ARGS, "BLOCK_D", "BLOCK_DV"]
 
@@ -106,7 +111,7 @@ def _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list, str
     return tiles, tl.load(TILE_COUNTS + b * stride_counts_b + TILE_LIST)
 
 
-@autotune(_FWD_CONFIGS, _config(*_INTERPRET_SHAPE), key=_KEY, bounds=_BOUNDS)
+@autotune(_FWD_CONFIGS, _listed(_INTERPRET_TILES), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_fwd_kernel(
     Q, K, V, KEEP, TILES, TILE_COUNTS, OUT, LSE,
@@ -115,56 +120,55 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_keep_b, stride_tiles_b, stride_tiles_list, stride_counts_b,
-    H, NQ, NK, qk_scale, NQ_BUCKET, NK_BUCKET,
+    B, H, NQ, NK, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_LIST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64 bases: B*H*L*dv can pass 2^31 elements at the pixel workload.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < NQ
+    # One program per (sample, head, query tile); int64 (sample, head) and bases: B*H*L*dv can
+    # pass 2^31 elements at the pixel workload.
+    b, h, bh, pid_m = head_tile(H, tl.cdiv(NQ, BLOCK_M))
+    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = rows < NQ
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
-                  D, DOT_F32)
-    keep_base = KEEP + b * stride_keep_b
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+        q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
+                      stride_qd, D, DOT_F32)
+        keep_base = KEEP + b * stride_keep_b
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    tiles, num_tiles = _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list,
-                                      stride_counts_b, TILE_LIST)
-    for i in range(num_tiles):
-        cols = tl.load(tiles + i) * BLOCK_N + offs_n
-        keep, k, v = _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(keep[None, :], s, float("-inf"))
-        # Every listed tile holds a kept key, so m_new is finite from the first tile on and
-        # exp2(m_i - m_new) is never NaN.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        tiles, num_tiles = _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b,
+                                          stride_tiles_list, stride_counts_b, TILE_LIST)
+        for i in range(num_tiles):
+            cols = tl.load(tiles + i) * BLOCK_N + offs_n
+            keep, k, v = _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(keep[None, :], s, float("-inf"))
+            # Every listed tile holds a kept key, so m_new is finite from the first tile on and
+            # exp2(m_i - m_new) is never NaN.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
 
-    has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 where no key was kept
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E_C,
-                   float("inf"))
-    tl.store(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om
-             + offs_dv[None, :] * stride_od, out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + pid_bh.to(tl.int64) * NQ + rows, lse, mask=row_ok)
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 where no key was kept
+        lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E_C,
+                       float("inf"))
+        tl.store(OUT + b * stride_ob + h * stride_oh
+                 + tile_offsets(rows, stride_om, offs_dv, stride_od),
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE + bh * NQ + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -178,7 +182,7 @@ def _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION: 
     return p, p * (dp - delta[:, None])
 
 
-@autotune(_DKDV_CONFIGS, _config(*_INTERPRET_SHAPE, tile_list=False), key=_KEY, bounds=_BOUNDS)
+@autotune(_DKDV_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dkdv_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DK, DV_OUT,
@@ -189,55 +193,59 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_keep_b,
-    H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
+    B, H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = cols < NK
+    # One program per (sample, head, key tile).
+    b, h, bh, pid_n = head_tile(H, tl.cdiv(NK, BLOCK_N))
+    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        col_ok = cols < NK
 
-    # Unlike _key_tile, K and V are loaded as they are: row j of dK and dV depends only on key j,
-    # so whatever a dropped key holds (NaN, Inf) stays in its own rows, which are set to 0 below.
-    # (Masking these loads by keep makes Triton stop prefetching Q and dO in the loop.)
-    keep = tl.load(KEEP + b * stride_keep_b + cols, mask=col_ok, other=0) != 0
-    k = load_tile(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_kn, offs_d, stride_kd,
-                  D, DOT_F32)
-    v = load_tile(V + b * stride_vb + h * stride_vh, cols, col_ok, stride_vn, offs_dv, stride_vd,
-                  DV, DOT_F32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    if tl.max(keep.to(tl.int32), axis=0) > 0:  # a tile with no kept key has zero gradient
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + pid_bh.to(tl.int64) * NQ
-        delta_base = DELTA + pid_bh.to(tl.int64) * NQ
-        for start_m in range(0, NQ, BLOCK_M):
-            q, do, lse2, delta = _query_tile(q_base, do_base, lse_base, delta_base,
-                                             start_m + offs_m, stride_qm, stride_qd, stride_dom,
-                                             stride_dod, offs_d, offs_dv, NQ, D, DV, DOT_F32)
-            p, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        # Exact zeros at the dropped keys, selected (their rows may hold NaN), not multiplied.
-        dk = tl.where(keep[:, None], dk, 0.0)
-        dv = tl.where(keep[:, None], dv, 0.0)
-    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+        # Unlike _key_tile, K and V are loaded as they are: row j of dK and dV depends only on
+        # key j, so whatever a dropped key holds (NaN, Inf) stays in its own rows, which are set
+        # to 0 below. (Masking these loads by keep makes Triton stop prefetching Q and dO in the
+        # loop.)
+        keep = tl.load(KEEP + b * stride_keep_b + cols, mask=col_ok, other=0) != 0
+        k = load_tile(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_kn, offs_d,
+                      stride_kd, D, DOT_F32)
+        v = load_tile(V + b * stride_vb + h * stride_vh, cols, col_ok, stride_vn, offs_dv,
+                      stride_vd, DV, DOT_F32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        if tl.max(keep.to(tl.int32), axis=0) > 0:  # a tile with no kept key has zero gradient
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            lse_base = LSE + bh * NQ
+            delta_base = DELTA + bh * NQ
+            for start_m in range(0, NQ, BLOCK_M):
+                q, do, lse2, delta = _query_tile(q_base, do_base, lse_base, delta_base,
+                                                 start_m + offs_m, stride_qm, stride_qd,
+                                                 stride_dom, stride_dod, offs_d, offs_dv, NQ, D,
+                                                 DV, DOT_F32)
+                p, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale,
+                                               PRECISION)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            # Exact zeros at the dropped keys, selected (their rows may hold NaN), not
+            # multiplied.
+            dk = tl.where(keep[:, None], dk, 0.0)
+            dv = tl.where(keep[:, None], dv, 0.0)
+        tl.store(DK + b * stride_dkb + h * stride_dkh
+                 + tile_offsets(cols, stride_dkn, offs_d, stride_dkd),
+                 (dk * scale).to(DK.dtype.element_ty),
+                 mask=col_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(DV_OUT + b * stride_dvb + h * stride_dvh
+                 + tile_offsets(cols, stride_dvn, offs_dv, stride_dvd),
+                 dv.to(DV_OUT.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@autotune(_DQ_CONFIGS, _config(*_INTERPRET_SHAPE), key=_KEY, bounds=_BOUNDS)
+@autotune(_DQ_CONFIGS, _listed(_INTERPRET_TILES), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dq_kernel(
     Q, K, V, KEEP, TILES, TILE_COUNTS, DO, LSE, DELTA, DQ,
@@ -247,41 +255,40 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_keep_b, stride_tiles_b, stride_tiles_list, stride_counts_b,
-    H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
+    B, H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_LIST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    # One program per (sample, head, query tile).
+    b, h, bh, pid_m = head_tile(H, tl.cdiv(NQ, BLOCK_M))
+    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
 
-    q, do, lse2, delta = _query_tile(Q + b * stride_qb + h * stride_qh,
-                                     DO + b * stride_dob + h * stride_doh,
-                                     LSE + pid_bh.to(tl.int64) * NQ,
-                                     DELTA + pid_bh.to(tl.int64) * NQ, rows, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV, DOT_F32)
-    keep_base = KEEP + b * stride_keep_b
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+        q, do, lse2, delta = _query_tile(Q + b * stride_qb + h * stride_qh,
+                                         DO + b * stride_dob + h * stride_doh, LSE + bh * NQ,
+                                         DELTA + bh * NQ, rows, stride_qm, stride_qd, stride_dom,
+                                         stride_dod, offs_d, offs_dv, NQ, D, DV, DOT_F32)
+        keep_base = KEEP + b * stride_keep_b
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    tiles, num_tiles = _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b, stride_tiles_list,
-                                      stride_counts_b, TILE_LIST)
-    for i in range(num_tiles):
-        cols = tl.load(tiles + i) * BLOCK_N + offs_n
-        keep, k, v = _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
-        _, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
-             mask=(rows < NQ)[:, None] & (offs_d[None, :] < D))
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        tiles, num_tiles = _key_tile_list(TILES, TILE_COUNTS, b, stride_tiles_b,
+                                          stride_tiles_list, stride_counts_b, TILE_LIST)
+        for i in range(num_tiles):
+            cols = tl.load(tiles + i) * BLOCK_N + offs_n
+            keep, k, v = _key_tile(keep_base, k_base, v_base, cols, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, offs_d, offs_dv, NK, D, DV, DOT_F32)
+            _, ds = _probs_and_grad_logits(q, k, v, keep, do, lse2, delta, qk_scale, PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh
+                 + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
+                 (dq * scale).to(DQ.dtype.element_ty),
+                 mask=(rows < NQ)[:, None] & (offs_d[None, :] < D))
 
 
 def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
@@ -297,10 +304,18 @@ def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
             "PRECISION": dot_precision(q.dtype), **size_buckets(q.shape[2], v.shape[2])}
 
 
-def _tile_args(keep: torch.Tensor) -> tuple:
-    """The non-empty key tile lists of ``keep`` and their strides, as kernel arguments."""
+def _keep_args(keep: torch.Tensor) -> dict:
+    """``keep`` as the uint8 KEEP argument, with its sample stride."""
+    keep_u8 = keep.contiguous().view(torch.uint8)
+    return {"KEEP": keep_u8, "stride_keep_b": keep_u8.stride(0)}
+
+
+def _tile_args(keep: torch.Tensor) -> dict:
+    """The non-empty key tile lists of ``keep`` (uint8) and their strides, as kernel
+    arguments."""
     tiles, counts = key_tiles(keep)
-    return tiles, counts, tiles.stride(0), tiles.stride(1), counts.stride(0)
+    return {"TILES": tiles, "TILE_COUNTS": counts, "stride_tiles_b": tiles.stride(0),
+            "stride_tiles_list": tiles.stride(1), "stride_counts_b": counts.stride(0)}
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -310,16 +325,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     num_k, dim_v = k.shape[2], v.shape[3]
     out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
-    keep_u8 = keep.contiguous().view(torch.uint8)
-    tiles, counts, *tile_strides = _tile_args(keep_u8)
-
-    def grid(meta):
-        return (cdiv(num_q, meta["BLOCK_M"]), batch * heads)
-
-    _attention_fwd_kernel[grid](
-        q, k, v, keep_u8, tiles, counts, out, lse, *q.stride(), *k.stride(), *v.stride(),
-        *out.stride(), keep_u8.stride(0), *tile_strides, heads, num_q, num_k, scale * LOG2E,
-        **_common_args(q, v))
+    keep_args = _keep_args(keep)
+    # One program per (sample, head, query tile).
+    _attention_fwd_kernel[tiles_grid(batch * heads, num_q, "BLOCK_M")](
+        Q=q, K=k, V=v, OUT=out, LSE=lse, **keep_args, **_tile_args(keep_args["KEEP"]),
+        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+        **strides("o", out, "bhmd"),
+        B=batch, H=heads, NQ=num_q, NK=num_k, qk_scale=scale * LOG2E, **_common_args(q, v))
     return out, lse
 
 
@@ -332,24 +344,20 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     # delta = rowsum(dO * O): (B, H, Q) fp32, output-sized, cheaper in PyTorch than a kernel.
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
     lse = lse.contiguous()
-    keep_u8 = keep.contiguous().view(torch.uint8)
-    tiles, counts, *tile_strides = _tile_args(keep_u8)
+    keep_args = _keep_args(keep)
+    tile_args = _tile_args(keep_args["KEEP"])
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)
     d_v = torch.empty_like(v)
-    common = _common_args(q, v)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-
-    def grid_keys(meta):
-        return (cdiv(num_k, meta["BLOCK_N"]), batch * heads)
-
-    def grid_queries(meta):
-        return (cdiv(num_q, meta["BLOCK_M"]), batch * heads)
-
-    _attention_bwd_dkdv_kernel[grid_keys](
-        q, k, v, keep_u8, grad_out, lse, delta, d_k, d_v, *strides, *d_k.stride(), *d_v.stride(),
-        keep_u8.stride(0), heads, num_q, num_k, scale, scale * LOG2E, **common)
-    _attention_bwd_dq_kernel[grid_queries](
-        q, k, v, keep_u8, tiles, counts, grad_out, lse, delta, d_q, *strides, *d_q.stride(),
-        keep_u8.stride(0), *tile_strides, heads, num_q, num_k, scale, scale * LOG2E, **common)
+    # What both kernels read: the inputs, the saved forward statistics and the sizes.
+    inputs = {"Q": q, "K": k, "V": v, "DO": grad_out, "LSE": lse, "DELTA": delta, **keep_args,
+              **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+              **strides("do", grad_out, "bhmd"), "B": batch, "H": heads, "NQ": num_q,
+              "NK": num_k, "scale": scale, "qk_scale": scale * LOG2E, **_common_args(q, v)}
+    # dK and dV: one program per (sample, head, key tile); dQ: per (sample, head, query
+    # tile).
+    _attention_bwd_dkdv_kernel[tiles_grid(batch * heads, num_k, "BLOCK_N")](
+        DK=d_k, DV_OUT=d_v, **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"), **inputs)
+    _attention_bwd_dq_kernel[tiles_grid(batch * heads, num_q, "BLOCK_M")](
+        DQ=d_q, **strides("dq", d_q, "bhmd"), **tile_args, **inputs)
     return d_q, d_k, d_v

@@ -60,7 +60,8 @@ def key_tiles(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.empty((batch, len(TILE_SIZES)), dtype=torch.int32, device=keep.device)
     keep_u8 = keep.contiguous().view(torch.uint8)
     chunk = max(TILE_SIZES[-1], min(4096, next_power_of_2(length)))
-    _key_tiles_kernel[(batch,)](keep_u8, tiles, counts, length, keep_u8.stride(0),
-                                tiles.stride(0), tiles.stride(1), MIN_TILE=TILE_SIZES[0],
-                                NUM_SIZES=len(TILE_SIZES), CHUNK=chunk)
+    _key_tiles_kernel[(batch,)](  # one program per sample
+        KEEP=keep_u8, TILES=tiles, COUNTS=counts, NK=length, stride_keep_b=keep_u8.stride(0),
+        stride_tiles_b=tiles.stride(0), stride_tiles_list=tiles.stride(1),
+        MIN_TILE=TILE_SIZES[0], NUM_SIZES=len(TILE_SIZES), CHUNK=chunk)
     return tiles, counts

@@ -57,20 +57,24 @@ from ._common import (
     META_LAST_C,
     META_WIDTH,
     META_WIDTH_C,
+    TileConfig,
     autotune,
     block_dim,
-    cdiv,
     dot_precision,
+    head_tile,
     load_tile,
+    program_tile,
     size_buckets,
+    strides,
+    tiles_grid,
 )
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(16, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-                         (32, 128, 4, 3)]
-]
-_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+# BLOCK_M chosen rows by BLOCK_N tokens.
+_CONFIGS = [config.to_triton() for config in [
+    TileConfig(16, 64, warps=4, stages=2), TileConfig(32, 64, warps=4, stages=3),
+    TileConfig(64, 64, warps=4, stages=3), TileConfig(64, 128, warps=8, stages=3),
+    TileConfig(32, 128, warps=4, stages=3)]]
+_INTERPRET_CONFIG = TileConfig(32, 32, warps=4, stages=3).to_triton()
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}  # chosen rows are at most Q
 _KEY = [*BUCKET_ARGS, "BLOCK_D"]
 
@@ -81,18 +85,18 @@ def _chosen_row_lse_kernel(
     Q, K, VALID, META, ROWS, SEGMENTS, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, scale, NQ_BUCKET, NK_BUCKET,
+    B, H, NQ, NK, scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Pass 1: LSE[b, h, r] = log-sum-exp of the table's r-th row over the valid tokens, for the
     rows r of head h's segment; NaN where one of those logits is not finite."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    seg_start = tl.load(SEGMENTS + 2 * pid_bh)
-    seg_end = tl.load(SEGMENTS + 2 * pid_bh + 1)
+    # One program per (sample, head, tile of BLOCK_M table entries); (sample, head) is int64.
+    b, h, bh, pid_r = head_tile(H, tl.cdiv(NQ, BLOCK_M))
+    # Programs of the grid's partial last row (see tile_grid) read an empty segment.
+    in_grid = b < B
+    seg_start = tl.load(SEGMENTS + 2 * bh, mask=in_grid, other=0)
+    seg_end = tl.load(SEGMENTS + 2 * bh + 1, mask=in_grid, other=0)
     tile_start = seg_start + pid_r * BLOCK_M
     if tile_start < seg_end:  # tiles past the segment have nothing to do
         offs_r = tile_start + tl.arange(0, BLOCK_M)
@@ -129,7 +133,7 @@ def _chosen_row_lse_kernel(
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)) / LOG2E_C,
                        float("inf"))
         lse = tl.where(bad != 0, float("nan"), lse)
-        tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_r, lse, mask=row_ok)
+        tl.store(LSE + bh * NQ + offs_r, lse, mask=row_ok)
 
 
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
@@ -138,53 +142,54 @@ def _token_scores_kernel(
     Q, K, VALID, ROWS, SEGMENTS, LSE, SCORES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, NQ, NK, scale, head_weight, NQ_BUCKET, NK_BUCKET,
+    B, H, NQ, NK, scale, head_weight, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Pass 2: SCORES[b, j] = head_weight * sum over heads h and the rows of h's segment of the
     probabilities; rows whose lse is NaN add nothing."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < NK
-    valid = tl.load(VALID + b * NK + cols, mask=col_ok, other=0) != 0
+    # One program per (sample, token tile); the sample is int64.
+    b, pid_n = program_tile(tl.cdiv(NK, BLOCK_N))
+    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = cols < NK
+        valid = tl.load(VALID + b * NK + cols, mask=col_ok, other=0) != 0
 
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    if tl.max(valid.to(tl.int32), axis=0) > 0:
-        # Per-head bases advance by pointer increments: 64-bit pointers, no int32 overflow.
-        q_head = Q + b * stride_qb
-        k_head = K + b * stride_kb
-        lse_head = LSE + b * H * NQ
-        segment = SEGMENTS + 2 * b * H
-        for head in range(H):
-            seg_start = tl.load(segment)
-            seg_end = tl.load(segment + 1)
-            if seg_end > seg_start:  # under "random" a head may have no row: skip its K tile
-                k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                for start_m in range(seg_start, seg_end, BLOCK_M):
-                    offs_r = start_m + offs_m
-                    row_ok = offs_r < seg_end
-                    rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
-                    q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D,
-                                  DOT_F32)
-                    # Rows past the segment read lse = +inf: their probabilities are exactly 0.
-                    lse = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
-                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                    p = tl.exp2((s - lse[:, None]) * LOG2E_C)
-                    # Padding columns (S is q.0 there, which a NaN q makes NaN) and rows with a
-                    # non-finite logit (lse NaN, so the comparison is False) are selected away,
-                    # not multiplied by 0.
-                    take = valid[None, :] & (lse < float("inf"))[:, None]
-                    acc += tl.sum(tl.where(take, p, 0.0), axis=0)
-            q_head += stride_qh
-            k_head += stride_kh
-            lse_head += NQ
-            segment += 2
-    scores = tl.where(valid, acc * head_weight, float("-inf"))
-    tl.store(SCORES + b * NK + cols, scores, mask=col_ok)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            # Per-head bases advance by pointer increments: 64-bit pointers, no int32 overflow.
+            q_head = Q + b * stride_qb
+            k_head = K + b * stride_kb
+            lse_head = LSE + b * H * NQ
+            segment = SEGMENTS + 2 * b * H
+            for head in range(H):
+                seg_start = tl.load(segment)
+                seg_end = tl.load(segment + 1)
+                if seg_end > seg_start:  # under "random" a head may have no row: skip its K tile
+                    k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                    for start_m in range(seg_start, seg_end, BLOCK_M):
+                        offs_r = start_m + offs_m
+                        row_ok = offs_r < seg_end
+                        rows = tl.load(ROWS + b * NQ + offs_r, mask=row_ok, other=0).to(tl.int64)
+                        q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D,
+                                      DOT_F32)
+                        # Rows past the segment read lse = +inf: their probabilities are exactly 0.
+                        lse = tl.load(lse_head + offs_r, mask=row_ok, other=float("inf"))
+                        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                        p = tl.exp2((s - lse[:, None]) * LOG2E_C)
+                        # Padding columns (S is q.0 there, which a NaN q makes NaN) and rows with a
+                        # non-finite logit (lse NaN, so the comparison is False) are selected away,
+                        # not multiplied by 0.
+                        take = valid[None, :] & (lse < float("inf"))[:, None]
+                        acc += tl.sum(tl.where(take, p, 0.0), axis=0)
+                q_head += stride_qh
+                k_head += stride_kh
+                lse_head += NQ
+                segment += 2
+        scores = tl.where(valid, acc * head_weight, float("-inf"))
+        tl.store(SCORES + b * NK + cols, scores, mask=col_ok)
 
 
 def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
@@ -197,22 +202,17 @@ def scores_from_rows(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, rows
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     scores = torch.empty((batch, num_k), dtype=torch.float32, device=q.device)
     valid_u8 = valid.contiguous().view(torch.uint8)
-    # D is a compile-time constant: see attention.py's _common_args.
-    common = {"D": dim, "BLOCK_D": block_dim(dim), "DOT_F32": INTERPRET,
-              "PRECISION": dot_precision(q.dtype), **size_buckets(num_q, num_k)}
-
-    def grid_rows(meta_params):
-        return (cdiv(num_q, meta_params["BLOCK_M"]), batch * heads)
-
-    def grid_tokens(meta_params):
-        return (cdiv(num_k, meta_params["BLOCK_N"]), batch)
-
-    _chosen_row_lse_kernel[grid_rows](
-        q, k, valid_u8, meta, rows, segments, lse, *q.stride(), *k.stride(), heads, num_q,
-        num_k, scale, **common)
-    _token_scores_kernel[grid_tokens](
-        q, k, valid_u8, rows, segments, lse, scores, *q.stride(), *k.stride(), heads, num_q,
-        num_k, scale, 1.0 if head_mix == "random" else 1.0 / heads, **common)
+    # What both passes read. D is a compile-time constant: see attention.py's _common_args.
+    common = {"Q": q, "K": k, "VALID": valid_u8, "ROWS": rows, "SEGMENTS": segments, "LSE": lse,
+              **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), "B": batch, "H": heads,
+              "NQ": num_q, "NK": num_k, "scale": scale, "D": dim, "BLOCK_D": block_dim(dim),
+              "DOT_F32": INTERPRET, "PRECISION": dot_precision(q.dtype),
+              **size_buckets(num_q, num_k)}
+    # Pass 1: a program per (sample, head, BLOCK_M table entries); pass 2: per (sample, BLOCK_N
+    # tokens).
+    _chosen_row_lse_kernel[tiles_grid(batch * heads, num_q, "BLOCK_M")](META=meta, **common)
+    _token_scores_kernel[tiles_grid(batch, num_k, "BLOCK_N")](
+        SCORES=scores, head_weight=1.0 if head_mix == "random" else 1.0 / heads, **common)
     return scores
 
 

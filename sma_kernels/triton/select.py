@@ -33,6 +33,7 @@ the output: step 3 reads the tokens steps 1-2 wrote, after a barrier.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,11 +53,21 @@ from ._common import (
     next_power_of_2,
 )
 
-_CONFIGS = [
-    triton.Config({"BLOCK": bl}, num_warps=w)
-    for bl, w in [(512, 4), (1024, 4), (2048, 8), (4096, 16)]
-]
-_INTERPRET_CONFIG = triton.Config({"BLOCK": 4096})
+
+class SelectConfig(NamedTuple):
+    """An autotune config of the selection: BLOCK tokens per sweep step, and the warps."""
+
+    block: int
+    warps: int
+
+    def to_triton(self) -> triton.Config:
+        return triton.Config({"BLOCK": self.block}, num_warps=self.warps)
+
+
+_CONFIGS = [config.to_triton() for config in [
+    SelectConfig(512, warps=4), SelectConfig(1024, warps=4), SelectConfig(2048, warps=8),
+    SelectConfig(4096, warps=16)]]
+_INTERPRET_CONFIG = SelectConfig(4096, warps=4).to_triton()
 _KEY = ["NK_BUCKET"]
 _BOUNDS = {"BLOCK": "NK"}
 
@@ -299,12 +310,13 @@ def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Ten
     chosen = torch.empty((batch, num_q), dtype=torch.bool, device=device)
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=device)
     block = min(1024, next_power_of_2(max(num_q, num_k)))
-    _prepare_kernel[(batch,)](
-        valid.contiguous().view(torch.uint8), query_pool.contiguous().view(torch.uint8),
-        query_rank.contiguous(), head.contiguous(), rows, segments, chosen.view(torch.uint8), meta,
-        num_heads, num_q, num_k, _float_bits(ratio), num_per_query, _float_bits(noise),
-        MASK_SELF=mask_self, GROUP_BY_HEAD=head_mix == "random", RADIX_BITS=4, BLOCK=block,
-        num_warps=4)
+    _prepare_kernel[(batch,)](  # one program per sample
+        VALID=valid.contiguous().view(torch.uint8),
+        POOL=query_pool.contiguous().view(torch.uint8), QUERY_RANK=query_rank.contiguous(),
+        HEAD=head.contiguous(), ROWS=rows, SEGMENTS=segments, CHOSEN=chosen.view(torch.uint8),
+        META=meta, H=num_heads, NQ=num_q, NK=num_k, ratio_bits=_float_bits(ratio),
+        num_per_query=num_per_query, noise_bits=_float_bits(noise), MASK_SELF=mask_self,
+        GROUP_BY_HEAD=head_mix == "random", RADIX_BITS=4, BLOCK=block, num_warps=4)
     return rows, segments, chosen, meta
 
 
@@ -315,10 +327,10 @@ def select_with_meta(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Te
     out = torch.empty((batch, num_k), dtype=torch.bool, device=scores.device)
     valid_u8 = valid.contiguous().view(torch.uint8)
     forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
-    _select_kernel[(batch,)](
-        scores.contiguous(), valid_u8, forced_u8, token_rank.contiguous(), meta,
-        out.view(torch.uint8), num_k, next_power_of_2(num_k), HAS_FORCED=forced is not None,
-        RADIX_BITS=4)
+    _select_kernel[(batch,)](  # one program per sample
+        SCORES=scores.contiguous(), VALID=valid_u8, FORCED=forced_u8,
+        RANK=token_rank.contiguous(), META=meta, OUT=out.view(torch.uint8), NK=num_k,
+        NK_BUCKET=next_power_of_2(num_k), HAS_FORCED=forced is not None, RADIX_BITS=4)
     return out
 
 

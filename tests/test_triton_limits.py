@@ -1,0 +1,155 @@
+"""Limits a GPU enforces and the interpreter does not: CUDA's grid size per axis, and int32
+offset arithmetic. No GPU needed.
+
+The interpreter runs any grid, so a grid that CUDA refuses to launch (more than 65,535 programs
+along y or z) passes every interpreter test. Here each launcher's grid is computed for
+B * H = 2^20 (a HIGGS batch of 8192 samples with 8 heads is 2^16) without running a kernel, and
+the mapping from a grid to its (row, tile) programs is run in the interpreter with a small
+stand-in for the x limit, so that it reaches the y axis with a few programs.
+
+An offset that passes 2^31 elements needs a tensor of that size, too large for a test, so the
+offset helper of the kernels is run on its own with indices and strides whose products pass
+2^31.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE, import_triton_backend
+
+triton_backend = import_triton_backend()
+
+import triton
+import triton.language as tl
+
+from sma_kernels.triton import attention as attention_kernels
+from sma_kernels.triton import mask_scores as mask_kernels
+from sma_kernels.triton._common import (
+    GRID_X_MAX,
+    GRID_YZ_MAX,
+    program_tile,
+    tile_grid,
+    tile_offsets,
+)
+
+
+def assert_launchable(grid: tuple[int, ...], programs: int) -> None:
+    """The grid fits CUDA's limits and has at least ``programs`` programs, at most one spare
+    per y row."""
+    x, y = grid
+    assert 0 <= x <= GRID_X_MAX and 1 <= y <= GRID_YZ_MAX, grid
+    assert programs <= x * y < programs + y, (grid, programs)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 65_535, 65_536, 8192 * 8, 2**20, 2**24, 2**31 - 1])
+@pytest.mark.parametrize("tiles", [1, 2, 28, 2304, 65_535])
+def test_grid_fits_cuda_limits(rows, tiles):
+    assert_launchable(tile_grid(rows, tiles), rows * tiles)
+
+
+def test_grid_stays_on_x_while_it_fits():
+    # One row of programs, numbered (row, tile) row-major: the tiles of a row run together.
+    assert tile_grid(8192 * 8, 28) == (8192 * 8 * 28, 1)
+    assert tile_grid(1, GRID_X_MAX) == (GRID_X_MAX, 1)
+    assert tile_grid(0, 5) == (0, 1)  # nothing to launch
+
+
+def test_grid_too_large_for_cuda():
+    with pytest.raises(ValueError, match="do not fit"):
+        tile_grid(GRID_X_MAX, GRID_YZ_MAX + 1)
+
+
+class RecordedKernel:
+    """Stands in for an autotuned kernel: records the grid of each of its GPU configs."""
+
+    def __init__(self, configs):
+        self.configs = configs
+        self.grids = []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.grids += [(grid(config.kwargs), config.kwargs) for config in self.configs]
+        return launch
+
+
+def test_launch_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
+    batch, heads, num_q, length, dim = 2**17, 8, 1, 1, 16
+    # Per kernel: its GPU configs, and the rows and the size its grid tiles by which block.
+    kernels = {
+        "_attention_fwd_kernel": (attention_kernels, attention_kernels._FWD_CONFIGS,
+                                  batch * heads, num_q, "BLOCK_M"),
+        "_attention_bwd_dkdv_kernel": (attention_kernels, attention_kernels._DKDV_CONFIGS,
+                                       batch * heads, length, "BLOCK_N"),
+        "_attention_bwd_dq_kernel": (attention_kernels, attention_kernels._DQ_CONFIGS,
+                                     batch * heads, num_q, "BLOCK_M"),
+        "_chosen_row_lse_kernel": (mask_kernels, mask_kernels._CONFIGS, batch * heads, num_q,
+                                   "BLOCK_M"),
+        "_token_scores_kernel": (mask_kernels, mask_kernels._CONFIGS, batch, length, "BLOCK_N")}
+    recorded = {}
+    for name, (module, configs, *_) in kernels.items():
+        recorded[name] = RecordedKernel(configs)
+        monkeypatch.setattr(module, name, recorded[name])
+    # The key tile lists are one program per sample, on x; not run here.
+    monkeypatch.setattr(attention_kernels, "key_tiles", lambda keep: (keep, keep))
+
+    def expanded(*shape, dtype=torch.float16):  # no memory per sample
+        return torch.zeros((1,) * len(shape), dtype=dtype, device=DEVICE).expand(*shape)
+
+    q = expanded(batch, heads, num_q, dim)
+    k = v = expanded(batch, heads, length, dim)
+    keep = expanded(batch, length, dtype=torch.bool)
+    out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.25)
+    triton_backend.attention_backward(out, q, k, v, keep, out, lse, scale=0.25)
+    mask_kernels.scores_from_rows(q, k, keep, expanded(batch, num_q, dtype=torch.int32),
+                                  expanded(batch, heads, 2, dtype=torch.int32),
+                                  expanded(batch, 4, dtype=torch.int32), head_mix="mean",
+                                  scale=0.25)
+
+    for name, (_, configs, rows, size, block) in kernels.items():
+        grids = recorded[name].grids
+        assert len(grids) == len(configs), f"{name} not launched once"
+        for grid, config in grids:
+            assert_launchable(grid, rows * -(-size // config[block]))
+
+
+@triton.jit
+def _count_programs(COUNTS, NUM_ROWS, NUM_TILES):
+    row, tile = program_tile(NUM_TILES)
+    if row < NUM_ROWS:
+        tl.atomic_add(COUNTS + row * NUM_TILES + tile, 1)
+
+
+@pytest.mark.parametrize(("rows", "tiles", "x_max"),
+                         [(4, 4, 100), (5, 3, 4), (7, 1, 3), (1, 10, 3), (3, 5, 7)])
+def test_every_row_and_tile_gets_one_program(rows, tiles, x_max):
+    grid = tile_grid(rows, tiles, x_max=x_max)
+    assert grid[0] <= x_max
+    counts = torch.zeros((rows, tiles), dtype=torch.int32, device=DEVICE)
+    _count_programs[grid](COUNTS=counts, NUM_ROWS=rows, NUM_TILES=tiles)
+    assert torch.equal(counts.cpu(), torch.ones(rows, tiles, dtype=torch.int32))
+
+
+@triton.jit
+def _offsets(OUT, ROWS, stride_row, stride_col, NUM_ROWS: tl.constexpr,
+             NUM_COLS: tl.constexpr):
+    rows = tl.load(ROWS + tl.arange(0, NUM_ROWS))
+    cols = tl.arange(0, NUM_COLS)
+    tl.store(OUT + tl.arange(0, NUM_ROWS)[:, None] * NUM_COLS + cols[None, :],
+             tile_offsets(rows, stride_row, cols, stride_col))
+
+
+@pytest.mark.parametrize(("stride_row", "stride_col"), [(8 * 8 * 32 * 128, 1), (1, 2**28)])
+def test_tile_offsets_are_64_bit(stride_row, stride_col):
+    # A sequence-first (L, B, H, d) tensor viewed as (B, H, L, d): the row stride is B * H * d
+    # (here B = 128 pixel images), so row 36,863 of a pixel sample sits 9.7e9 elements in.
+    # Both strides fit int32, as Triton passes them; the products do not.
+    rows = torch.tensor([0, 1, 20_000, 36_863], dtype=torch.int32)
+    num_cols = 16
+    out = torch.empty((rows.numel(), num_cols), dtype=torch.int64, device=DEVICE)
+    _offsets[(1,)](OUT=out, ROWS=rows.to(DEVICE), stride_row=stride_row, stride_col=stride_col,
+                   NUM_ROWS=rows.numel(), NUM_COLS=num_cols)
+    want = (rows.long()[:, None] * stride_row
+            + torch.arange(num_cols, dtype=torch.int64)[None, :] * stride_col)
+    assert want.max() >= 2**31  # the case int32 arithmetic would get wrong
+    assert torch.equal(out.cpu(), want)
