@@ -25,7 +25,7 @@ namespace {
 template <typename T>
 SMA_ALWAYS_INLINE T exp_le0(T x) {
   if constexpr (std::is_same_v<T, float>) {
-    return exp_nonpositive(x);
+    return exp_nonpositive_approx(x);
   } else {
     return std::exp(x);
   }
