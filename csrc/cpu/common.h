@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 // The hot helpers are forced inline so that each loop is compiled inside its caller, and in
@@ -38,19 +40,37 @@ constexpr int64_t kTile = 64;  // tokens per tile: 8 AVX2 accumulators for the d
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #ifdef SMA_X86_DISPATCH
-// What the CPU running the code supports (checked once; libgcc also checks that the OS saves the
-// registers).
-inline bool has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+// The widest instruction set that the kernels may use: what the CPU supports (checked once; libgcc
+// also checks that the OS saves the registers), capped by the environment variable
+// SMA_KERNELS_CPU_ISA = "avx2" or "baseline" if set (read once, at the first call), so that each
+// copy of the kernels can be run and tested on any machine.
+enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
+
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa best = CpuIsa::kBaseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = CpuIsa::kAvx2;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+        best = CpuIsa::kAvx512;
+      }
+    }
+    const char* cap = std::getenv("SMA_KERNELS_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) {
+      return CpuIsa::kBaseline;
+    }
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == CpuIsa::kAvx512) {
+      return CpuIsa::kAvx2;
+    }
+    return best;
+  }();
+  return isa;
 }
 
-inline bool has_avx512() {
-  static const bool supported = has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-                                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
-  return supported;
-}
+inline bool has_avx2_fma() { return cpu_isa() >= CpuIsa::kAvx2; }
+
+inline bool has_avx512() { return cpu_isa() >= CpuIsa::kAvx512; }
 #endif
 
 }  // namespace detail
