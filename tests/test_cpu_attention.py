@@ -4,12 +4,16 @@ Outputs and gradients within the FlashAttention rule of the fp64 reference (erro
 plain SDPA's in the same dtype, plus a tiny atol) for fp32 and bf16; masked and padded keys never
 reach an output and get exactly zero gradients, whatever they hold; a sample with no kept key gives
 zeros; bitwise the same for 1 and 2 threads and for any strides; no (B, H, Q, L) memory; the raw ops
-pass opcheck and refuse inconsistent inputs.
+pass opcheck and refuse inconsistent inputs. The copies of the kernels for narrower instruction
+sets than this machine's are run too (SMA_KERNELS_CPU_ISA), in a subprocess.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +295,15 @@ def test_empty_dimensions(sizes):
         assert (out == 0).all() and (lse == float("inf")).all() and (dq == 0).all()
     if queries == 0:
         assert (dk == 0).all() and (dv == 0).all()
+
+
+@pytest.mark.skipif("SMA_KERNELS_CPU_ISA" in os.environ, reason="already under an instruction-set cap")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_instruction_set(isa):
+    """This file's tests and the mask's, with the kernels capped at ``isa``."""
+    here = Path(__file__).parent
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not memory",
+               str(Path(__file__)), str(here / "test_cpu_backend.py")]
+    result = subprocess.run(command, env={**os.environ, "SMA_KERNELS_CPU_ISA": isa}, capture_output=True,
+                            text=True, timeout=900, cwd=here.parent, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
