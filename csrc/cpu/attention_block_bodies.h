@@ -1,5 +1,5 @@
 // The bodies of the attention blocks (attention_blocks.h), templated on the instruction-set trait of
-// gemm_tiles.h. Included by the file of each instruction set (attention_blocks.cpp for plain C++,
+// vector_isa.h. Included by the file of each instruction set (attention_blocks.cpp for plain C++,
 // attention_blocks_avx2.cpp, attention_blocks_avx512.cpp) after its target pragma, so that each copy
 // is compiled for its own target. Everything here has internal linkage: the copies never merge.
 //
@@ -14,135 +14,125 @@
 
 #include "attention_blocks.h"
 #include "common.h"
-#include "fast_exp.h"
 #include "gemm_tiles.h"
+#include "vector_isa.h"
 
 namespace sma_kernels::cpu {
 namespace detail SMA_HIDDEN {
 namespace {
 
-// exp(x) for x <= 0 (a logit minus its row's max or log-sum-exp): the vectorizable polynomial in fp32.
-template <typename T>
-SMA_ALWAYS_INLINE T exp_le0(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return exp_nonpositive_approx(x);
-  } else {
-    return std::exp(x);
-  }
-}
-
+// The forward of one block of query rows (attention_blocks.h, ForwardBlock).
 template <typename Isa>
 SMA_ALWAYS_INLINE void forward_body(const ForwardBlock<typename Isa::Elem>& p) {
   using T = typename Isa::Elem;
+  using Reg = typename Isa::Reg;
+  constexpr int64_t W = Isa::kWidth;
+  constexpr int64_t R = kForwardRows;
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
-  const int64_t rows = p.rows, dim_v_pad = p.dim_v_pad;
-  for (int64_t r = 0; r < rows; ++r) {
-    p.row_max[r] = kMinusInf;
-    p.row_sum[r] = T(0);
+  static_assert(kAlign % W == 0, "query columns come in whole registers");
+  const int64_t rows = p.rows, columns = round_up(rows, kAlign), dim_v_pad = p.dim_v_pad;
+  // Per query column: the running max and sum of exp(s - max), and the step's rescaling factor.
+  // Columns past `rows` (zero queries) are computed like the others and not written out.
+  T row_max[R], row_sum[R], alpha[R];
+  for (int64_t i = 0; i < R; ++i) {
+    row_max[i] = kMinusInf;
+    row_sum[i] = T(0);
   }
   for (int64_t i = 0; i < rows * dim_v_pad; ++i) {
     p.acc[i] = T(0);
   }
-  for (int64_t first = 0, step = 0; first < p.count; first += kForwardKeys, ++step) {
+  for (int64_t first = 0; first < p.count; first += kForwardKeys) {
     const int64_t width = p.count - first < kForwardKeys ? p.count - first : kForwardKeys;
-    const int64_t columns = round_up(width, kAlign);
-    const T* keys_t = p.keys_t + step * p.dim * kForwardKeys;
-    const T* values = p.values + step * kForwardKeys * dim_v_pad;
-    // S = Qs K^T over the step's keys (rounded up to kAlign columns; the extra ones are not read).
-    gemm<Isa>(rows, columns, p.dim, {p.queries, p.dim_pad, 1}, keys_t, columns, p.scores, kForwardKeys,
-              false);
+    // S^T = K Qs^T over the step's keys.
+    gemm<Isa>(width, columns, p.dim, {p.keys + first * p.dim, p.dim, 1}, p.queries_t, R, p.scores, R, false);
+    // Down each column: the new max, the rescaling of the old sum, P^T = exp(S^T - max) and its sum.
+    for (int64_t i = 0; i < columns; i += W) {
+      Reg top = Isa::load(p.scores + i);
+      for (int64_t k = 1; k < width; ++k) {
+        top = Isa::max(top, Isa::load(p.scores + k * R + i));
+      }
+      const Reg old_max = Isa::load(row_max + i);
+      const Reg new_max = Isa::max(top, old_max);
+      const Reg rescale = Isa::exp(Isa::sub(old_max, new_max));  // 0 on the first step (-inf)
+      // Four partial sums, keys k = 0, 1, 2, 3 (mod 4), added at the end: a quarter of the rounding
+      // of one running sum, and independent additions.
+      Reg sums[4] = {Isa::zero(), Isa::zero(), Isa::zero(), Isa::zero()};
+      for (int64_t k = 0; k < width; ++k) {
+        const Reg e = Isa::exp(Isa::sub(Isa::load(p.scores + k * R + i), new_max));
+        Isa::store(p.scores + k * R + i, e);
+        sums[k % 4] = Isa::add(sums[k % 4], e);
+      }
+      const Reg sum = Isa::add(Isa::add(sums[0], sums[1]), Isa::add(sums[2], sums[3]));
+      Isa::store(row_max + i, new_max);
+      Isa::store(alpha + i, rescale);
+      Isa::store(row_sum + i, Isa::fmadd(Isa::load(row_sum + i), rescale, sum));
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      T* s = p.scores + r * kForwardKeys;
-      T step_max = kMinusInf;
-#pragma omp simd reduction(max : step_max)
-      for (int64_t j = 0; j < width; ++j) {
-        step_max = s[j] > step_max ? s[j] : step_max;
-      }
-      const T old_max = p.row_max[r];
-      const T new_max = step_max > old_max ? step_max : old_max;
-      T step_sum = T(0);
-#pragma omp simd reduction(+ : step_sum)
-      for (int64_t j = 0; j < width; ++j) {
-        s[j] = exp_le0(s[j] - new_max);
-        step_sum += s[j];
-      }
-      // The first step rescales an all-zero accumulator by exp(-inf) = 0.
-      const T alpha = exp_le0(old_max - new_max);
-      p.row_sum[r] = p.row_sum[r] * alpha + step_sum;
-      p.row_max[r] = new_max;
-      if (alpha != T(1)) {
+      if (alpha[r] != T(1)) {
         T* out = p.acc + r * dim_v_pad;
-#pragma omp simd
         for (int64_t c = 0; c < dim_v_pad; ++c) {
-          out[c] *= alpha;
+          out[c] *= alpha[r];
         }
       }
     }
-    // O += P V over the step's keys.
-    gemm<Isa>(rows, dim_v_pad, width, {p.scores, kForwardKeys, 1}, values, dim_v_pad, p.acc, dim_v_pad,
-              true);
+    // O += P V over the step's keys: P(r, k) is S^T[k][r].
+    gemm<Isa>(rows, dim_v_pad, width, {p.scores, 1, R}, p.values + first * dim_v_pad, dim_v_pad, p.acc,
+              dim_v_pad, true);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const T inverse = T(1) / p.row_sum[r];
+    const T inverse = T(1) / row_sum[r];
     T* out = p.acc + r * dim_v_pad;
-#pragma omp simd
     for (int64_t c = 0; c < dim_v_pad; ++c) {
       out[c] *= inverse;
     }
-    p.lse[r] = p.row_max[r] + std::log(p.row_sum[r]);
+    p.lse[r] = row_max[r] + std::log(row_sum[r]);
   }
 }
 
+// The backward of one block of keys (attention_blocks.h, BackwardBlock).
 template <typename Isa>
 SMA_ALWAYS_INLINE void backward_body(const BackwardBlock<typename Isa::Elem>& p) {
   using T = typename Isa::Elem;
-  const int64_t count = p.count, width = round_up(p.count, kAlign);
+  using Reg = typename Isa::Reg;
+  constexpr int64_t W = Isa::kWidth;
+  constexpr int64_t R = kBackwardRows;
+  const int64_t count = p.count;
   for (int64_t i = 0; i < count * p.dim_pad; ++i) {
     p.grad_keys[i] = T(0);
   }
   for (int64_t i = 0; i < count * p.dim_v_pad; ++i) {
     p.grad_values[i] = T(0);
   }
-  for (int64_t first = 0; first < p.queries; first += kBackwardRows) {
-    const int64_t rows = p.queries - first < kBackwardRows ? p.queries - first : kBackwardRows;
-    const T* q_scaled = p.q_scaled + first * p.dim_pad;
-    const T* grad_out = p.grad_out + first * p.dim_v_pad;
-    // P = exp(Qs K^T - lse); zero on the padding columns, which the transposed products read.
-    gemm<Isa>(rows, width, p.dim, {q_scaled, p.dim_pad, 1}, p.keys_t, kBackwardKeys, p.probs, kBackwardKeys,
+  for (int64_t first = 0; first < p.queries; first += R) {
+    const int64_t rows = p.queries - first < R ? p.queries - first : R;
+    const int64_t columns = round_up(rows, kAlign);
+    // P^T = exp(K Qs^T - lse): exactly 0 in the padding columns, where lse = +inf.
+    gemm<Isa>(count, columns, p.dim, {p.keys, p.dim_pad, 1}, p.q_scaled_t + first * p.dim, R, p.probs, R,
               false);
-    for (int64_t r = 0; r < rows; ++r) {
-      T* prob = p.probs + r * kBackwardKeys;
-      const T lse = p.lse[first + r];
-#pragma omp simd
-      for (int64_t j = 0; j < count; ++j) {
-        prob[j] = exp_le0(prob[j] - lse);
-      }
-      for (int64_t j = count; j < width; ++j) {
-        prob[j] = T(0);
+    for (int64_t k = 0; k < count; ++k) {
+      T* prob = p.probs + k * R;
+      for (int64_t i = 0; i < columns; i += W) {
+        Isa::store(prob + i, Isa::exp(Isa::sub(Isa::load(prob + i), Isa::load(p.lse + first + i))));
       }
     }
     // dV += P^T dO.
-    gemm<Isa>(count, p.dim_v_pad, rows, {p.probs, 1, kBackwardKeys}, grad_out, p.dim_v_pad, p.grad_values,
-              p.dim_v_pad, true);
-    // dP = dO V^T, then dS = P (dP - D) in place; zero on the padding columns.
-    gemm<Isa>(rows, width, p.dim_v, {grad_out, p.dim_v_pad, 1}, p.values_t, kBackwardKeys, p.grad_logits,
-              kBackwardKeys, false);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* prob = p.probs + r * kBackwardKeys;
-      T* grad = p.grad_logits + r * kBackwardKeys;
-      const T delta = p.delta[first + r];
-#pragma omp simd
-      for (int64_t j = 0; j < count; ++j) {
-        grad[j] = prob[j] * (grad[j] - delta);
-      }
-      for (int64_t j = count; j < width; ++j) {
-        grad[j] = T(0);
+    gemm<Isa>(count, p.dim_v_pad, rows, {p.probs, R, 1}, p.grad_out + first * p.dim_v_pad, p.dim_v_pad,
+              p.grad_values, p.dim_v_pad, true);
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - D) in place.
+    gemm<Isa>(count, columns, p.dim_v, {p.values, p.dim_v_pad, 1}, p.grad_out_t + first * p.dim_v, R,
+              p.grad_logits, R, false);
+    for (int64_t k = 0; k < count; ++k) {
+      const T* prob = p.probs + k * R;
+      T* grad = p.grad_logits + k * R;
+      for (int64_t i = 0; i < columns; i += W) {
+        const Reg d_prob = Isa::sub(Isa::load(grad + i), Isa::load(p.delta + first + i));
+        Isa::store(grad + i, Isa::mul(Isa::load(prob + i), d_prob));
       }
     }
     // dK += dS^T Qs; dQ' += dS K.
-    gemm<Isa>(count, p.dim_pad, rows, {p.grad_logits, 1, kBackwardKeys}, q_scaled, p.dim_pad, p.grad_keys,
-              p.dim_pad, true);
-    gemm<Isa>(rows, p.dim_pad, count, {p.grad_logits, kBackwardKeys, 1}, p.keys, p.dim_pad,
+    gemm<Isa>(count, p.dim_pad, rows, {p.grad_logits, R, 1}, p.q_scaled + first * p.dim_pad, p.dim_pad,
+              p.grad_keys, p.dim_pad, true);
+    gemm<Isa>(rows, p.dim_pad, count, {p.grad_logits, 1, R}, p.keys, p.dim_pad,
               p.grad_queries + first * p.dim_pad, p.dim_pad, true);
   }
 }

@@ -5,6 +5,7 @@
 #include "attention_block_bodies.h"
 #include "common.h"
 #include "gemm_tiles.h"
+#include "vector_isa.h"
 
 namespace sma_kernels::cpu {
 namespace detail SMA_HIDDEN {

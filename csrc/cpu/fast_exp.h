@@ -1,8 +1,7 @@
-// exp for the softmax sums of the mask and of the attention, written as a branch-free polynomial so
-// that the loops that call it vectorize. libm's expf is a call that the compiler only vectorizes
-// under -ffast-math, which would also break the -inf logits of padding; the polynomial is plain
-// arithmetic, and its clamps become vector selects under -fno-trapping-math, which setup.py and
-// CMakeLists.txt pass.
+// exp for the softmax sums of the mask, written as a branch-free polynomial so that the loops that
+// call it vectorize. libm's expf is a call that the compiler only vectorizes under -ffast-math,
+// which would also break the -inf logits of padding; the polynomial is plain arithmetic, and its
+// clamps become vector selects under -fno-trapping-math, which setup.py and CMakeLists.txt pass.
 #pragma once
 
 #include <cstdint>
@@ -33,30 +32,6 @@ SMA_ALWAYS_INLINE float exp_nonpositive(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return x < kLow ? 0.f : y * two_n;
-}
-
-// exp(x) for x <= 0, as exp_nonpositive but without its exact 0 below ln(FLT_MIN): there it returns
-// about FLT_MIN instead (an error below 1.2e-38), which saves the last select. For the attention,
-// whose probabilities are exp(logit - max): a value that small adds nothing next to the max's 1.
-// NaN stays NaN.
-SMA_ALWAYS_INLINE float exp_nonpositive_approx(float x) {
-  constexpr float kLow = -87.33654475f;  // ln(FLT_MIN)
-  float xc = x < kLow ? kLow : x;
-  xc = xc > 0.f ? 0.f : xc;
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
 }
 
 }  // namespace detail

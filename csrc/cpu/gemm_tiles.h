@@ -11,59 +11,17 @@
 // A is read one element at a time and broadcast, so it may have any strides: a transposed operand
 // (P^T and dS^T in the backward) costs nothing more.
 //
-// The templates take an instruction-set trait: Reg, kWidth elements per register, a tile of kRows
-// rows by kVecs registers, and zero/load/store/broadcast/fmadd. ScalarIsa below is plain C++; the
-// AVX2 + FMA and AVX-512 traits live in the files compiled for those targets
-// (attention_blocks_avx2.cpp, attention_blocks_avx512.cpp), which include this header after their
+// The templates take an instruction-set trait (vector_isa.h) with a tile of kRows rows by kVecs
+// registers. The files compiled for AVX2 + FMA and for AVX-512 include this header after their
 // target pragma, so that every function here is compiled for their target there.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "common.h"
 
 namespace sma_kernels::cpu {
 namespace detail SMA_HIDDEN {
-
-// Plain C++ for any CPU: with GCC or clang a "register" is a 16-byte vector of their vector
-// extension, which becomes an SSE2 or NEON register; otherwise a single element. The 4 x 2 tile
-// keeps its 8 accumulators, the row of B and the broadcast within 16 such registers.
-#if defined(__GNUC__) || defined(__clang__)
-template <typename T>
-struct ScalarIsa {
-  using Elem = T;
-  typedef T Reg __attribute__((vector_size(16)));
-  static constexpr int kWidth = static_cast<int>(16 / sizeof(T));
-  static constexpr int kRows = 4;
-  static constexpr int kVecs = 2;
-  static SMA_ALWAYS_INLINE Reg zero() { return Reg{}; }
-  static SMA_ALWAYS_INLINE Reg load(const T* p) {
-    Reg r;
-    std::memcpy(&r, p, sizeof(r));
-    return r;
-  }
-  static SMA_ALWAYS_INLINE void store(T* p, Reg x) { std::memcpy(p, &x, sizeof(x)); }
-  static SMA_ALWAYS_INLINE Reg broadcast(const T* p) { return Reg{} + *p; }
-  static SMA_ALWAYS_INLINE Reg fmadd(Reg a, Reg b, Reg c) { return a * b + c; }
-  static SMA_ALWAYS_INLINE Reg add(Reg a, Reg b) { return a + b; }
-};
-#else
-template <typename T>
-struct ScalarIsa {
-  using Elem = T;
-  using Reg = T;
-  static constexpr int kWidth = 1;
-  static constexpr int kRows = 4;
-  static constexpr int kVecs = 4;
-  static SMA_ALWAYS_INLINE Reg zero() { return T(0); }
-  static SMA_ALWAYS_INLINE Reg load(const T* p) { return *p; }
-  static SMA_ALWAYS_INLINE void store(T* p, Reg x) { *p = x; }
-  static SMA_ALWAYS_INLINE Reg broadcast(const T* p) { return *p; }
-  static SMA_ALWAYS_INLINE Reg fmadd(Reg a, Reg b, Reg c) { return a * b + c; }
-  static SMA_ALWAYS_INLINE Reg add(Reg a, Reg b) { return a + b; }
-};
-#endif
 
 // A strided operand: element (i, k) at data[i * row + k * col].
 template <typename T>

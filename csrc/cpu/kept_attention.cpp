@@ -9,15 +9,16 @@
  * writes the results back; the arithmetic on those buffers is attention_blocks.h.
  *
  * Forward, FlashAttention style, one (sample, head, chunk of kForwardChunk query rows) per work
- * item: the item packs the kept keys (transposed, kForwardKeys per step) and values of its (sample,
- * head), then each block of kForwardRows query rows runs an online softmax over the steps and writes
- * its output rows and their log-sum-exp.
+ * item: the item gathers the kept keys and values of its (sample, head), then each block of
+ * kForwardRows query rows runs an online softmax over steps of kForwardKeys keys and writes its output
+ * rows and their log-sum-exp.
  *
- * Backward, FlashAttention-2's recomputation, one (sample, head) per work item: the item packs its
- * queries, dO and D = rowsum(dO * out), then for each block of kBackwardKeys kept keys recomputes
- * P = exp(S - lse) against all the query rows and accumulates dK, dV of the block and dQ of every
- * row. dQ is summed over the key blocks in order inside the item, so no two threads ever add into
- * one value: no atomics, and nothing depends on the thread count.
+ * Backward, FlashAttention-2's recomputation, one (sample, head) per work item: the item gathers its
+ * kept keys and values, packs its queries and dO (as rows and transposed) and D = rowsum(dO * out),
+ * then for each block of kBackwardKeys kept keys recomputes P = exp(S - lse) against all the query
+ * rows and accumulates dK, dV of the block and dQ of every row. dQ is summed over the key blocks in
+ * order inside the item, so no two threads ever add into one value: no atomics, and nothing depends
+ * on the thread count.
  *
  * Masked and padded keys are never read: their gradients are written as zeros, and whatever they
  * hold (NaN, Inf) cannot reach an output. A sample with no kept key gets zero outputs and gradients.
@@ -144,19 +145,12 @@ inline void load_row(const scalar_t* src, int64_t stride, int64_t n, int64_t pad
   std::fill(dst + n, dst + padded, T(0));
 }
 
-// Column `col` of a transposed block with `ld` columns: dst[c * ld + col] = src[c * stride], c < n.
+// Column `col` of a transposed block with `ld` columns: dst[c * ld + col] = src[c * stride] * mul.
 template <typename scalar_t, typename T>
-inline void load_column(const scalar_t* src, int64_t stride, int64_t n, T* dst, int64_t ld, int64_t col) {
+inline void load_column(const scalar_t* src, int64_t stride, int64_t n, T* dst, int64_t ld, int64_t col,
+                        T mul) {
   for (int64_t c = 0; c < n; ++c) {
-    dst[c * ld + col] = static_cast<T>(src[c * stride]);
-  }
-}
-
-// Columns [from, to) of the first n rows of a transposed block with `ld` columns set to zero.
-template <typename T>
-inline void zero_columns(T* dst, int64_t n, int64_t ld, int64_t from, int64_t to) {
-  for (int64_t c = 0; c < n; ++c) {
-    std::fill(dst + c * ld + from, dst + c * ld + to, T(0));
+    dst[c * ld + col] = static_cast<T>(src[c * stride]) * mul;
   }
 }
 
@@ -212,20 +206,12 @@ Shape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, con
           round_up(v.size(3), kAlign)};
 }
 
-// The kept keys of (b, h) packed for forward_block: transposed in steps of kForwardKeys (the last one
-// rounded up to kAlign columns, zero-filled), then the values as rows of dim_v_pad.
+// The kept keys and values of (b, h) as rows: keys (n, ld_keys), values (n, dim_v_pad).
 template <typename scalar_t, typename T>
-void pack_forward_keys(const View<const scalar_t>& k, const View<const scalar_t>& v, const Shape& s,
-                       int64_t b, int64_t h, const int32_t* index, int64_t n, T* keys_t, T* values) {
-  for (int64_t first = 0; first < n; first += kForwardKeys) {
-    const int64_t width = std::min(kForwardKeys, n - first), columns = round_up(width, kAlign);
-    T* block = keys_t + first * s.dim;
-    for (int64_t j = 0; j < width; ++j) {
-      load_column(k.row(b, h, index[first + j]), k.sc, s.dim, block, columns, j);
-    }
-    zero_columns(block, s.dim, columns, width, columns);
-  }
+void gather_keys(const View<const scalar_t>& k, const View<const scalar_t>& v, const Shape& s, int64_t b,
+                 int64_t h, const int32_t* index, int64_t n, T* keys, int64_t ld_keys, T* values) {
   for (int64_t j = 0; j < n; ++j) {
+    load_row(k.row(b, h, index[j]), k.sc, s.dim, ld_keys, T(1), keys + j * ld_keys);
     load_row(v.row(b, h, index[j]), v.sc, s.dim_v, s.dim_v_pad, T(1), values + j * s.dim_v_pad);
   }
 }
@@ -245,18 +231,16 @@ void forward_impl(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor
   const int64_t total = std::accumulate(kept.count.begin(), kept.count.end(), int64_t{0});
   const int64_t chunks = (s.queries + kForwardChunk - 1) / kForwardChunk;
   struct Scratch {
-    std::vector<T> keys_t, values, queries, scores, acc, lse, row_max, row_sum;
+    std::vector<T> keys, values, queries_t, scores, acc, lse;
   };
   const auto make_scratch = [&] {
     Scratch w;
-    w.keys_t.resize(s.dim * round_up(most, kAlign));
+    w.keys.resize(most * s.dim);
     w.values.resize(most * s.dim_v_pad);
-    w.queries.resize(kForwardRows * s.dim_pad);
-    w.scores.resize(kForwardRows * kForwardKeys);
+    w.queries_t.resize(s.dim * kForwardRows);
+    w.scores.resize(kForwardKeys * kForwardRows);
     w.acc.resize(kForwardRows * s.dim_v_pad);
-    for (std::vector<T>* row : {&w.lse, &w.row_max, &w.row_sum}) {
-      row->resize(kForwardRows);
-    }
+    w.lse.resize(kForwardRows);
     return w;
   };
   const std::vector<int64_t> in_order;
@@ -274,27 +258,26 @@ void forward_impl(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor
           }
           return;
         }
-        pack_forward_keys(k, v, s, b, h, kept.of(b), n, w.keys_t.data(), w.values.data());
+        gather_keys(k, v, s, b, h, kept.of(b), n, w.keys.data(), s.dim, w.values.data());
         for (int64_t first = begin; first < end; first += kForwardRows) {
+          const int64_t rows = std::min(kForwardRows, end - first);
+          std::fill(w.queries_t.begin(), w.queries_t.end(), T(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            load_column(q.row(b, h, first + r), q.sc, s.dim, w.queries_t.data(), kForwardRows, r, scale);
+          }
           ForwardBlock<T> block;
-          block.rows = std::min(kForwardRows, end - first);
+          block.rows = rows;
           block.count = n;
           block.dim = s.dim;
-          block.dim_pad = s.dim_pad;
           block.dim_v_pad = s.dim_v_pad;
-          for (int64_t r = 0; r < block.rows; ++r) {
-            load_row(q.row(b, h, first + r), q.sc, s.dim, s.dim_pad, scale, w.queries.data() + r * s.dim_pad);
-          }
-          block.queries = w.queries.data();
-          block.keys_t = w.keys_t.data();
+          block.queries_t = w.queries_t.data();
+          block.keys = w.keys.data();
           block.values = w.values.data();
           block.scores = w.scores.data();
           block.acc = w.acc.data();
           block.lse = w.lse.data();
-          block.row_max = w.row_max.data();
-          block.row_sum = w.row_sum.data();
           detail::forward_block(block);
-          for (int64_t r = 0; r < block.rows; ++r) {
+          for (int64_t r = 0; r < rows; ++r) {
             store_row(w.acc.data() + r * s.dim_v_pad, s.dim_v, T(1), out.row(b, h, first + r), out.sc);
             lse_rows[first + r] = w.lse[r];
           }
@@ -323,29 +306,36 @@ void backward_impl(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at
     return kept.count[x / s.heads] > kept.count[y / s.heads];
   });
 
+  const int64_t most = std::accumulate(kept.count.begin(), kept.count.end(), int64_t{0},
+                                      [](int64_t x, int64_t y) { return std::max(x, y); });
+  const int64_t queries_pad = round_up(s.queries, kBackwardRows);
   struct Scratch {
-    std::vector<T> q_scaled, grad_out, delta, lse, grad_queries, keys_t, keys, values_t, probs, grad_logits,
-        grad_keys, grad_values;
+    std::vector<T> q_scaled, q_scaled_t, grad_out, grad_out_t, delta, lse, grad_queries, keys, values, probs,
+        grad_logits, grad_keys, grad_values;
   };
   const auto make_scratch = [&] {
     Scratch w;
     w.q_scaled.resize(s.queries * s.dim_pad);
+    w.q_scaled_t.resize(s.dim * queries_pad);
     w.grad_out.resize(s.queries * s.dim_v_pad);
-    w.delta.resize(s.queries);
-    w.lse.resize(s.queries);
+    w.grad_out_t.resize(s.dim_v * queries_pad);
+    w.delta.resize(queries_pad);
+    w.lse.resize(queries_pad);
     w.grad_queries.resize(s.queries * s.dim_pad);
-    w.keys_t.resize(s.dim * kBackwardKeys);
-    w.keys.resize(kBackwardKeys * s.dim_pad);
-    w.values_t.resize(s.dim_v * kBackwardKeys);
-    w.probs.resize(kBackwardRows * kBackwardKeys);
-    w.grad_logits.resize(kBackwardRows * kBackwardKeys);
+    w.keys.resize(most * s.dim_pad);
+    w.values.resize(most * s.dim_v_pad);
+    w.probs.resize(kBackwardKeys * kBackwardRows);
+    w.grad_logits.resize(kBackwardKeys * kBackwardRows);
     w.grad_keys.resize(kBackwardKeys * s.dim_pad);
     w.grad_values.resize(kBackwardKeys * s.dim_v_pad);
+    // The padding query columns: zero queries and dO, D = 0 and lse = +inf, so that P = 0 there.
+    std::fill(w.delta.begin(), w.delta.end(), T(0));
+    std::fill(w.lse.begin(), w.lse.end(), std::numeric_limits<T>::infinity());
     return w;
   };
-  const int64_t total_keys = std::accumulate(kept.count.begin(), kept.count.end(), int64_t{0});
+  const int64_t total = std::accumulate(kept.count.begin(), kept.count.end(), int64_t{0});
   for_each_item(
-      s.batch * s.heads, 5 * total_keys * s.heads * s.queries * std::max(s.dim, s.dim_v), order, make_scratch,
+      s.batch * s.heads, 5 * total * s.heads * s.queries * std::max(s.dim, s.dim_v), order, make_scratch,
       [&](int64_t bh, Scratch& w) {
         const int64_t b = bh / s.heads, h = bh % s.heads, n = kept.count[b];
         const int32_t* index = kept.of(b);
@@ -362,10 +352,17 @@ void backward_impl(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at
           }
           return;
         }
+        std::fill(w.q_scaled_t.begin(), w.q_scaled_t.end(), T(0));
+        std::fill(w.grad_out_t.begin(), w.grad_out_t.end(), T(0));
         for (int64_t i = 0; i < s.queries; ++i) {
-          load_row(q.row(b, h, i), q.sc, s.dim, s.dim_pad, scale, w.q_scaled.data() + i * s.dim_pad);
+          const scalar_t* q_row = q.row(b, h, i);
+          load_row(q_row, q.sc, s.dim, s.dim_pad, scale, w.q_scaled.data() + i * s.dim_pad);
+          const int64_t block = i / kBackwardRows * kBackwardRows, column = i % kBackwardRows;
+          load_column(q_row, q.sc, s.dim, w.q_scaled_t.data() + block * s.dim, kBackwardRows, column, scale);
           T* d_out = w.grad_out.data() + i * s.dim_v_pad;
           load_row(grad_out.row(b, h, i), grad_out.sc, s.dim_v, s.dim_v_pad, T(1), d_out);
+          load_column(grad_out.row(b, h, i), grad_out.sc, s.dim_v, w.grad_out_t.data() + block * s.dim_v,
+                      kBackwardRows, column, T(1));
           const scalar_t* o = out.row(b, h, i);
           double delta = 0.0;  // in fp64: dS = P (dP - D) subtracts it from values close to it
           for (int64_t c = 0; c < s.dim_v; ++c) {
@@ -374,17 +371,10 @@ void backward_impl(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at
           w.delta[i] = static_cast<T>(delta);
           w.lse[i] = lse_in[bh * s.queries + i];
         }
+        gather_keys(k, v, s, b, h, index, n, w.keys.data(), s.dim_pad, w.values.data());
         std::fill(w.grad_queries.begin(), w.grad_queries.end(), T(0));
         for (int64_t first = 0; first < n; first += kBackwardKeys) {
           const int64_t count = std::min(kBackwardKeys, n - first);
-          for (int64_t j = 0; j < count; ++j) {
-            const int64_t key = index[first + j];
-            load_column(k.row(b, h, key), k.sc, s.dim, w.keys_t.data(), kBackwardKeys, j);
-            load_row(k.row(b, h, key), k.sc, s.dim, s.dim_pad, T(1), w.keys.data() + j * s.dim_pad);
-            load_column(v.row(b, h, key), v.sc, s.dim_v, w.values_t.data(), kBackwardKeys, j);
-          }
-          zero_columns(w.keys_t.data(), s.dim, kBackwardKeys, count, round_up(count, kAlign));
-          zero_columns(w.values_t.data(), s.dim_v, kBackwardKeys, count, round_up(count, kAlign));
           BackwardBlock<T> block;
           block.queries = s.queries;
           block.count = count;
@@ -393,12 +383,13 @@ void backward_impl(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at
           block.dim_v = s.dim_v;
           block.dim_v_pad = s.dim_v_pad;
           block.q_scaled = w.q_scaled.data();
+          block.q_scaled_t = w.q_scaled_t.data();
           block.grad_out = w.grad_out.data();
+          block.grad_out_t = w.grad_out_t.data();
           block.delta = w.delta.data();
           block.lse = w.lse.data();
-          block.keys_t = w.keys_t.data();
-          block.keys = w.keys.data();
-          block.values_t = w.values_t.data();
+          block.keys = w.keys.data() + first * s.dim_pad;
+          block.values = w.values.data() + first * s.dim_v_pad;
           block.probs = w.probs.data();
           block.grad_logits = w.grad_logits.data();
           block.grad_keys = w.grad_keys.data();
