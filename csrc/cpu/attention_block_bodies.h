@@ -3,8 +3,8 @@
 // attention_blocks_avx2.cpp, attention_blocks_avx512.cpp) after its target pragma, so that each copy
 // is compiled for its own target. Everything here has internal linkage: the copies never merge.
 //
-// Determinism: every sum runs in a fixed order (each product's depth in order, each row's sums in
-// the compiler's fixed vector order), the same on every call, whichever thread runs the block.
+// Determinism: every sum runs in a fixed order (each product's depth in order, the softmax's max and
+// sums down each column of S^T in key order), the same on every call, whichever thread runs it.
 #pragma once
 
 #include <cmath>
@@ -32,7 +32,8 @@ SMA_ALWAYS_INLINE void forward_body(const ForwardBlock<typename Isa::Elem>& p) {
   static_assert(kAlign % W == 0, "query columns come in whole registers");
   const int64_t rows = p.rows, columns = round_up(rows, kAlign), dim_v_pad = p.dim_v_pad;
   // Per query column: the running max and sum of exp(s - max), and the step's rescaling factor.
-  // Columns past `rows` (zero queries) are computed like the others and not written out.
+  // Columns past `rows` (whatever queries_t holds there) are computed like the others, independently
+  // of them, and not written out.
   T row_max[R], row_sum[R], alpha[R];
   for (int64_t i = 0; i < R; ++i) {
     row_max[i] = kMinusInf;

@@ -36,7 +36,7 @@ constexpr int64_t kBackwardKeys = 64;   // keys per backward block (the dK, dV a
 template <typename T>
 struct ForwardBlock {
   int64_t rows, count, dim, dim_v_pad;
-  const T* queries_t;  // Qs^T (dim, kForwardRows): scale * q, zero past `rows`
+  const T* queries_t;  // Qs^T (dim, kForwardRows): scale * q; any finite values past `rows`
   const T* keys;       // (count, dim)
   const T* values;     // (count, dim_v_pad)
   T* scores;           // scratch (kForwardKeys, kForwardRows)

@@ -261,7 +261,6 @@ void forward_impl(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor
         gather_keys(k, v, s, b, h, kept.of(b), n, w.keys.data(), s.dim, w.values.data());
         for (int64_t first = begin; first < end; first += kForwardRows) {
           const int64_t rows = std::min(kForwardRows, end - first);
-          std::fill(w.queries_t.begin(), w.queries_t.end(), T(0));
           for (int64_t r = 0; r < rows; ++r) {
             load_column(q.row(b, h, first + r), q.sc, s.dim, w.queries_t.data(), kForwardRows, r, scale);
           }
@@ -328,8 +327,8 @@ void backward_impl(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at
     w.grad_logits.resize(kBackwardKeys * kBackwardRows);
     w.grad_keys.resize(kBackwardKeys * s.dim_pad);
     w.grad_values.resize(kBackwardKeys * s.dim_v_pad);
-    // The padding query columns: zero queries and dO, D = 0 and lse = +inf, so that P = 0 there.
-    std::fill(w.delta.begin(), w.delta.end(), T(0));
+    // The padding query columns, never written by the items: zero queries and dO (as resized), D = 0
+    // and lse = +inf, so that P = 0 there.
     std::fill(w.lse.begin(), w.lse.end(), std::numeric_limits<T>::infinity());
     return w;
   };
@@ -352,8 +351,6 @@ void backward_impl(const at::Tensor& grad_out_t, const at::Tensor& q_t, const at
           }
           return;
         }
-        std::fill(w.q_scaled_t.begin(), w.q_scaled_t.end(), T(0));
-        std::fill(w.grad_out_t.begin(), w.grad_out_t.end(), T(0));
         for (int64_t i = 0; i < s.queries; ++i) {
           const scalar_t* q_row = q.row(b, h, i);
           load_row(q_row, q.sc, s.dim, s.dim_pad, scale, w.q_scaled.data() + i * s.dim_pad);
