@@ -7,6 +7,10 @@
   for itself. Registered as the backend's ``attention_forward`` / ``attention_backward``, i.e. the
   ``sma_kernels::masked_attention`` op and its autograd. Its results do not depend on the number
   of threads, and masked or padded keys never reach an output, whatever they hold.
+
+Both choose, at run time, the widest instruction set that the CPU has among AVX-512 (the
+attention), AVX2 + FMA and plain C++; ``SMA_KERNELS_CPU_ISA=avx2`` or ``=baseline`` in the
+environment caps that choice (read once, at the first call).
 """
 
 from __future__ import annotations
