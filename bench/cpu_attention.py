@@ -66,15 +66,15 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.T
     """SDPA over every key with the keep mask; zero for a sample with no kept key."""
     any_kept = keep.any(dim=1)
     attend = keep | ~any_kept[:, None]
-    out = F.scaled_dot_product_attention(q, kept_rows(k, keep),
-                                         kept_rows(v, keep),
+    out = F.scaled_dot_product_attention(q, kept_rows(k, keep), kept_rows(v, keep),
                                          attn_mask=attend[:, None, None, :], scale=scale)
     return out * any_kept[:, None, None, None].to(out.dtype)
 
 
 def packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                 scale: float) -> torch.Tensor:
-    """SDPA over the kept keys gathered to the front, padded to the largest kept count."""
+    """SDPA over the kept keys gathered to the front, padded to the largest kept count (k and v
+    are read as (B * H * L, d) rows: a view for the benchmark's contiguous inputs)."""
     batch, heads, length, _ = k.shape
     counts = keep.sum(dim=1)
     width = max(int(counts.max()), 1)
