@@ -4,6 +4,7 @@
 // these static registrations; Python then calls torch.ops.sma_kernels_C.<op>.
 #include <torch/library.h>
 
+#include "cpu/kept_attention.h"
 #include "cpu/self_guided_mask.h"
 
 TORCH_LIBRARY(sma_kernels_C, m) {
@@ -11,10 +12,16 @@ TORCH_LIBRARY(sma_kernels_C, m) {
       "self_guided_mask(Tensor q, Tensor k, Tensor valid, Tensor query_pool, Tensor query_rank, "
       "Tensor head, Tensor token_rank, float ratio, int num_per_query, bool head_mix_random, "
       "bool mask_self, float noise, float scale) -> Tensor");
+  m.def("kept_attention_forward(Tensor q, Tensor k, Tensor v, Tensor keep, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "kept_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor keep, Tensor out, "
+      "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sma_kernels_C, CPU, m) {
   m.impl("self_guided_mask", &sma_kernels::cpu::self_guided_mask);
+  m.impl("kept_attention_forward", &sma_kernels::cpu::kept_attention_forward);
+  m.impl("kept_attention_backward", &sma_kernels::cpu::kept_attention_backward);
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -1,8 +1,16 @@
-"""The compiled CPU backend: the fused self-guided mask of ``csrc/cpu`` (C++, OpenMP).
+"""The compiled CPU backend: the kernels of ``csrc/cpu`` (C++, OpenMP).
 
-It computes the row log-sum-exp and the token scores for the chosen rows only, then selects the
-mask in place, with O(B*L) extra memory. The attention after it is PyTorch's own fused CPU
-attention (SDPA) with the mask applied, differentiated by PyTorch.
+* The fused self-guided mask: the row log-sum-exp and the token scores for the chosen rows only,
+  then the selection in place, with O(B*L) extra memory.
+* The attention over the kept keys only, forward and backward (FlashAttention-2 style, with the
+  backward recomputing the probabilities): the masked keys are never computed, so the mask pays
+  for itself. Registered as the backend's ``attention_forward`` / ``attention_backward``, i.e. the
+  ``sma_kernels::masked_attention`` op and its autograd. Its results do not depend on the number
+  of threads, and masked or padded keys never reach an output, whatever they hold.
+
+Both choose, at run time, the widest instruction set that the CPU has among AVX-512 (the
+attention), AVX2 + FMA and plain C++; ``SMA_KERNELS_CPU_ISA=avx2`` or ``=baseline`` in the
+environment caps that choice (read once, at the first call).
 """
 
 from __future__ import annotations
@@ -11,11 +19,9 @@ import importlib
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 
 from .backends import FLOAT_DTYPES, Backend
 from .plan import MaskPlan
-from .reference import kept_rows
 
 
 def _load_extension() -> str | None:
@@ -41,6 +47,15 @@ if UNAVAILABLE is None:
           mask_self, noise, scale):
         return valid.new_empty(valid.shape)
 
+    @torch.library.register_fake("sma_kernels_C::kept_attention_forward")
+    def _(q, k, v, keep, scale):
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+    @torch.library.register_fake("sma_kernels_C::kept_attention_backward")
+    def _(grad_out, q, k, v, keep, out, lse, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
 
 def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
                      plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
@@ -51,22 +66,20 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, quer
         head_mix == "random", mask_self, noise, scale)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
-                   scale: float) -> torch.Tensor:
-    """:func:`sma_kernels.reference.attention_forward`'s output through PyTorch's SDPA,
-    differentiable natively.
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sma_kernels.reference.attention_forward` over the kept keys only, for CPU tensors."""
+    return torch.ops.sma_kernels_C.kept_attention_forward(q, k, v, keep, scale)
 
-    Faster than the fp32 oracle math on the CPU (PyTorch's fused CPU kernel); a sample with no
-    key kept gets a zero output and zero gradients. Keys and values not kept are zeroed first:
-    SDPA reads every key, and a NaN there would reach the whole row.
-    """
-    any_kept = keep.any(dim=1)
-    attend = keep | ~any_kept[:, None]
-    out = F.scaled_dot_product_attention(q, kept_rows(k, keep), kept_rows(v, keep),
-                                         attn_mask=attend[:, None, None, :], scale=scale)
-    return out * any_kept[:, None, None, None].to(out.dtype)
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sma_kernels.reference.attention_backward` over the kept keys only: dq, dk, dv, with
+    exactly zero dk, dv on the keys not kept."""
+    return torch.ops.sma_kernels_C.kept_attention_backward(grad_out, q, k, v, keep, out, lse, scale)
 
 
 BACKEND = Backend(name="cpp", devices=("cpu",), auto_devices=("cpu",), dtypes=FLOAT_DTYPES,
-                  self_guided_mask=self_guided_mask, attention=attention,
-                  unavailable=lambda: UNAVAILABLE)
+                  self_guided_mask=self_guided_mask, attention_forward=attention_forward,
+                  attention_backward=attention_backward, unavailable=lambda: UNAVAILABLE)

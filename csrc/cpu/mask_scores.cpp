@@ -159,11 +159,6 @@ __attribute__((target("avx2,fma"))) void token_scores_avx2(const Problem<scalar_
                                                            int64_t begin, int64_t end) {
   token_scores_body<scalar_t, true>(p, pairs, pair_offset, scores, begin, end);
 }
-
-bool has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
 #endif
 
 }  // namespace
