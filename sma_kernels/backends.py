@@ -32,10 +32,9 @@ class Backend:
 
     * ``self_guided_mask(q, k, valid, query_pool, plan, *, ratio, num_per_query, head_mix,
       mask_self, noise, scale) -> (B, L) bool``;
-    * the attention, one of two forms: ``attention_forward(q, k, v, keep, *, scale) -> (out, lse)``
-      with ``attention_backward(grad_out, q, k, v, keep, out, lse, *, scale) -> (dq, dk, dv)``,
-      which the package registers as the ``sma_kernels::masked_attention`` op with its autograd;
-      or ``attention(q, k, v, keep, *, scale) -> out``, a function PyTorch differentiates itself.
+    * ``attention_forward(q, k, v, keep, *, scale) -> (out, lse)`` and
+      ``attention_backward(grad_out, q, k, v, keep, out, lse, *, scale) -> (dq, dk, dv)``, which
+      the package registers as the ``sma_kernels::masked_attention`` op with its autograd.
 
     Attributes:
         name: what ``backend=`` takes.
@@ -53,7 +52,6 @@ class Backend:
     self_guided_mask: Callable[..., torch.Tensor] | None
     attention_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     attention_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-    attention: Callable[..., torch.Tensor] | None = None
     fallback: str | None = None
     unavailable: Callable[[], str | None] = always_available
 
@@ -112,9 +110,6 @@ def backends() -> dict[str, dict[str, Any]]:
             "device": "any" if devices is None or len(devices) > 1 else devices[0],
             "dtypes": [str(dtype).removeprefix("torch.") for dtype in backend.dtypes],
             "fallback": backend.fallback,
-            # True: attends through the sma_kernels::masked_attention op (its own forward and
-            # backward); False: through a function PyTorch differentiates (cpp: SDPA).
-            "attention_op": backend.attention is None,
             "reason": reason,
         }
     return info

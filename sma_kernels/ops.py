@@ -5,8 +5,8 @@ Three custom ops carry the work, so that it runs under ``torch.compile`` and pas
 
 * ``sma_kernels::self_guided_mask`` -> (B, L) bool. Not differentiable.
 * ``sma_kernels::masked_attention`` -> (out, lse), with autograd through q, k, v by
-  ``sma_kernels::masked_attention_backward``, for backends that declare an
-  ``attention_forward`` / ``attention_backward`` pair (see :mod:`sma_kernels.backends`).
+  ``sma_kernels::masked_attention_backward``, over each backend's declared
+  ``attention_forward`` / ``attention_backward`` (see :mod:`sma_kernels.backends`).
 
 Each op is a plain function registered with ``torch.library.custom_op``. Plain eager calls run
 the plain functions (the attention through an ``autograd.Function`` with the op's autograd):
@@ -38,11 +38,7 @@ def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                     scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    forward = backends.serving(backend, q.dtype).attention_forward
-    if forward is None:
-        raise ValueError(f"backend={backend!r} has no masked_attention kernels: it attends with its "
-                         "own differentiable function (see sma_kernels.backends)")
-    return forward(q, k, v, keep, scale=scale)
+    return backends.serving(backend, q.dtype).attention_forward(q, k, v, keep, scale=scale)
 
 
 def _attention_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -143,8 +139,5 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, quer
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
                      scale: float, backend: str) -> torch.Tensor:
     """The named backend's attention over the ``keep`` keys, differentiable in q, k and v."""
-    declared = backends.get(backend)
-    if declared.attention is not None:
-        return declared.attention(q, k, v, keep, scale=scale)
     out, _ = _op_or_impl(_attention_op, _EagerAttention.apply, q, k, v)(q, k, v, keep, scale, backend)
     return out
