@@ -268,15 +268,15 @@ def test_analyze_masks_without_checkpoints_is_refused(tmp_path, capsys, runs: di
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _refused(capsys, ["analyze-masks", "--checkpoint", str(empty), "--out", str(out)]) == \
-        [f"sma analyze-masks: error: --checkpoint {empty} holds no checkpoint (steps/step-*.pt or "
-         "checkpoint.pt); pretrain with --checkpoint-every N to keep step snapshots"]
+        [(f"sma analyze-masks: error: --checkpoint {empty} holds no checkpoint (steps/step-*.pt or "
+         "checkpoint.pt); pretrain with --checkpoint-every N to keep step snapshots")]
     assert _refused(capsys, ["analyze-masks", "--checkpoint", str(runs["fine"]), "--out", str(out)]) == \
-        [f"sma analyze-masks: error: {runs['fine']} is a fine-tuned checkpoint; analyze-masks needs "
-         f"{PRETRAINED}"]
+        [(f"sma analyze-masks: error: {runs['fine']} is a fine-tuned checkpoint; analyze-masks needs "
+         f"{PRETRAINED}")]
     assert _refused(capsys, ["analyze-masks", "--checkpoint", str(runs["pre"]), "--data",
                              "synthetic-features", "--out", str(out)]) == \
-        [f"sma analyze-masks: error: {runs['pre']} is a model of bytes inputs; --data "
-         "synthetic-features has 8 features"]
+        [(f"sma analyze-masks: error: {runs['pre']} is a model of bytes inputs; --data "
+         "synthetic-features has 8 features")]
     assert not out.exists()
 
 
