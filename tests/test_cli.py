@@ -129,6 +129,13 @@ PRETRAIN = ["pretrain", "--data", "synthetic-bytes", "--steps", "2", *TINY]
     (["show-masks", "--checkpoint", "unused.pt"], ["--num", "0"], "argument --num: must be >= 1, got 0"),
     (["show-masks", "--checkpoint", "unused.pt"], ["--max-len", "0"],
      "argument --max-len: must be >= 1, got 0"),
+    (["analyze-masks", "--checkpoint", "unused.pt"], ["--num", "0"], "argument --num: must be >= 1, got 0"),
+    (["analyze-masks", "--checkpoint", "unused.pt"], ["--draws", "-1"],
+     "argument --draws: must be >= 1, got -1"),
+    (["analyze-masks", "--checkpoint", "unused.pt"], ["--bootstrap", "x"],
+     "argument --bootstrap: expected an integer, got 'x'"),
+    (["analyze-masks", "--checkpoint", "unused.pt"], ["--data", "imagenet"],
+     "argument --data: invalid choice: 'imagenet'"),
 ])
 def test_bad_values_are_refused_when_parsed(tmp_path, capsys, command: list[str], bad: list[str],
                                             message: str) -> None:
@@ -251,6 +258,26 @@ def test_checkpoint_for_other_inputs_is_refused(tmp_path, capsys, runs: dict) ->
                               "synthetic-features", "--out", str(tmp_path / "masks.png")])
     assert lines == [(f"sma show-masks: error: {runs['pre']} is a model of bytes inputs; "
                      "--data synthetic-features has 8 features")]
+
+
+def test_analyze_masks_without_checkpoints_is_refused(tmp_path, capsys, runs: dict) -> None:
+    out = tmp_path / "analysis"
+    missing = tmp_path / "missing.pt"
+    assert _refused(capsys, ["analyze-masks", "--checkpoint", str(missing), "--out", str(out)]) == \
+        [f"sma analyze-masks: error: --checkpoint {missing} does not exist"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _refused(capsys, ["analyze-masks", "--checkpoint", str(empty), "--out", str(out)]) == \
+        [(f"sma analyze-masks: error: --checkpoint {empty} holds no checkpoint (steps/step-*.pt or "
+         "checkpoint.pt); pretrain with --checkpoint-every N to keep step snapshots")]
+    assert _refused(capsys, ["analyze-masks", "--checkpoint", str(runs["fine"]), "--out", str(out)]) == \
+        [(f"sma analyze-masks: error: {runs['fine']} is a fine-tuned checkpoint; analyze-masks needs "
+         f"{PRETRAINED}")]
+    assert _refused(capsys, ["analyze-masks", "--checkpoint", str(runs["pre"]), "--data",
+                             "synthetic-features", "--out", str(out)]) == \
+        [(f"sma analyze-masks: error: {runs['pre']} is a model of bytes inputs; --data "
+         "synthetic-features has 8 features")]
+    assert not out.exists()
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path, capsys) -> None:

