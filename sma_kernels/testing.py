@@ -315,7 +315,9 @@ def brute_force_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, plan
     Written from docs/design.md, "The computation", alone: plain Python over samples, rows and
     tokens, an fp64 softmax per row, and ``sorted`` for every selection (stable, so equal ranks
     and scores go to the lower index). It shares no code with :mod:`sma_kernels.reference` or
-    :mod:`sma_kernels.plan`, and reads only the plan's random draws. Finite inputs only.
+    :mod:`sma_kernels.plan`, and reads only the plan's random draws. Non-finite inputs follow
+    docs/design.md, "Rules at the edges": a (head, row) whose fp32 logits over the real tokens are
+    not all finite adds nothing to the scores.
     """
     batch, heads, num_queries, dim = q.shape
     num_tokens = k.shape[2]
@@ -340,6 +342,8 @@ def brute_force_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, plan
         for i in rows if tokens else []:
             mix_heads = range(heads) if head_mix == "mean" else [int(plan.head[b, i])]
             for h in mix_heads:
+                if not torch.isfinite(scale * (k[b, h, tokens].float() @ q[b, h, i].float())).all():
+                    continue  # the non-finite rule, on the fp32 logits the backends compute
                 logits = {j: scale * float(q[b, h, i].double() @ k[b, h, j].double()) for j in tokens}
                 top = max(logits.values())
                 total = sum(math.exp(s - top) for s in logits.values())

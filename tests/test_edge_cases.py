@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sma_kernels as sk
-from sma_kernels import reference
-from sma_kernels.plan import chosen_rows, mask_counts
-from sma_kernels.testing import assert_masks_match
+from sma_kernels.testing import assert_masks_match, brute_force_mask
 
 B, H, Q, L, D, DV = 3, 2, 4, 10, 4, 3
 
@@ -117,32 +115,6 @@ def test_compile_fullgraph_with_a_generator_says_why_not():
 
 # ----------------------------------------------------------------------------- non-finite values
 
-def rule_oracle(q, k, valid, plan, *, ratio, num_per_query, head_mix, mask_self, noise, scale):
-    """The non-finite rule written out with loops over (sample, head, row), in float64 after
-    the fp32 logits: a pair with a non-finite logit on a real token contributes nothing."""
-    query_pool = valid.clone() if mask_self else torch.ones(B, q.shape[2], dtype=torch.bool)
-    counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
-                         mask_self=mask_self, noise=noise)
-    chosen = chosen_rows(plan, query_pool, counts.num_rows)
-    scores = torch.full((B, L), float("-inf"), dtype=torch.float64)
-    for b in range(B):
-        real = valid[b].nonzero().flatten().tolist()
-        if not real:
-            continue
-        total = torch.zeros(len(real), dtype=torch.float64)
-        for i in chosen[b].nonzero().flatten().tolist():
-            heads = [int(plan.head[b, i])] if head_mix == "random" else range(H)
-            for h in heads:
-                logits = scale * (q[b, h, i].float() @ k[b, h, real].float().T)
-                if not torch.isfinite(logits).all():
-                    continue
-                probs = torch.softmax(logits.double(), dim=0)
-                total += probs / (1 if head_mix == "random" else H)
-        scores[b, real] = total
-    forced = chosen if mask_self else torch.zeros_like(valid)
-    return reference.select_tokens(scores.float(), valid, forced, counts, plan.token_rank)
-
-
 def poison(x: torch.Tensor, where: str, value: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = x.clone()
@@ -179,7 +151,7 @@ def test_non_finite_inputs_follow_one_rule_on_every_backend(seed, value, target,
     plan = plan_for(seed, queries)
     options = {"ratio": 0.4, "num_per_query": 2, "head_mix": head_mix, "mask_self": mask_self,
                "noise": noise, "scale": scale}
-    expected = rule_oracle(q, k, valid, plan, **options)
+    expected = brute_force_mask(q, k, valid, plan, **options)
     for backend in cpu_backends():
         mask = sk.self_guided_mask(q, k, valid, plan=plan, backend=backend, **options)
         assert_exact_counts(mask, valid, 0.4)
