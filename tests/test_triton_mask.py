@@ -19,8 +19,13 @@ from sma_kernels.testing import assert_masks_match, padded_valid
 triton_backend = import_triton_backend()
 
 from sma_kernels.triton._common import META_FIRST, META_LAST, META_RANDOM, META_TOP
-from sma_kernels.triton.mask_scores import token_scores
-from sma_kernels.triton.select import prepare, select_tokens
+from sma_kernels.triton.mask_scores import (
+    chosen_row_scores,
+    max_chosen_rows,
+    score_config,
+    token_scores,
+)
+from sma_kernels.triton.select import select_tokens
 
 
 def make_inputs(batch, heads, num_q, length, dim, dtype, seed, *, zero_q=False):
@@ -81,8 +86,8 @@ def test_ties_go_to_the_lower_index():
 @pytest.mark.parametrize("head_mix", ["mean", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_token_scores_close_to_reference(head_mix, dtype):
-    # About 39 chosen rows per head: more than one row tile (32 under the interpreter) per head
-    # under both mixes.
+    # About 78 chosen rows: more than one block of 64 rows per head under "mean" (the other
+    # block sizes run in test_triton_determinism.py).
     batch, heads, num_q, length, dim = 7, 2, 130, 50, 32
     q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=11)
     g = torch.Generator().manual_seed(5)
@@ -123,38 +128,38 @@ def test_select_matches_reference(length, ties, mask_self):
 
 @pytest.mark.parametrize(("ratio", "npq", "noise", "mask_self", "head_mix"), [
     (0.5, 1, 0.5, False, "mean"), (0.3, 3, 0.5, True, "random")])
-def test_prepare_matches_plan_helpers(ratio, npq, noise, mask_self, head_mix):
+def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, head_mix):
     # Every valid count 0..L-1 once: the float64 rounding of k, k_q and k_rand hits exact
     # halves (ratio 0.5, noise 0.5), which must round half-to-even as plan.mask_counts does.
-    length, heads = 40, 3
+    length, heads, dim = 40, 3, 16
     g = torch.Generator().manual_seed(7)
     valid = torch.rand(length, length, generator=g).argsort(dim=1) < torch.arange(length)[:, None]
     pool = valid if mask_self else torch.rand(length, length, generator=g) < 0.5
     plan = sk.make_plan(length, length, length, heads, generator=g)
+    q, k = (torch.randn(length, heads, length, dim, generator=g).to(DEVICE) for _ in range(2))
     counts = mask_counts(valid, pool, ratio=ratio, num_per_query=npq, mask_self=mask_self,
                          noise=noise)
     want_chosen = chosen_rows(plan, pool, counts.num_rows)
-    rows, segments, chosen, meta = prepare(
-        valid.to(DEVICE), pool.to(DEVICE), plan.query_rank.to(DEVICE), plan.head.to(DEVICE),
-        ratio=ratio, num_per_query=npq, mask_self=mask_self, noise=noise, num_heads=heads,
-        head_mix=head_mix)
-    meta = meta.cpu().long()
+    rows = chosen_row_scores(q, k, valid.to(DEVICE), pool.to(DEVICE), plan.to(DEVICE),
+                             ratio=ratio, num_per_query=npq, mask_self=mask_self, noise=noise,
+                             head_mix=head_mix, scale=0.25)
+    meta = rows.meta.cpu().long()
     assert torch.equal(meta[:, META_TOP], counts.num_top)
     assert torch.equal(meta[:, META_RANDOM], counts.num_random)
-    assert torch.equal(chosen.cpu(), want_chosen)
+    assert torch.equal(rows.chosen.cpu(), want_chosen)
     index = torch.arange(length)
     assert torch.equal(meta[:, META_FIRST], torch.where(valid, index, length).amin(dim=1))
     assert torch.equal(meta[:, META_LAST], torch.where(valid, index + 1, 0).amax(dim=1))
-    rows, segments = rows.cpu().long(), segments.cpu().long()
-    for b in range(length):
-        for h in range(heads):
-            start, end = segments[b, h].tolist()
-            # Each head reads its own rows under "random", all chosen rows under "mean".
-            reads = want_chosen[b] & (plan.head[b] == h) if head_mix == "random" else want_chosen[b]
-            assert torch.equal(rows[b, start:end], reads.nonzero().flatten())
-        if head_mix == "random":  # the groups tile the table's first k_q entries in head order
-            assert segments[b, 0, 0] == 0 and segments[b, -1, 1] == counts.num_rows[b]
-            assert torch.equal(segments[b, 1:, 0], segments[b, :-1, 1])
+    # Each head's rows (its own under "random", all chosen rows under "mean") fill its row
+    # blocks in order: full blocks, then the rest.
+    per_head = (want_chosen[:, None, :] & (plan.head[:, None, :] == torch.arange(heads)[:, None])
+                if head_mix == "random" else want_chosen[:, None, :].expand(-1, heads, -1))
+    max_rows = max_chosen_rows(length, length, ratio, npq)
+    block = score_config(-(-max_rows // heads) if head_mix == "random" else max_rows).block_m
+    block_rows = rows.block_rows.cpu().view(length, heads, -1)
+    starts = torch.arange(block_rows.shape[2]) * block
+    want_rows = (per_head.sum(dim=2, keepdim=True) - starts).clamp(0, block)
+    assert torch.equal(block_rows, want_rows.int())
 
 
 def test_opcheck_mask_op():

@@ -3,10 +3,11 @@
 The three functions have the signatures and contracts of their namesakes in
 :mod:`sma_kernels.reference`; ``BACKEND`` at the end declares them as the ``"triton"`` backend
 for fp16, bf16 and fp32 (float64, used by gradient checks, goes to the reference).
-Kernels live one family per file: ``mask_scores.py`` (token scores from the chosen rows),
-``select.py`` (forced, top and random picks without a sort), ``attention.py`` (FlashAttention
-forward and backward with masked keys skipped). They run on CUDA tensors, or on CPU tensors
-under ``TRITON_INTERPRET=1`` (slow; for tests).
+Kernels live one family per file: ``mask_scores.py`` (the plan's chosen rows and the column
+partials of their token scores), ``select.py`` (the scores, then forced, top and random picks
+without a sort), ``attention.py`` (FlashAttention forward and backward with masked keys
+skipped). They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for
+tests).
 """
 
 from __future__ import annotations
@@ -34,23 +35,22 @@ if UNAVAILABLE is None:
     from ._common import INTERPRET as INTERPRET
     from .attention import attention_backward as attention_backward
     from .attention import attention_forward as attention_forward
-    from .mask_scores import scores_from_rows
-    from .select import prepare, select_with_meta
+    from .mask_scores import chosen_row_scores
+    from .select import select_from_partials
 
     def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                          scale: float) -> torch.Tensor:
         """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton."""
-        # One launch for the counts and the chosen rows, two for the scores, one to select.
-        rows, segments, chosen, meta = prepare(
-            valid, query_pool, plan.query_rank, plan.head, ratio=ratio,
-            num_per_query=num_per_query, mask_self=mask_self, noise=noise,
-            num_heads=q.shape[1], head_mix=head_mix)
-        scores = scores_from_rows(q.detach(), k.detach(), valid, rows, segments, meta,
-                                  head_mix=head_mix, scale=scale)
-        return select_with_meta(scores, valid, chosen if mask_self else None, meta,
-                                plan.token_rank)
+        # Two launches: the plan's rows and the score partials, then the scores and the mask.
+        rows = chosen_row_scores(q.detach(), k.detach(), valid, query_pool, plan, ratio=ratio,
+                                 num_per_query=num_per_query, mask_self=mask_self, noise=noise,
+                                 head_mix=head_mix, scale=scale)
+        mask, _ = select_from_partials(rows.partials, rows.block_rows, rows.head_weight, valid,
+                                       rows.chosen if mask_self else None, rows.meta,
+                                       plan.token_rank)
+        return mask
 
     BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                       auto_devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),

@@ -1,6 +1,14 @@
-"""Selection of the masked tokens per sample, without a sort.
+"""Selection of the masked tokens per sample, without a sort, and the per-sample plan helpers of
+the score kernel (mask_scores.py).
 
-One program per sample builds its (L,) mask in three steps, in the reference's order:
+The mask's second launch, ``_select_kernel``, is one program per sample. It first reduces the
+score kernel's column partials to the sample's (L,) token scores: per token, the partial rows
+(one per (head, chosen-row block)) are added one after the other in row order, then weighted
+(1/H for ``head_mix="mean"``). That order is fixed by the partials' layout, not by BLOCK: each
+token's sum is the same fp32 sequence under every config of this kernel, so its configs stay
+autotuned without changing a bit. Rows of blocks that held no chosen row were never written
+and are skipped (adding them would add +0.0, which changes nothing either). Then it builds the
+mask in three steps, in the reference's order:
 
 1. Forced tokens: under ``mask_self`` the chosen query tokens are always masked.
 2. Top scores: the ``num_top`` largest scores among the valid, not forced tokens, ties to the
@@ -18,16 +26,17 @@ One program per sample builds its (L,) mask in three steps, in the reference's o
    ``token_rank``: the same search on key = ~rank (which reverses the order of every int32),
    and the same tie rule (equal ranks go to the lower index).
 
-The same search picks the chosen query rows in ``_prepare_kernel``, the first launch of the fused
-mask: per sample it computes the counts of :func:`sma_kernels.plan.mask_counts` (in float64,
-rounding half-to-even, exactly as the plan does), takes the k_q pool rows with the smallest
-query rank (key = ~rank, ties to the lower index) and lists them for the score kernels, grouped by plan head under
-``head_mix="random"`` (see mask_scores.py).
+The same search picks the chosen query rows inside the score kernel: :func:`mask_counts`
+computes a sample's counts of :func:`sma_kernels.plan.mask_counts` (in float64, rounding
+half-to-even, exactly as the plan does), :func:`chosen_threshold` and :func:`chosen_in_block`
+take the k_q pool rows with the smallest query rank (key = ~rank, ties to the lower index).
 
 Rows longer than BLOCK are swept block by block, so any L works (L = 36,864 is the pixel
 workload); each sweep re-reads the row from global memory (L2-resident at these sizes), and the
-running state is a few scalars, so memory stays O(L) per sample. The mask is built in place in
-the output: step 3 reads the tokens steps 1-2 wrote, after a barrier.
+running state is a few scalars, so memory stays O(L) per sample. The scores and the mask are
+built in place in their outputs: each step reads what the previous one wrote, after a barrier.
+The plan's rank rows may be strided (a plan is one draw split in three), so they are read
+through their row stride and never copied.
 """
 
 from __future__ import annotations
@@ -41,8 +50,6 @@ import triton.language as tl
 
 from ..plan import MaskCounts
 from ._common import (
-    META_FIRST_C,
-    META_LAST_C,
     META_RANDOM,
     META_RANDOM_C,
     META_TOP,
@@ -64,44 +71,46 @@ class SelectConfig(NamedTuple):
         return triton.Config({"BLOCK": self.block}, num_warps=self.warps)
 
 
-_CONFIGS = [config.to_triton() for config in [
-    SelectConfig(512, warps=4), SelectConfig(1024, warps=4), SelectConfig(2048, warps=8),
-    SelectConfig(4096, warps=16)]]
+# Their choice changes no bit of the scores or the mask (see the module docstring).
+CONFIGS = (SelectConfig(512, warps=4), SelectConfig(1024, warps=4), SelectConfig(2048, warps=8),
+           SelectConfig(4096, warps=16))
+_CONFIGS = [config.to_triton() for config in CONFIGS]
 _INTERPRET_CONFIG = SelectConfig(4096, warps=4).to_triton()
 _KEY = ["NK_BUCKET"]
 _BOUNDS = {"BLOCK": "NK"}
 
 
 @triton.jit
-def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, offs, NK, STAGE: tl.constexpr,
+def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, offs, N, STAGE: tl.constexpr,
                 HAS_FORCED: tl.constexpr):
-    """Order-preserving int32 keys of one block, and which of its entries may be picked.
+    """Order-preserving int32 keys of one block of a row (the pointers are at the row's first
+    entry), and which of its entries may be picked.
 
     STAGE 0: query rows of the pool (VALID) by smallest rank; 1: top scores among the valid, not
     forced tokens; 2: random picks among the valid tokens not taken yet, by smallest rank.
     """
-    in_row = offs < NK
-    eligible = tl.load(VALID + base + offs, mask=in_row, other=0) != 0
+    in_row = offs < N
+    eligible = tl.load(VALID + offs, mask=in_row, other=0) != 0
     if STAGE == 1:
         if HAS_FORCED:
-            eligible = eligible & (tl.load(FORCED + base + offs, mask=in_row, other=0) == 0)
-        bits = tl.load(SCORES + base + offs, mask=in_row, other=0.0).to(tl.int32, bitcast=True)
+            eligible = eligible & (tl.load(FORCED + offs, mask=in_row, other=0) == 0)
+        bits = tl.load(SCORES + offs, mask=in_row, other=0.0).to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     else:  # smallest rank = largest key: ~rank reverses the order of every int32
         if STAGE == 2:
-            eligible = eligible & (tl.load(TAKEN + base + offs, mask=in_row, other=1) == 0)
-        key = ~tl.load(RANK + base + offs, mask=in_row, other=0)
+            eligible = eligible & (tl.load(TAKEN + offs, mask=in_row, other=1) == 0)
+        key = ~tl.load(RANK + offs, mask=in_row, other=0)
     return key, eligible
 
 
 @triton.jit
-def _count_above(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, t, STAGE: tl.constexpr,
+def _count_above(SCORES, VALID, FORCED, TAKEN, RANK, N, t, STAGE: tl.constexpr,
                  HAS_FORCED: tl.constexpr, BLOCK: tl.constexpr):
     """count(eligible & key > t) over the row."""
     offs = tl.arange(0, BLOCK)
     above = tl.zeros((), tl.int32)
-    for start in range(0, NK, BLOCK):
-        key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, start + offs, NK, STAGE,
+    for start in range(0, N, BLOCK):
+        key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, start + offs, N, STAGE,
                                     HAS_FORCED)
         above += tl.sum((eligible & (key > t)).to(tl.int32), axis=0)
     return above
@@ -119,7 +128,7 @@ def _take_block(key, eligible, t, ties, ties_before):
 
 
 @triton.jit
-def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: tl.constexpr,
+def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, N, need, STAGE: tl.constexpr,
                      HAS_FORCED: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
     """The largest int32 t with count(eligible & key >= t) >= need (need >= 1)."""
     offs = tl.arange(0, BLOCK)
@@ -133,9 +142,9 @@ def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, base, NK, need, STAGE: 
         # the search interval [lo, lo + 2^(shift + RADIX_BITS)) lies in the int32 range.
         cand = (lo + (digits << shift)).to(tl.int32)
         counts = tl.zeros([1 << RADIX_BITS], tl.int32)
-        for start in range(0, NK, BLOCK):
-            key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, base, start + offs,
-                                        NK, STAGE, HAS_FORCED)
+        for start in range(0, N, BLOCK):
+            key, eligible = _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, start + offs, N,
+                                        STAGE, HAS_FORCED)
             hit = eligible[:, None] & (key[:, None] >= cand[None, :])
             counts += tl.sum(hit.to(tl.int32), axis=0)
         # counts fall as c grows and counts[0] >= need, so the digit is #(counts >= need) - 1.
@@ -154,31 +163,33 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META, H, NQ, NK,
-                    ratio_bits, num_per_query, noise_bits, MASK_SELF: tl.constexpr,
-                    GROUP_BY_HEAD: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per sample: the counts of plan.mask_counts, the chosen rows of plan.chosen_rows (as a
-    bool row mask and as a table of their indices with each head's segment of it), and the
-    valid token range."""
-    b = tl.program_id(0).to(tl.int64)
+def token_range(VALID, NK, BLOCK: tl.constexpr):
+    """(n, first, last) of one sample's valid row: its number of valid tokens, the first valid
+    index and one past the last (NK and 0 without a valid token)."""
     offs = tl.arange(0, BLOCK)
     n = tl.zeros((), tl.int32)
     first = tl.zeros((), tl.int32) + NK
     last = tl.zeros((), tl.int32)
     for start in range(0, NK, BLOCK):
         cols = start + offs
-        valid = tl.load(VALID + b * NK + cols, mask=cols < NK, other=0) != 0
+        valid = tl.load(VALID + cols, mask=cols < NK, other=0) != 0
         n += tl.sum(valid.to(tl.int32), axis=0)
         first = tl.minimum(first, tl.min(tl.where(valid, cols, NK), axis=0))
         last = tl.maximum(last, tl.max(tl.where(valid, cols + 1, 0), axis=0))
+    return n, first, last
+
+
+@triton.jit
+def mask_counts(n, POOL, NQ, ratio_bits, num_per_query, noise_bits, MASK_SELF: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One sample's counts of plan.mask_counts from its n valid tokens and its query pool row:
+    (num_top, num_random, k_q), int32. In float64 like the plan (the ratios arrive as their
+    float64 bit patterns: a Python float kernel argument would be rounded to fp32)."""
+    offs = tl.arange(0, BLOCK)
     pool = tl.zeros((), tl.int32)
     for start in range(0, NQ, BLOCK):
         rows = start + offs
-        pool += tl.sum((tl.load(POOL + b * NQ + rows, mask=rows < NQ, other=0) != 0)
-                       .to(tl.int32), axis=0)
-
-    # plan.mask_counts, in float64 like it (the ratios arrive as their float64 bit patterns:
-    # a Python float kernel argument would be rounded to fp32).
+        pool += tl.sum((tl.load(POOL + rows, mask=rows < NQ, other=0) != 0).to(tl.int32), axis=0)
     ratio = (ratio_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
     noise = (noise_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
     n_float = n.to(tl.float64)
@@ -191,157 +202,152 @@ def _prepare_kernel(VALID, POOL, QUERY_RANK, HEAD, ROWS, SEGMENTS, CHOSEN, META,
         k_q = tl.minimum(k_q, k)
         forced = k_q
     k_rand = _round_half_even((k - forced).to(tl.float64) * noise)
+    return (k - forced - k_rand).to(tl.int32), k_rand.to(tl.int32), k_q.to(tl.int32)
 
-    # plan.chosen_rows: the k_q pool rows with the smallest (query rank, index).
+
+@triton.jit
+def chosen_threshold(POOL, RANK, NQ, k_q, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """plan.chosen_rows for one sample (the k_q pool rows with the smallest (query rank, index)),
+    as (t, ties) for :func:`chosen_in_block`: the rows with key ~rank > t, and the first ``ties``
+    by index of those with key == t."""
     t = tl.full((), 2147483647, tl.int32)  # k_q = 0: nothing is above it, and no ties are taken
     if k_q > 0:
-        t = _kth_largest_key(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, NQ, k_q, 0, False,
-                             BLOCK, RADIX_BITS)
-    ties = k_q.to(tl.int32) - _count_above(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, NQ, t, 0,
-                                           False, BLOCK)
-    ties_before = tl.zeros((), tl.int32)
-    for start in range(0, NQ, BLOCK):
-        rows = start + offs
-        key, eligible = _block_keys(VALID, POOL, VALID, VALID, QUERY_RANK, b * NQ, rows, NQ, 0,
-                                    False)
-        take, ties_before = _take_block(key, eligible, t, ties, ties_before)
-        tl.store(CHOSEN + b * NQ + rows, take.to(tl.uint8), mask=rows < NQ)
-    # The table lists them in row order, under GROUP_BY_HEAD grouped by plan head first (one
-    # group per head, one sweep each): the score kernels then compute each head only for its
-    # own rows. Otherwise one group that every head reads. It reads back the rows this program
-    # just chose.
-    tl.debug_barrier()
-    listed = tl.zeros((), tl.int32)
-    for group in range(H if GROUP_BY_HEAD else 1):
-        group_start = listed
-        for start in range(0, NQ, BLOCK):
-            rows = start + offs
-            member = tl.load(CHOSEN + b * NQ + rows, mask=rows < NQ, other=0) != 0
-            if GROUP_BY_HEAD:
-                row_head = tl.load(HEAD + b * NQ + rows, mask=rows < NQ, other=-1)
-                member = member & (row_head == group)
-            position = listed + tl.cumsum(member.to(tl.int32), axis=0) - member.to(tl.int32)
-            tl.store(ROWS + b * NQ + position, rows, mask=member)
-            listed += tl.sum(member.to(tl.int32), axis=0)
-        if GROUP_BY_HEAD:
-            tl.store(SEGMENTS + (b * H + group) * 2, group_start)
-            tl.store(SEGMENTS + (b * H + group) * 2 + 1, listed)
-    if not GROUP_BY_HEAD:
-        for head in range(H):
-            tl.store(SEGMENTS + (b * H + head) * 2, 0)
-            tl.store(SEGMENTS + (b * H + head) * 2 + 1, listed)
+        t = _kth_largest_key(POOL, POOL, POOL, POOL, RANK, NQ, k_q, 0, False, BLOCK, RADIX_BITS)
+    ties = k_q - _count_above(POOL, POOL, POOL, POOL, RANK, NQ, t, 0, False, BLOCK)
+    return t, ties
 
-    meta = META + b * META_WIDTH_C
-    tl.store(meta + META_TOP_C, (k - forced - k_rand).to(tl.int32))
-    tl.store(meta + META_RANDOM_C, k_rand.to(tl.int32))
-    tl.store(meta + META_FIRST_C, first)
-    tl.store(meta + META_LAST_C, last)
+
+@triton.jit
+def chosen_in_block(POOL, RANK, rows, NQ, t, ties, ties_before):
+    """Which of ``rows`` (a block of the sample's rows, swept in order) are chosen, by
+    :func:`chosen_threshold`'s (t, ties); returns them and the new ``ties_before`` (start at 0)."""
+    key, eligible = _block_keys(POOL, POOL, POOL, POOL, RANK, rows, NQ, 0, False)
+    return _take_block(key, eligible, t, ties, ties_before)
 
 
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=["NK_BUCKET"])
-def _select_kernel(SCORES, VALID, FORCED, RANK, META, OUT, NK, NK_BUCKET, HAS_FORCED: tl.constexpr,
+def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT, NUM_PARTIALS,
+                   head_weight, stride_rank, NK, NK_BUCKET, HAS_FORCED: tl.constexpr,
                    RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The mask of sample program_id(0); NK_BUCKET is the autotuning key (see _common.py)."""
+    """The scores and the mask of sample program_id(0); NK_BUCKET is the autotuning key (see
+    _common.py)."""
     b = tl.program_id(0).to(tl.int64)
     base = b * NK
     offs = tl.arange(0, BLOCK)
+    scores_row = SCORES + base
+    valid_row = VALID + base
+    forced_row = FORCED + base
+    out_row = OUT + base
+    rank_row = RANK + b * stride_rank
+
+    # Step 0: the scores, each token's partials added in row order (see the module docstring).
+    for start in range(0, NK, BLOCK):
+        cols = start + offs
+        valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+        acc = tl.zeros([BLOCK], tl.float32)
+        for row in range(NUM_PARTIALS):
+            if tl.load(BLOCK_ROWS + b * NUM_PARTIALS + row) > 0:
+                acc += tl.load(PARTIALS + (b * NUM_PARTIALS + row) * NK + cols, mask=valid,
+                               other=0.0)
+        tl.store(scores_row + cols, tl.where(valid, acc * head_weight, float("-inf")),
+                 mask=cols < NK)
+    tl.debug_barrier()  # the sweeps below read every token's score
 
     # Steps 1-2: forced tokens and the top scores.
     num_top = tl.load(META + b * META_WIDTH_C + META_TOP_C)
     t = tl.full((), 2147483647, tl.int32)  # with num_top = 0 nothing is taken (ties = 0)
     if num_top > 0:
-        t = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_top, 1, HAS_FORCED,
-                             BLOCK, RADIX_BITS)
+        t = _kth_largest_key(scores_row, valid_row, forced_row, out_row, rank_row, NK, num_top,
+                             1, HAS_FORCED, BLOCK, RADIX_BITS)
     # How many of the keys equal to t are taken, lowest index first.
-    ties = num_top - _count_above(SCORES, VALID, FORCED, OUT, RANK, base, NK, t, 1, HAS_FORCED, BLOCK)
+    ties = num_top - _count_above(scores_row, valid_row, forced_row, out_row, rank_row, NK, t, 1,
+                                  HAS_FORCED, BLOCK)
     ties_before = tl.zeros((), tl.int32)
     for start in range(0, NK, BLOCK):
         cols = start + offs
-        key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 1,
-                                    HAS_FORCED)
+        key, eligible = _block_keys(scores_row, valid_row, forced_row, out_row, rank_row, cols,
+                                    NK, 1, HAS_FORCED)
         take, ties_before = _take_block(key, eligible, t, ties, ties_before)
         if HAS_FORCED:
-            take = take | (tl.load(FORCED + base + cols, mask=cols < NK, other=0) != 0)
-        tl.store(OUT + base + cols, take.to(tl.uint8), mask=cols < NK)
+            take = take | (tl.load(forced_row + cols, mask=cols < NK, other=0) != 0)
+        tl.store(out_row + cols, take.to(tl.uint8), mask=cols < NK)
 
     # Step 3 reads what every thread of this program wrote above.
     tl.debug_barrier()
     num_random = tl.load(META + b * META_WIDTH_C + META_RANDOM_C)
     if num_random > 0:
-        t_rand = _kth_largest_key(SCORES, VALID, FORCED, OUT, RANK, base, NK, num_random, 2,
-                                  HAS_FORCED, BLOCK, RADIX_BITS)
-        ties = num_random - _count_above(SCORES, VALID, FORCED, OUT, RANK, base, NK, t_rand, 2,
-                                         HAS_FORCED, BLOCK)
+        t_rand = _kth_largest_key(scores_row, valid_row, forced_row, out_row, rank_row, NK,
+                                  num_random, 2, HAS_FORCED, BLOCK, RADIX_BITS)
+        ties = num_random - _count_above(scores_row, valid_row, forced_row, out_row, rank_row, NK,
+                                         t_rand, 2, HAS_FORCED, BLOCK)
         # The count above reads OUT as it is before this sweep writes it.
         tl.debug_barrier()
         ties_before = tl.zeros((), tl.int32)
         for start in range(0, NK, BLOCK):
             cols = start + offs
-            key, eligible = _block_keys(SCORES, VALID, FORCED, OUT, RANK, base, cols, NK, 2,
-                                        HAS_FORCED)
+            key, eligible = _block_keys(scores_row, valid_row, forced_row, out_row, rank_row,
+                                        cols, NK, 2, HAS_FORCED)
             take, ties_before = _take_block(key, eligible, t_rand, ties, ties_before)
             # Only free tokens are written, so no block reads a value another block of this
             # sweep changed.
-            tl.store(OUT + base + cols, tl.full([BLOCK], 1, tl.uint8), mask=(cols < NK) & take)
+            tl.store(out_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=(cols < NK) & take)
 
 
-def _float_bits(x: float) -> int:
+def float_bits(x: float) -> int:
+    """The float64 bit pattern of ``x`` as an int64 kernel argument (see :func:`mask_counts`)."""
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def prepare(valid: torch.Tensor, query_pool: torch.Tensor, query_rank: torch.Tensor,
-            head: torch.Tensor, *, ratio: float, num_per_query: int, mask_self: bool, noise: float,
-            num_heads: int, head_mix: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch for :func:`sma_kernels.plan.mask_counts` and :func:`~sma_kernels.plan.chosen_rows`.
+def row_strided(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, n) itself when its entries are contiguous within a row (a plan's fields are
+    column slices of one draw), else a contiguous copy; kernels read it by its row stride."""
+    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
-    Returns ``rows`` (B, Q) int32, the table of each sample's chosen row indices (entries past
-    k_q are unspecified), ``segments`` (B, num_heads, 2) int32, the [start, end) of the table
-    that each head's scores read, ``chosen`` (B, Q) bool and the (B, META_WIDTH) int32 metadata.
-    Under ``head_mix="random"`` the table is grouped by the plan's ``head`` (ascending within a
-    group) and head h's segment is its own group; under "mean" every segment is [0, k_q).
+
+def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_weight: float,
+                         valid: torch.Tensor, forced: torch.Tensor | None, meta: torch.Tensor,
+                         token_rank: torch.Tensor, *, config: SelectConfig | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, L) bool mask and the (B, L) fp32 scores it was chosen by, in one launch.
+
+    ``partials`` (B, R, L) fp32 are the score kernel's column partials, ``block_rows`` (B, R)
+    int32 how many chosen rows each partial row summed (rows of 0 are skipped, unwritten), and
+    the scores are ``head_weight`` times their sum in row order. ``forced`` (B, L) bool is
+    always masked (None: nothing is), ``meta`` holds the counts (see ``_common.META_*``).
+    ``config`` launches that config of the kernel instead of the autotuned one (tests).
     """
-    batch, num_k = valid.shape
-    num_q = query_pool.shape[1]
-    device = valid.device
-    rows = torch.empty((batch, num_q), dtype=torch.int32, device=device)
-    segments = torch.empty((batch, num_heads, 2), dtype=torch.int32, device=device)
-    chosen = torch.empty((batch, num_q), dtype=torch.bool, device=device)
-    meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=device)
-    block = min(1024, next_power_of_2(max(num_q, num_k)))
-    _prepare_kernel[(batch,)](  # one program per sample
-        VALID=valid.contiguous().view(torch.uint8),
-        POOL=query_pool.contiguous().view(torch.uint8), QUERY_RANK=query_rank.contiguous(),
-        HEAD=head.contiguous(), ROWS=rows, SEGMENTS=segments, CHOSEN=chosen.view(torch.uint8),
-        META=meta, H=num_heads, NQ=num_q, NK=num_k, ratio_bits=_float_bits(ratio),
-        num_per_query=num_per_query, noise_bits=_float_bits(noise), MASK_SELF=mask_self,
-        GROUP_BY_HEAD=head_mix == "random", RADIX_BITS=4, BLOCK=block, num_warps=4)
-    return rows, segments, chosen, meta
-
-
-def select_with_meta(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None,
-                     meta: torch.Tensor, token_rank: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool mask from the scores; counts from ``meta`` (see :func:`prepare`)."""
-    batch, num_k = scores.shape
-    out = torch.empty((batch, num_k), dtype=torch.bool, device=scores.device)
+    batch, num_partials, num_k = partials.shape
+    out = torch.empty((batch, num_k), dtype=torch.bool, device=partials.device)
+    scores = torch.empty((batch, num_k), dtype=torch.float32, device=partials.device)
     valid_u8 = valid.contiguous().view(torch.uint8)
     forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
-    _select_kernel[(batch,)](  # one program per sample
-        SCORES=scores.contiguous(), VALID=valid_u8, FORCED=forced_u8,
-        RANK=token_rank.contiguous(), META=meta, OUT=out.view(torch.uint8), NK=num_k,
-        NK_BUCKET=next_power_of_2(num_k), HAS_FORCED=forced is not None, RADIX_BITS=4)
-    return out
+    token_rank = row_strided(token_rank)
+    kernel = _select_kernel if config is None else _select_kernel.fn
+    options = {} if config is None else {"BLOCK": config.block, "num_warps": config.warps}
+    kernel[(batch,)](  # one program per sample
+        PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=valid_u8,
+        FORCED=forced_u8, RANK=token_rank, META=meta, OUT=out.view(torch.uint8),
+        NUM_PARTIALS=num_partials, head_weight=head_weight, stride_rank=token_rank.stride(0),
+        NK=num_k, NK_BUCKET=next_power_of_2(num_k), HAS_FORCED=forced is not None,
+        RADIX_BITS=4, **options)
+    return out, scores
 
 
 def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor,
-                  counts: MaskCounts, token_rank: torch.Tensor) -> torch.Tensor:
+                  counts: MaskCounts, token_rank: torch.Tensor, *,
+                  config: SelectConfig | None = None) -> torch.Tensor:
     """(B, L) bool mask: :func:`sma_kernels.reference.select_tokens` (same arguments) in-kernel.
 
     ``forced`` (B, L) bool is always masked; ``counts`` gives each sample's ``num_top`` and
-    ``num_random``; ``token_rank`` (B, L) int32 is the plan's random order.
+    ``num_random``; ``token_rank`` (B, L) int32 is the plan's random order. The scores go in as
+    the single partial row of weight 1, which reproduces them (up to the sign of a zero).
     """
-    meta = torch.zeros((scores.shape[0], META_WIDTH), dtype=torch.int32, device=scores.device)
+    batch = scores.shape[0]
+    meta = torch.zeros((batch, META_WIDTH), dtype=torch.int32, device=scores.device)
     meta[:, META_TOP] = counts.num_top
     meta[:, META_RANDOM] = counts.num_random
-    return select_with_meta(scores.float(), valid, forced, meta, token_rank.to(torch.int32))
+    block_rows = torch.ones((batch, 1), dtype=torch.int32, device=scores.device)
+    mask, _ = select_from_partials(scores.float().contiguous()[:, None, :], block_rows, 1.0, valid,
+                                   forced, meta, token_rank.to(torch.int32), config=config)
+    return mask
