@@ -26,8 +26,10 @@ still counts).
 The command prints, per backend available here and per tiny workload (``bench.cases.tiny_cases``),
 the launches of: the mask with a generator and with a ready plan; the forward
 (``self_guided_attention``) with ``plan=None``, with a generator and with a ready plan; and the
-backward of the forward. ``--save`` writes ``bench/results/launches-<device>.json``; the default
-is ``runs/bench/`` (git-ignored).
+backward of the forward. On a GPU it also lists the registers and spills of every Triton kernel
+it compiled (``--fail-on-spills``: exit 1 if one spills). ``--save`` writes
+``bench/results/launches-<device>.json`` (``cpu``, ``h100``, ...); the default is ``runs/bench/``
+(git-ignored).
 """
 
 from __future__ import annotations
@@ -261,6 +263,30 @@ def available_backends(device: torch.device) -> list[str]:
             if reasons[name] is None and backend.runs_on(device.type)]
 
 
+def compiled_kernels() -> list[dict[str, Any]]:
+    """Registers and spills of every Triton kernel of the backend compiled in this process (a GPU
+    only: the interpreter compiles nothing), one entry per compiled variant."""
+    from triton.runtime.jit import JITFunction
+
+    from sma_kernels import triton as triton_backend
+
+    found = []
+    modules = [getattr(triton_backend, name) for name in ("select", "mask_scores", "key_tiles", "attention")
+               if hasattr(triton_backend, name)]
+    for module in modules:
+        for value in vars(module).values():
+            while value is not None and not isinstance(value, JITFunction):
+                value = getattr(value, "fn", None)  # behind triton.autotune / triton.heuristics
+            if value is None:
+                continue
+            for kernel_cache, *_ in value.device_caches.values():
+                for kernel in kernel_cache.values():
+                    kernel._init_handles()  # loads the binary: n_regs and n_spills are read then
+                    found.append({"kernel": value.fn.__name__, "n_regs": kernel.n_regs,
+                                  "n_spills": kernel.n_spills})
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.launches",
                                      description=__doc__.splitlines()[0])
@@ -272,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
                        help="write to the committed results, bench/results/")
     parser.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends")
+    parser.add_argument("--fail-on-spills", action="store_true",
+                        help="exit 1 if a compiled Triton kernel spills registers (GPU only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     backends = args.backends or available_backends(device)
@@ -285,11 +313,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(views, metadata and bare allocations excluded), one call after a "
                         "warm-up call",
               "records": records}
+    spilling = []
+    if device.type == "cuda" and "triton" in backends:
+        result["compiled_kernels"] = compiled_kernels()
+        spilling = [entry for entry in result["compiled_kernels"] if entry["n_spills"]]
+        print(f"{len(result['compiled_kernels'])} compiled Triton kernels, "
+              f"{len(spilling)} spilling registers: {spilling}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"launches-{measure.device_slug(env['device'])}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
-    return 0
+    return 1 if args.fail_on_spills and spilling else 0
 
 
 if __name__ == "__main__":
