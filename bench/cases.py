@@ -75,7 +75,9 @@ class Case:
 
 
 class Inputs(NamedTuple):
-    """Everything a provider needs for one call; ``plan`` and ``query_pool`` are shared by all."""
+    """Everything a provider needs for one call; ``plan`` and ``query_pool`` are shared by all.
+    ``plan`` is the first draw of a generator on the inputs' device seeded with ``plan_seed``
+    (None: drawn otherwise), so a provider that draws its own plan, as users do, can draw it too."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -84,10 +86,12 @@ class Inputs(NamedTuple):
     query_pool: torch.Tensor
     plan: MaskPlan
     options: dict[str, Any]
+    plan_seed: int | None = None
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Inputs:
-    """Random inputs of ``case`` with its padding, and one plan for every provider."""
+    """Random inputs of ``case`` with its padding, and one plan for every provider (drawn on
+    ``device``, from a generator seeded with ``seed + 1``)."""
     gen = torch.Generator().manual_seed(seed)
     # Drawn on the device itself: the pixel workload's v alone is 0.3 G numbers.
     device_gen = torch.Generator(device=device).manual_seed(seed)
@@ -98,8 +102,9 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     lengths = torch.randint(low, n + 1, (b,), generator=gen)
     valid = (torch.arange(n)[None, :] < lengths[:, None]).to(device)
     query_pool = valid.clone() if case.mask_self else torch.ones(b, q, dtype=torch.bool, device=device)
-    plan = sma_kernels.make_plan(b, q, n, h, generator=gen, device=device)
-    return Inputs(*tensors, valid, query_pool, plan, case.options())
+    plan_seed = seed + 1
+    plan = sma_kernels.make_plan(b, q, n, h, generator=torch.Generator(device=device).manual_seed(plan_seed))
+    return Inputs(*tensors, valid, query_pool, plan, case.options(), plan_seed)
 
 
 def _workload(name: str, shape: tuple[int, ...], ratio: float, npq: int, head_mix: str,

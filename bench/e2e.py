@@ -138,7 +138,7 @@ def run(device: torch.device, *, min_run_time: float, log: Callable[[str], None]
         return {"status": "skipped", "reason": reason}
     if providers is None:
         providers = [PublishedEager(), Vectorized()] + [
-            SmaBackend(name) for name in sma_kernels.backends() if name != "reference"]
+            SmaBackend(name, plan_given=True) for name in sma_kernels.backends() if name != "reference"]
     record: dict[str, Any] = {"status": "ok", "reason": None, "settings": []}
     for setting in settings(device.type, tiny):
         config = model_module.ModelConfig(**setting["model"])

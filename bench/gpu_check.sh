@@ -9,15 +9,22 @@
 #   SMA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh   # names the commit when the copy has no .git
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
-# 2. runs the GPU tests (pytest -k "triton or cuda or gpu", on 8 processes with pytest-xdist),
-# 3. runs the benchmark on the GPU: every backend and baseline at the four workloads of
-#    bench/README.md ("Workloads") at full size (forward, forward+backward, peak extra memory),
-#    an L sweep and the end-to-end training steps,
+# 2. runs a short selection of the GPU tests, most important first, each group with its own
+#    time limit: the GPU masks equal to the reference's, the bf16 workloads at full size,
+#    CUDA-graph capture and torch.compile(mode="reduce-overhead") (tests/test_cuda_graphs.py),
+#    no host sync and the launch budget (the whole GPU suite takes longer than this check may),
+# 3. counts the launches of every call (python -m bench.launches) and fails if a compiled Triton
+#    kernel (the first config of each, as in the tests) spills registers,
+# 4. runs the benchmark on the GPU: every backend and baseline at the four workloads of
+#    bench/README.md ("Workloads") at full size (forward, forward+backward, peak extra memory,
+#    host time and launches per call), an L sweep and the end-to-end training steps, in the
+#    time left,
 # and prints a short table last. Every step has a time limit so that the whole check ends in
 # under 5 minutes on an H100; a failing step does not stop the later ones, but the exit status is
 # non-zero if any step failed. Output: $OUT (default runs/bench, git-ignored, so that the check
-# leaves the checkout clean) gets the benchmark JSON (dated + latest-<gpu>.json), the plots,
-# gpu_check.log and the test log (at most 8 files).
+# leaves the checkout clean) gets the benchmark JSON (dated + latest-<gpu>.json), the launch
+# counts (launches-<gpu>.json), the plots, gpu_check.log and the test reports (at most 12 files).
+# DRY_RUN=1 prints the steps without running them (any machine).
 set -u
 export PYTHONUNBUFFERED=1
 OUT_DIR="${OUT:-runs/bench}"
@@ -29,12 +36,17 @@ PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-285}"
 failed=()
 
-# step NAME SECONDS COMMAND...: run with a time limit (cut to what is left of BUDGET, keeping
-# 15 s for the final table), log everything, remember failures.
+# Steps end by END: BUDGET less 15 s for the final table, and during the tests less the
+# benchmark's share too, so that slow tests cannot crowd the benchmark out.
+BENCH_SHARE="${GPU_CHECK_BENCH_SHARE:-90}"
+END=$((BUDGET - 15))
+
+# step NAME SECONDS COMMAND...: run with a time limit (cut to what is left before END; the
+# final table keeps 15 s), log everything, remember failures.
 step() {
     local name=$1 limit=$2
     shift 2
-    local left=$((BUDGET - SECONDS - 15))
+    local left=$((END - SECONDS))
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     if [ "$limit" -le 5 ]; then
         echo "=== $name: not run, the time budget is spent" | tee -a "$LOG"
@@ -43,6 +55,7 @@ step() {
     fi
     local start=$SECONDS
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    if [ -n "${DRY_RUN:-}" ]; then return 0; fi
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
@@ -58,15 +71,28 @@ step install 60 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-i
 step backends 20 "$PY" -c "import json, sma_kernels; print(json.dumps(sma_kernels.backends(), indent=1))"
 # Tests check correctness, not speed: one Triton config per kernel (SMA_KERNELS_AUTOTUNE=0)
 # saves compiling every autotune config for every test shape, and pytest-xdist, where installed,
-# spreads the tests and their kernel compilations over 8 processes.
+# spreads the tests and their kernel compilations over 4 processes. Most important first.
 parallel=()
-if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 8); fi
-step gpu-tests 80 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
-    "${parallel[@]}" tests -k "triton or cuda or gpu" --junitxml="$OUT_DIR/gpu_tests.xml"
+if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 4); fi
+tests() {
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+        "${parallel[@]}" --junitxml="$OUT_DIR/tests-$name.xml" "$@"
+}
+END=$((BUDGET - 15 - BENCH_SHARE))
+tests gpu-masks 60 tests/test_triton_mask.py::test_mask_matches_reference \
+    tests/test_triton_mask.py::test_gpu_workload_mask_bf16
+tests bf16-attention 45 tests/test_triton_attention.py::test_gpu_workload_attention_bf16
+tests cuda-graphs 75 tests/test_cuda_graphs.py
+tests no-host-sync 40 tests/test_no_host_sync.py tests/test_launch_budget.py
+step launches 40 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m bench.launches --device cuda --out "$OUT_DIR" \
+    --fail-on-spills
+END=$((BUDGET - 15))
 # The benchmark saves its JSON after every case, starts no case after 90% of --time-limit and
 # no end-to-end step after it. On a fresh machine Triton's JIT and autotuning take 15-40 s per
 # workload and each torch.compile ~20 s (H100, measured), hence the compile budget.
-bench_limit=$((BUDGET - SECONDS - 20))
+bench_limit=$((END - SECONDS))
 step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" --compile-budget 40 \
     --min-run-time 0.05 --time-limit "$((bench_limit - 20))"
 

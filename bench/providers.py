@@ -18,7 +18,9 @@ Masking providers are checked against the reference mask before they are timed (
   without the loop), then masked SDPA.
 * ``compiled``: ``torch.compile`` of that (the reference mask math, then masked SDPA).
 * ``flex``: the FlexAttention route, below.
-* ``sma:<name>``: each sma-kernels backend that ``sma_kernels.backends()`` reports available.
+* ``sma:<name>``: each sma-kernels backend that ``sma_kernels.backends()`` reports available,
+  called as users call it (a generator on the device, the plan drawn inside), and
+  ``sma:<name>+plan``: the same given the case's plan.
 
 The FlexAttention route: call 1 attends the chosen rows to the valid tokens and returns each
 row's log-sum-exp. Call 2 swaps queries and keys (tokens attend to the chosen rows), shifts every
@@ -62,12 +64,21 @@ class Provider:
         """Why this provider cannot run on ``device``, or None."""
         return None
 
+    def countable(self, device: torch.device) -> bool:
+        """Whether its launches can be counted (``bench.launches``): not through torch.compile,
+        which a dispatch mode would send down another path."""
+        return not self.compiles_on(device)
+
     def dense(self, device: torch.device) -> bool:
         """Whether it materializes (B, H, Q, L) tensors (guarded by the memory budget)."""
         return True
 
     def prepare(self, x: Inputs) -> None:
         """Per-case set-up before the first call (e.g. fresh compiled functions)."""
+
+    def rewind(self, x: Inputs) -> None:
+        """Reset the random state of a provider that draws its own plan, so that its next call
+        draws ``x.plan`` and can be checked against the reference (others: nothing to reset)."""
 
     def mask(self, x: Inputs) -> torch.Tensor:
         raise NotImplementedError
@@ -165,14 +176,21 @@ class Vectorized(Provider):
 
 
 class SmaBackend(Provider):
-    """An sma-kernels backend through the public op ``self_guided_attention(backend=...)``."""
+    """An sma-kernels backend through the public op ``self_guided_attention(backend=...)``.
+
+    ``sma:<backend>`` is called as users call it, with a generator on the inputs' device: the
+    op draws its plan on every call (``make_plan``'s launches are timed). ``sma:<backend>+plan``
+    (``plan_given=True``) is given the case's ready plan instead.
+    """
 
     kind = "sma-kernels"
 
-    def __init__(self, backend: str, *, allow_interpreter: bool = False) -> None:
+    def __init__(self, backend: str, *, plan_given: bool = False, allow_interpreter: bool = False) -> None:
         self.backend = backend
+        self.plan_given = plan_given
         self.allow_interpreter = allow_interpreter
-        self.name = f"sma:{backend}"
+        self.name = f"sma:{backend}" + ("+plan" if plan_given else "")
+        self._generator: torch.Generator | None = None
 
     def unavailable(self, device):
         info = sma_kernels.backends()[self.backend]
@@ -182,7 +200,7 @@ class SmaBackend(Provider):
             return f"runs on {info['device']} tensors only"
         if self.backend == "triton" and device.type == "cpu" and not self.allow_interpreter:
             return ("CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1): a correctness "
-                    "check, not a timing; name sma:triton in --providers to run it anyway")
+                    f"check, not a timing; name {self.name} in --providers to run it anyway")
         return None
 
     def dense(self, device):
@@ -190,8 +208,21 @@ class SmaBackend(Provider):
         # reference math.
         return device.type == "cpu"
 
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        return self._generator
+
+    def prepare(self, x):
+        self.rewind(x)
+
+    def rewind(self, x):
+        if not self.plan_given and x.plan_seed is not None:
+            self._generator_on(x.q.device).manual_seed(x.plan_seed)
+
     def _kwargs(self, x: Inputs) -> dict[str, Any]:
-        return {"query_valid": x.query_pool, "plan": x.plan, "backend": self.backend, **x.options}
+        plan = {"plan": x.plan} if self.plan_given else {"generator": self._generator_on(x.q.device)}
+        return {"query_valid": x.query_pool, "backend": self.backend, **plan, **x.options}
 
     def mask(self, x):
         return sma_kernels.self_guided_mask(x.q, x.k, x.valid, **self._kwargs(x))
@@ -253,6 +284,10 @@ class Flex(Provider):
     def compiles_on(self, device):
         # On the CPU torch.compile of flex_attention supports neither return_lse nor backward.
         return device.type == "cuda"
+
+    def countable(self, device):
+        # Even unfused, flex_attention runs through TorchDynamo, which a dispatch mode upsets.
+        return False
 
     def prepare(self, x):
         module = self._module
@@ -329,7 +364,8 @@ def default_providers() -> list[Provider]:
     """The floors, the eager baselines, every sma-kernels backend the public API knows of, then
     the routes that compile (last: under a time limit they are the ones left out)."""
     return [Sdpa(padding=False), Sdpa(padding=True), PublishedEager(), Vectorized(),
-            *(SmaBackend(name) for name in sma_kernels.backends() if name != "reference"),
+            *(SmaBackend(name, plan_given=plan_given) for name in sma_kernels.backends()
+              if name != "reference" for plan_given in (False, True)),
             Compiled(), Flex()]
 
 

@@ -39,9 +39,14 @@ HISTORY_FIELDS = ("created_utc", "device", "device_name", "cpu_cores", "commit",
                   "mask_speedup_over_vectorized")
 
 
-def _ms(record: dict[str, Any], metric: str) -> str:
-    value = record.get("times", {}).get(metric, {}).get("median_ms")
+def _ms(record: dict[str, Any], metric: str, key: str = "median_ms") -> str:
+    value = record.get("times", {}).get(metric, {}).get(key)
     return f"{value:.3f}" if value is not None else "-"
+
+
+def _count(record: dict[str, Any], metric: str) -> str:
+    value = record.get("launches", {}).get(metric)
+    return str(value) if value is not None else "-"
 
 
 def _ratio(record: dict[str, Any], key: str, suffix: str = "x") -> str:
@@ -69,9 +74,10 @@ def _header(result: dict[str, Any]) -> str:
 def text_table(result: dict[str, Any], groups: tuple[str, ...] = ("workload",)) -> str:
     """Fixed-width table: the mask check of every provider first, then per case and provider,
     times (ms), memory and ratios (a second header line says which way each ratio is better)."""
-    columns = ("case", "provider", "mask ms", "fwd ms", "fwd+bwd ms", "fwd MB", "fwd / SDPA",
-               "fwd+bwd / SDPA", "fwd speed-up vs published", "mask speed-up vs vectorized")
-    better = ("", "", "", "", "", "", LOWER, LOWER, HIGHER, HIGHER)
+    columns = ("case", "provider", "mask ms", "fwd ms", "fwd host ms", "fwd launches", "fwd+bwd ms",
+               "fwd+bwd launches", "fwd MB", "fwd / SDPA", "fwd+bwd / SDPA",
+               "fwd speed-up vs published", "mask speed-up vs vectorized")
+    better = ("", "", "", "", "", "", "", "", "", LOWER, LOWER, HIGHER, HIGHER)
     rows = []
     for case in result["cases"]:
         if case["group"] not in groups:
@@ -81,7 +87,9 @@ def text_table(result: dict[str, Any], groups: tuple[str, ...] = ("workload",)) 
                 rows.append((case["name"], name, f"{record['status']}: {record['reason']}"[:90]))
                 continue
             rows.append((case["name"], name, _ms(record, "mask"), _ms(record, "fwd"),
-                         _ms(record, "fwdbwd"), _mb(record, "fwd"), _ratio(record, "fwd_over_sdpa"),
+                         _ms(record, "fwd", "host_median_ms"), _count(record, "fwd"),
+                         _ms(record, "fwdbwd"), _count(record, "fwdbwd"), _mb(record, "fwd"),
+                         _ratio(record, "fwd_over_sdpa"),
                          _ratio(record, "fwdbwd_over_sdpa"), _ratio(record, "fwd_speedup_over_published"),
                          _ratio(record, "mask_speedup_over_vectorized")))
     widths = [max([len(columns[i]), len(better[i])] + [len(r[i]) for r in rows if len(r) == len(columns)])
@@ -172,13 +180,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      f"fwd speed-up {HIGHER} {speedups or 'unknown (no baseline ran)'}; "
                      f"{achieved['tflops']:.3g} TFLOP/s ({achieved['pct_matmul']:.2g}% of matmul), "
                      f"{achieved['gbps']:.3g} GB/s ({achieved['pct_copy']:.2g}% of copy)"
-                     + _host_share(best["times"]["fwd"]))
+                     + _host_share(best["times"]["fwd"], result["device"]["type"]))
     return lines
 
 
-def _host_share(timing: dict[str, Any]) -> str:
-    """'; host X of Y ms' on a GPU (see measure.time_call), else nothing."""
-    if "host_median_ms" not in timing:
+def _host_share(timing: dict[str, Any], device_type: str) -> str:
+    """'; host X of Y ms' on a GPU (see measure.time_call), else nothing (on the CPU the host
+    time is the time)."""
+    if device_type == "cpu" or "host_median_ms" not in timing:
         return ""
     return f"; host {_time(timing['host_median_ms'])} of {_time(timing['median_ms'])} ms per fwd call"
 

@@ -58,7 +58,10 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
         generator: randomness for the plan when ``plan`` is not given.
         plan: a :class:`MaskPlan` from :func:`make_plan` (or any int32 tensors of its shapes:
             equal ranks break toward the lower index; ``head`` must lie in [0, H)); the same
-            plan gives the same mask on every backend.
+            plan gives the same mask on every backend. ``head`` is checked on its device
+            without a host sync: on CPU tensors an entry out of range raises ValueError; on a
+            GPU it is an asynchronous device-side assertion ("device-side assert triggered" at
+            the next synchronization).
         backend: "auto", "reference", "cpp" (CPU tensors) or "triton" (CUDA tensors).
 
     Returns:

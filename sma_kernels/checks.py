@@ -179,17 +179,26 @@ def check_plan(plan: object, batch: int, num_queries: int, num_tokens: int, head
 
 
 def check_head_range(head: torch.Tensor, heads: int) -> None:
+    """``plan.head`` in [0, H), checked on the plan's device without reading anything back.
+
+    No host sync, so that a call with a user's plan (moved by ``MaskPlan.to()``, sliced, or
+    edited in place) can be captured in a CUDA graph and never waits for the device.
+    ``torch._assert_async`` fails at once on CPU tensors, raised here as the ValueError of the
+    argument contract; on a GPU it is an asynchronous device-side assertion: an entry out of
+    range stops the program with "device-side assert triggered" at the next synchronization,
+    and the CUDA context cannot be used afterwards. Under torch.compile it is an in-graph
+    assertion, a RuntimeError.
+    """
     message = f"plan.head entries must lie in [0, {heads})"
-    low, high = head.min(), head.max()
-    if needs_registered_op(head):
-        # Traced (torch.compile, make_fx): an in-graph check, with no data-dependent branch.
-        torch._assert_async((low >= 0) & (high < heads), message)
+    in_range = torch.all(head.clamp(0, heads - 1) == head)
+    if needs_registered_op(head) or head.device.type != "cpu":
+        torch._assert_async(in_range, message)
         return
-    low, high = torch.stack([low, high]).tolist()  # one read-back (a device sync on a GPU)
-    if low < 0 or high >= heads:
-        raise ValueError(f"{message}, got [{low}, {high}]")
-
-
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError:
+        # CPU tensors: reading the bounds costs no device sync, and the message names them.
+        raise ValueError(f"{message}, got [{int(head.min())}, {int(head.max())}]") from None
 
 
 def check_v(v: object, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,8 @@ def reference(x):
 
 def test_main_writes_valid_json_and_table(tmp_path, capsys):
     fast = ["sdpa", "sdpa+pad", "published", "vectorized"] + [
-        f"sma:{name}" for name, info in sma_kernels.backends().items()
-        if info["available"] and info["device"] == "cpu"]
+        f"sma:{name}{plan}" for name, info in sma_kernels.backends().items()
+        if info["available"] and info["device"] == "cpu" for plan in ("", "+plan")]
     code = bench_main.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--no-e2e",
                             "--no-plots", "--min-run-time", "0.002", "--providers", *fast])
     assert code == 0
@@ -67,6 +67,14 @@ def test_main_writes_valid_json_and_table(tmp_path, capsys):
                                             else {"mask", "fwd", "fwdbwd"})
             if name not in ("sdpa", "sdpa+pad"):
                 assert record["check"] is not None
+            # beside each time: the host time of a call and its launches
+            assert set(record["launches"]) == set(record["times"])
+            assert all(timing["host_median_ms"] > 0 for timing in record["times"].values())
+            assert all(count > 0 for count in record["launches"].values())
+            if name.startswith("sma:"):  # as users call it, the op draws its plan: its launches show it
+                draws = [launch for launch in record["launch_names"]["fwd"] if launch.startswith("randint")]
+                assert record["plan"] == ("given" if name.endswith("+plan") else "generator")
+                assert len(draws) == (0 if name.endswith("+plan") else 1), record["launch_names"]["fwd"]
     # a dated copy of the same run, and the table printed after the files are written
     assert len(list(tmp_path.glob("cpu-*.json"))) == 1
     out = capsys.readouterr().out
@@ -220,6 +228,7 @@ def test_triton_provider_under_the_interpreter():
     assert SmaBackend("triton").unavailable(CPU) is not None  # never timed by default on the CPU
     x = make_inputs(CASES["molecules"], CPU, torch.float32)
     ref_out, ref_mask, scores, forced = reference(x)
+    provider.prepare(x)  # seeds its generator: its first draw is x.plan
     out, mask = provider.forward(x, x.q, x.k, x.v)
     check_mask(mask, ref_mask, scores, x.valid, forced)
     check_output(out, ref_out, (mask == ref_mask).all(1))
@@ -301,7 +310,9 @@ def test_summary_names_the_host_time_of_gpu_timings():
     result = json.loads((report.RESULTS / "latest-cpu.json").read_text())
     case = next(case for case in result["cases"] if case.get("summary"))
     timing = case["providers"][case["summary"]["best_backend"]]["times"]["fwd"]
-    assert not any("host" in line for line in report.summary_lines(result))  # CPU: no host time
+    timing["host_median_ms"] = timing["median_ms"]
+    assert not any("host" in line for line in report.summary_lines(result))  # CPU: host time = time
+    result["device"]["type"] = "cuda"
     timing["host_median_ms"] = 0.0421
     line = next(line for line in report.summary_lines(result) if line.startswith(case["name"]))
     assert line.endswith(f"; host 0.0421 of {report._time(timing['median_ms'])} ms per fwd call")

@@ -1,0 +1,74 @@
+"""The launch budget of the triton backend, counted by ``bench.launches`` (the interpreter on the
+CPU, real launches on a GPU), and the counter itself on a known sequence of launches.
+
+A call counts every device launch it makes: its Triton kernels and every PyTorch compute op
+around them (the plan's random draw included). The budgets are today's counts, so that a change
+that adds a launch fails here; they come down as the kernels are fused. The target of the GPU
+path: a forward as users call it (``plan=None`` or a generator) at most 4 launches, at most 2
+when L <= 128, and a backward at most 3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from helpers import DEVICE, import_triton_backend
+
+from bench import cases as bench_cases
+from bench.launches import calls, count_launches
+
+# Per call of bench.launches.CALLS and tiny workload (bench.cases.tiny_cases): the most launches
+# allowed. molecules is self-attention at L = 40 (head_mix "random", mask_self), pixels
+# cross-attention at L = 300 (head_mix "mean").
+LAUNCH_BUDGETS = {
+    "forward (plan=None)": {"molecules": 12, "pixels": 9},
+    "forward (generator)": {"molecules": 12, "pixels": 9},
+    "forward (plan)": {"molecules": 14, "pixels": 11},
+    "backward": {"molecules": 6, "pixels": 6},
+}
+
+import_triton_backend()
+CASES = {case.name: case for case in bench_cases.tiny_cases()}
+
+
+@pytest.mark.parametrize("workload", ["molecules", "pixels"])
+def test_triton_calls_stay_within_their_launch_budget(workload):
+    runs = calls(CASES[workload], "triton", torch.device(DEVICE))
+    for call, budgets in LAUNCH_BUDGETS.items():
+        runs[call]()  # warm-up: compilation and autotuning launch too
+        launches = runs[call]()
+        assert len(launches) <= budgets[workload], (
+            f"{call} at {workload}: {len(launches)} launches, budget {budgets[workload]}: "
+            f"{launches.summary()}")
+        triton_kernels = [name for name in launches.names if name.startswith("triton:")]
+        assert triton_kernels, f"{call} at {workload} launched no Triton kernel: {launches.summary()}"
+
+
+@triton.jit
+def _add_one_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < n) + 1, mask=offsets < n)
+
+
+# The same kernel behind the autotuner, which launches it through its own run().
+_tuned_add_one_kernel = triton.autotune(configs=[triton.Config({"BLOCK": 8})], key=[])(_add_one_kernel)
+
+
+def test_counter_counts_a_known_sequence():
+    x = torch.zeros(8, device=DEVICE)
+    y = torch.empty_like(x)
+    for _ in range(2):  # the first round compiles; the second is the one checked
+        with count_launches() as launches:
+            z = torch.empty(8, device=DEVICE)  # an allocation: no launch
+            x.view(2, 4).t()  # views: no launch
+            _add_one_kernel[(1,)](x, y, 8, BLOCK=8)
+            _tuned_add_one_kernel[(1,)](y, z, 8)  # behind the autotuner: counted once
+            total = (z + 1).sum()
+            value = total.item()
+            listed = z.tolist()
+    assert launches.names == ["triton:_add_one_kernel", "triton:_add_one_kernel", "add.Tensor", "sum",
+                              "_local_scalar_dense"]
+    assert launches.syncs == ["_local_scalar_dense", "tolist"]
+    assert value == 24.0 and listed == [2.0] * 8  # the kernels ran
