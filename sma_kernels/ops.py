@@ -78,10 +78,14 @@ def _attention_setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, keep, out, lse)
     ctx.scale, ctx.backend = scale, backend
+    # lse is an output for the backward only; left unmaterialized, its gradient costs no launch.
+    ctx.set_materialize_grads(False)
 
 
 def _attention_grads(ctx, grad_out: torch.Tensor, backward: Callable[..., tuple]) -> tuple:
     q, k, v, keep, out, lse = ctx.saved_tensors
+    if grad_out is None:  # only lse was used, and lse carries no gradient
+        return None, None, None, None, None, None
     d_q, d_k, d_v = backward(grad_out.contiguous(), q, k, v, keep, out, lse, ctx.scale, ctx.backend)
     return d_q, d_k, d_v, None, None, None
 
