@@ -49,9 +49,10 @@ def kept_key_order(keep_row, order_row, kept_out, NK, CHUNK: tl.constexpr):
 
 
 def order_chunk(length: int) -> int:
-    """The CHUNK of :func:`kept_key_order` for rows of ``length`` keys: the whole row up to 4096
-    keys (one sweep each), blocks of 4096 beyond."""
-    return max(32, min(4096, next_power_of_2(length)))
+    """The CHUNK of :func:`kept_key_order` for rows of ``length`` keys: the whole row up to 2048
+    keys (one sweep each), blocks of 2048 beyond. (At 4096 the prefix count of a chunk can spill
+    registers at 4 warps.)"""
+    return max(32, min(2048, next_power_of_2(length)))
 
 
 @triton.jit
