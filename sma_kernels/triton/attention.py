@@ -89,7 +89,8 @@ _DKDV_CONFIGS = [config.to_triton() for config in _DKDV_TILES]
 _INTERPRET_TILES = TileConfig(32, 32, warps=4, stages=1)
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
 _KEY = [*BUCKET_ARGS, "BLOCK_D", "BLOCK_DV"]
-# The backward prologue's delta: query rows per program, about this many dO elements.
+# The backward prologue's delta: query rows per program, this many dO elements at most (and
+# at least 16 rows).
 _DELTA_ELEMENTS = 8192
 
 
@@ -209,7 +210,7 @@ def _attention_bwd_prologue_kernel(
             kept_key_order(KEEP + b * stride_keep_b, ORDER + b * stride_order_b, KEPT + b, NK,
                            CHUNK)
         else:
-            h = (tile - 1) // query_blocks
+            h = ((tile - 1) // query_blocks).to(tl.int64)
             rows = ((tile - 1) % query_blocks) * DELTA_ROWS + tl.arange(0, DELTA_ROWS)
             row_ok = rows < NQ
             offs_dv = tl.arange(0, BLOCK_DV)
@@ -251,11 +252,12 @@ def _attention_bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         if pid_n * BLOCK_N < num_kept:  # a block of dropped keys only has zero gradient
+            k_base = K + b * stride_kb + h * stride_kh
+            v_base = V + b * stride_vb + h * stride_vh
             listed, k, v = _kept_key_block(order_row, pid_n * BLOCK_N, num_kept,
-                                           tl.arange(0, BLOCK_N), K + b * stride_kb
-                                           + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                                           stride_kn, stride_kd, stride_vn, stride_vd, offs_d,
-                                           offs_dv, D, DV, DOT_F32)
+                                           tl.arange(0, BLOCK_N), k_base, v_base, stride_kn,
+                                           stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D,
+                                           DV, DOT_F32)
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
             lse_base = LSE + bh * NQ
@@ -367,7 +369,7 @@ def _backward_prologue(keep: torch.Tensor, grad_out: torch.Tensor, out: torch.Te
     kept = torch.empty((batch,), dtype=torch.int32, device=out.device)
     delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=out.device)
     block_dv = block_dim(dim_v)
-    delta_rows = min(next_power_of_2(num_q), max(16, _DELTA_ELEMENTS // block_dv))
+    delta_rows = min(max(16, next_power_of_2(num_q)), _DELTA_ELEMENTS // block_dv)
     _attention_bwd_prologue_kernel[tile_grid(batch, 1 + heads * cdiv(num_q, delta_rows))](
         KEEP=keep_u8, ORDER=order, KEPT=kept, DO=grad_out, OUT=out, DELTA=delta,
         stride_keep_b=keep_u8.stride(0), stride_order_b=order.stride(0),
