@@ -51,7 +51,7 @@ def stubbed_launches() -> Iterator[list[str]]:
     """Replaces every Triton kernel of the backend by a stub; yields the list of launches."""
     from triton.runtime import KernelInterface
 
-    from sma_kernels.triton import attention, key_tiles, mask_scores, select
+    from sma_kernels.triton import attention, kept_keys, mask_scores, select
 
     launched: list[str] = []
 
@@ -63,7 +63,7 @@ def stubbed_launches() -> Iterator[list[str]]:
             return lambda *args, **kwargs: launched.append(self.name)
 
     with contextlib.ExitStack() as stack:
-        for module in (select, mask_scores, key_tiles, attention):
+        for module in (select, mask_scores, kept_keys, attention):
             for name, value in vars(module).items():
                 if isinstance(value, KernelInterface):
                     stack.enter_context(mock.patch.object(module, name, Stub(name)))

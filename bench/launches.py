@@ -271,7 +271,7 @@ def compiled_kernels() -> list[dict[str, Any]]:
     from sma_kernels import triton as triton_backend
 
     found = []
-    modules = [getattr(triton_backend, name) for name in ("select", "mask_scores", "key_tiles", "attention")
+    modules = [getattr(triton_backend, name) for name in ("select", "mask_scores", "kept_keys", "attention")
                if hasattr(triton_backend, name)]
     for module in modules:
         for value in vars(module).values():

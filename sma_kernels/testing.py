@@ -72,7 +72,7 @@ def padded_valid(batch: int, length: int, generator: torch.Generator | None = No
     token ``c % L`` (single): the right and left layouts then have every length 0..L.
 
     The default cycles through all seven, so a batch of 7 covers each layout once; with a large
-    L the fixed middle hole spans whole key tiles. A string gives every sample that layout.
+    L the fixed middle hole spans whole blocks of keys. A string gives every sample that layout.
     """
     names = (layouts,) if isinstance(layouts, str) else tuple(layouts)
     unknown = sorted(set(names) - set(LAYOUTS))

@@ -6,14 +6,23 @@ kernels are real ``JITFunction`` objects. Reads a JSON list of launches on stdin
 specialize them, compiles each one with every autotune config of its kernel (or with its own
 options when the kernel is not autotuned), and prints one JSON result per compilation, with the
 config's index in the kernel's list.
+
+Register and local-memory use come from the cubin (``cuobjdump -res-usage``, which Triton ships
+with its NVIDIA backend): on a GPU Triton reads the same figures from the driver, as
+``n_regs`` and ``n_spills`` (the local memory in 4-byte words, the stack frame included: what
+ptxas spills registers to).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -21,6 +30,7 @@ from triton.compiler import ASTSource
 from triton.compiler.errors import CompilationError
 
 TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 def _kernel(launch: dict):
@@ -51,6 +61,18 @@ def _loop_async_copies(ttgir: str) -> int:
     return copies
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local memory per thread (stack frame + local arrays, in bytes)
+    of the cubin's kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([str(CUOBJDUMP), "-res-usage", file.name], capture_output=True,
+                                text=True, check=True).stdout
+    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report)}
+    return {"registers": usage["REG"], "local_bytes": usage["STACK"] + usage["LOCAL"]}
+
+
 def _compile(job: dict) -> dict:
     kernel = _kernel(job)
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps its JITFunction
@@ -66,7 +88,7 @@ def _compile(job: dict) -> dict:
         return {**result, "error": f"{type(error).__name__}: {error}"[:3000]}
     return {**result, "shared_bytes": compiled.metadata.shared,
             "loop_async_copies": _loop_async_copies(compiled.asm["ttgir"]),
-            "cubin_bytes": len(compiled.asm["cubin"])}
+            "cubin_bytes": len(compiled.asm["cubin"]), **_resource_usage(compiled.asm["cubin"])}
 
 
 def main() -> None:

@@ -328,10 +328,11 @@ def test_host_overhead_counts_every_launch(tmp_path):
     result = json.loads(path.read_text())
     assert [record["case"] for record in result["records"]] == [case.name for case in WORKLOADS]
     mask = ["_chosen_row_scores_kernel", "_select_kernel"]
-    backward = ["_key_tiles_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"]
+    backward = ["_attention_bwd_prologue_kernel", "_attention_bwd_dkdv_kernel",
+                "_attention_bwd_dq_kernel"]
     for record in result["records"]:
-        assert record["launches"] == {"mask": mask, "fwd": mask + ["_key_tiles_kernel", "_attention_fwd_kernel"],
-                                      "fwdbwd": mask + ["_key_tiles_kernel", "_attention_fwd_kernel"] + backward}
+        assert record["launches"] == {"mask": mask, "fwd": mask + ["_kept_keys_kernel", "_attention_fwd_kernel"],
+                                      "fwdbwd": mask + ["_kept_keys_kernel", "_attention_fwd_kernel"] + backward}
         assert all(record[f"{route}_{metric}_us"] > 0 for route in ("eager", "ops")
                    for metric in ("mask", "fwd", "fwdbwd"))
 

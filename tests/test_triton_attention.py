@@ -9,6 +9,7 @@ tiny shapes. On a GPU the same tests run compiled, plus bf16, the benchmark work
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu
@@ -22,10 +23,9 @@ triton_backend = import_triton_backend()
 import triton
 
 from sma_kernels.triton import attention as attention_kernels
-from sma_kernels.triton import mask_scores as mask_kernels
 from sma_kernels.triton import select as select_kernels
 from sma_kernels.triton._common import cdiv, next_power_of_2
-from sma_kernels.triton.key_tiles import TILE_SIZES, key_tiles
+from sma_kernels.triton.kept_keys import kept_keys
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # The tiny atol of the rule, per dtype, relative to the largest value compared: a few roundings
@@ -41,6 +41,7 @@ def plain_attention(q, k, v, keep, scale):
 
 
 def check_attention(batch, heads, num_q, length, dim, dim_v, dtype, seed, keep=None):
+    """Forward and backward of random inputs against the oracle; returns the inputs."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(batch, heads, n, dim, generator=g) for n in (num_q, length))
     v = torch.randn(batch, heads, length, dim_v, generator=g)
@@ -77,7 +78,10 @@ def check_attention(batch, heads, num_q, length, dim, dim_v, dtype, seed, keep=N
     empty = ~keep.any(dim=1)  # samples with no kept key: zero output and zero gradients
     for x in (out, *grads):
         assert not x[empty].any()
-    return out, lse, grads
+    dropped = ~keep[:, None, :, None]  # dropped keys: exact zero gradients
+    for x in grads[1:]:
+        assert not x.masked_select(dropped).any()
+    return q, k, v
 
 
 # (B, H, Q, L, d, dv); B = 7 covers every padding layout of sma_kernels.testing.padded_valid
@@ -87,8 +91,8 @@ SHAPES = {
     "Q1": (7, 1, 1, 45, 16, 32),
     "higgs-like": (7, 2, 28, 28, 16, 16),
     "d-not-pow2": (7, 1, 9, 40, 24, 40),
-    # The middle hole of padded_valid spans whole key tiles: the kernels skip them.
-    "interior-empty-tiles": (7, 1, 9, 200, 16, 16),
+    # The middle hole of padded_valid: a long run of dropped keys inside the row.
+    "interior-hole": (7, 1, 9, 200, 16, 16),
     "Q1024-d128": (2, 1, 1024, 40, 128, 128),  # the largest Q and head dim of the contract
 }
 
@@ -106,43 +110,51 @@ def test_host_block_arithmetic_matches_triton():
             assert cdiv(n, block) == triton.cdiv(n, block)
 
 
-@pytest.mark.parametrize("length", [1, 37, 200, 1000, 5000])
-def test_key_tile_lists(length):
+@pytest.mark.parametrize("length", [1, 37, 200, 1000, 9000])
+def test_kept_key_order(length):
+    # L = 9000 sweeps three chunks of 4096 keys: the prefix counts carry across chunks.
     g = torch.Generator().manual_seed(length)
     keep = padded_valid(7, length, g)
-    keep[6] = torch.rand(length, generator=g) < 0.01  # sparse: many empty tiles between kept keys
-    tiles, counts = key_tiles(keep.to(DEVICE))
+    keep[6] = torch.rand(length, generator=g) < 0.01  # sparse: long runs of dropped keys
+    order, kept = kept_keys(keep.to(DEVICE))
+    assert order.dtype == kept.dtype == torch.int32
+    assert order.shape == (7, length) and kept.shape == (7,)
     for b in range(keep.shape[0]):
-        for i, size in enumerate(TILE_SIZES):
-            padded = torch.nn.functional.pad(keep[b], (0, -length % size))
-            want = padded.view(-1, size).any(dim=1).nonzero().flatten()
-            assert counts[b, i] == want.numel()
-            assert torch.equal(tiles[b, i, : want.numel()].cpu().long(), want)
+        want = torch.cat([keep[b].nonzero().flatten(), (~keep[b]).nonzero().flatten()])
+        assert kept[b] == keep[b].sum()
+        assert torch.equal(order[b].cpu().long(), want)  # a stable partition, kept keys first
 
 
-@pytest.mark.parametrize("config", range(len(attention_kernels._FWD_CONFIGS)))
+ATTENTION_CONFIGS = {attention_kernels._attention_fwd_kernel: attention_kernels._FWD_CONFIGS,
+                     attention_kernels._attention_bwd_dq_kernel: attention_kernels._DQ_CONFIGS,
+                     attention_kernels._attention_bwd_dkdv_kernel: attention_kernels._DKDV_CONFIGS}
+
+
+@pytest.mark.parametrize("config", range(max(map(len, ATTENTION_CONFIGS.values()))))
 def test_attention_with_each_gpu_config(config, monkeypatch):
-    # The tests above run one config; a GPU autotunes over all of them, and each BLOCK_N reads
-    # its own key tile list. Every config must give the same result.
-    for kernel, configs in [(attention_kernels._attention_fwd_kernel, attention_kernels._FWD_CONFIGS),
-                            (attention_kernels._attention_bwd_dq_kernel, attention_kernels._DQ_CONFIGS),
-                            (attention_kernels._attention_bwd_dkdv_kernel,
-                             attention_kernels._DKDV_CONFIGS)]:
+    # The tests above run one config; a GPU autotunes over all of them. Run i forces config
+    # i (modulo its count) of every attention kernel: each must meet the error rule and give
+    # exact zeros at dropped keys (check_attention). Blocks of different sizes sum in different
+    # orders, so the bits differ between configs except where every term is exact: a sample
+    # whose only kept key is the last (the tail of the last block) gets that key's value row,
+    # bit for bit, under every config.
+    for kernel, configs in ATTENTION_CONFIGS.items():
         monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
     g = torch.Generator().manual_seed(config)
     length = 300
-    keep = torch.rand(3, length, generator=g) < 0.3
-    keep[:, 128:256] = False  # one whole tile of 128 keys, two of 64, four of 32 are empty
+    keep = torch.rand(3, length, generator=g) < 0.7
+    keep[:, 128:256] = False  # a long run of dropped keys
     keep[1] = False
-    keep[1, length - 1] = True  # a single kept key, in the last, partial tile
+    keep[1, [3, length - 1]] = True  # two kept keys, one in the tail of the last block
     keep[2] = False  # no kept key
-    check_attention(3, 1, 130, length, 16, 16, torch.float32, seed=config, keep=keep)
+    q, k, v = check_attention(3, 1, 130, length, 16, 16, torch.float32, seed=config, keep=keep)
+    keep[1, 3] = False
+    out, _ = triton_backend.attention_forward(q, k, v, keep.to(DEVICE), scale=0.25)
+    assert torch.equal(out[1], v[1, :, length - 1 :].expand(1, 130, 16))
 
 
 # Every autotuned kernel: (module, kernel name, name of its GPU config list).
-AUTOTUNED = [(mask_kernels, "_chosen_row_lse_kernel", "_CONFIGS"),
-             (mask_kernels, "_token_scores_kernel", "_CONFIGS"),
-             (select_kernels, "_select_kernel", "_CONFIGS"),
+AUTOTUNED = [(select_kernels, "_select_kernel", "_CONFIGS"),
              (attention_kernels, "_attention_fwd_kernel", "_FWD_CONFIGS"),
              (attention_kernels, "_attention_bwd_dq_kernel", "_DQ_CONFIGS"),
              (attention_kernels, "_attention_bwd_dkdv_kernel", "_DKDV_CONFIGS")]
@@ -222,17 +234,54 @@ def poisoned(x, dropped):
     return torch.where(dropped, poison[torch.arange(x.shape[2]) % 3][:, None], x)
 
 
-# Under the interpreter NumPy warns where the dK/dV kernel computes on the dropped keys' NaN and
-# Inf, in the rows it then sets to 0.
-DROPPED_KEY_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def element_addresses(x: torch.Tensor) -> torch.Tensor:
+    """The address of every element of x (any strides), shaped like x."""
+    offsets = sum(torch.arange(size)[(...,) + (None,) * (x.dim() - 1 - axis)] * stride
+                  for axis, (size, stride) in enumerate(zip(x.shape, x.stride())))
+    return x.data_ptr() + offsets * x.element_size()
 
 
-@DROPPED_KEY_WARNINGS
+@pytest.mark.skipif(CUDA, reason="records the interpreter's loads: CPU only")
+def test_attention_never_loads_dropped_keys(monkeypatch):
+    # Every load of the forward and backward is recorded, address by address (only the lanes
+    # its mask enables): no address of a dropped key's K or V row is among them, and every kept
+    # key's row is.
+    from triton.runtime.interpreter import InterpreterBuilder
+    loaded = []
+    masked_load = InterpreterBuilder.create_masked_load
+
+    def recording_load(self, ptrs, mask, *args):
+        loaded.append(ptrs.data[mask.data].astype("int64"))
+        return masked_load(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", recording_load)
+    g = torch.Generator().manual_seed(3)
+    batch, heads, num_q, length = 3, 2, 5, 70
+    q = torch.randn(batch, heads, num_q, 16, generator=g)
+    k = torch.randn(batch, length, heads, 16, generator=g).transpose(1, 2)  # any strides
+    v = torch.randn(batch, heads, length, 32, generator=g)
+    keep = torch.rand(batch, length, generator=g) < 0.7
+    keep[2] = False
+    out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.25)
+    triton_backend.attention_backward(torch.ones_like(out), q, k, v, keep, out, lse, scale=0.25)
+    loaded = torch.from_numpy(np.unique(np.concatenate(loaded)))
+    dropped = ~keep[:, None, :, None]
+    for x in (k, v):
+        addresses = element_addresses(x)
+        assert not torch.isin(addresses.masked_select(dropped), loaded).any()
+        assert torch.isin(addresses.masked_select(~dropped), loaded).all()
+
+
+# Under the interpreter NumPy warns where a kernel computes on NaN or Inf: no kernel computes with
+# the poison of a dropped key, so no warning may appear.
+NO_ARITHMETIC_ON_DROPPED = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+
+@NO_ARITHMETIC_ON_DROPPED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_attention_ignores_dropped_keys(dtype):
     # Padded and masked keys (valid, not kept) hold NaN, +inf and -inf in k and v: forward and
-    # backward equal those of the same call with zeros there, bit for bit. L = 140 with 32-key
-    # tiles: the middle hole of padded_valid spans a whole tile, which the kernels skip.
+    # backward equal those of the same call with zeros there, bit for bit.
     g = torch.Generator().manual_seed(21)
     batch, heads, num_q, length, dim, dim_v = 7, 2, 9, 140, 16, 32
     q = torch.randn(batch, heads, num_q, dim, generator=g)
@@ -263,7 +312,7 @@ def test_attention_ignores_dropped_keys(dtype):
         assert not x[empty].any()
 
 
-@DROPPED_KEY_WARNINGS
+@NO_ARITHMETIC_ON_DROPPED
 def test_self_guided_attention_ignores_padded_and_masked_values():
     # Through the public op: k and v of the padded tokens, and v of the masked ones, hold NaN and
     # infinities (the masked tokens' k decides the mask, so it stays finite). The mask, output

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from sma_kernels.triton import attention as attention_kernels
-from sma_kernels.triton import mask_scores as mask_kernels
+from sma_kernels.triton import kept_keys as kept_key_kernels
 from sma_kernels.triton._common import (
     GRID_X_MAX,
     GRID_YZ_MAX,
@@ -61,37 +61,45 @@ def test_grid_too_large_for_cuda():
 
 
 class RecordedKernel:
-    """Stands in for an autotuned kernel: records the grid of each of its GPU configs."""
+    """Stands in for a kernel: records its launch grid, that of each GPU config when it is
+    autotuned (``configs``), with the config's meta-parameters."""
 
-    def __init__(self, configs):
+    def __init__(self, configs=None):
         self.configs = configs
         self.grids = []
 
     def __getitem__(self, grid):
         def launch(**kwargs):
-            self.grids += [(grid(config.kwargs), config.kwargs) for config in self.configs]
+            if self.configs is None:
+                self.grids.append((grid, {}))
+            else:
+                self.grids += [(grid(config.kwargs), config.kwargs) for config in self.configs]
         return launch
 
 
 def test_launch_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
     batch, heads, num_q, length, dim = 2**17, 8, 1, 1, 16
-    # Per kernel: its GPU configs, and the rows and the size its grid tiles by which block.
+    # Per autotuned kernel: its GPU configs, and the rows and the size its grid tiles by which
+    # block.
     kernels = {
         "_attention_fwd_kernel": (attention_kernels, attention_kernels._FWD_CONFIGS,
                                   batch * heads, num_q, "BLOCK_M"),
         "_attention_bwd_dkdv_kernel": (attention_kernels, attention_kernels._DKDV_CONFIGS,
                                        batch * heads, length, "BLOCK_N"),
         "_attention_bwd_dq_kernel": (attention_kernels, attention_kernels._DQ_CONFIGS,
-                                     batch * heads, num_q, "BLOCK_M"),
-        "_chosen_row_lse_kernel": (mask_kernels, mask_kernels._CONFIGS, batch * heads, num_q,
-                                   "BLOCK_M"),
-        "_token_scores_kernel": (mask_kernels, mask_kernels._CONFIGS, batch, length, "BLOCK_N")}
+                                     batch * heads, num_q, "BLOCK_M")}
+    # Kernels with a fixed grid: how many programs each must have. The backward prologue: per
+    # sample, the kept-key order and one delta block per head (Q = 1 row); the forward's
+    # kept-key order: one program per sample.
+    fixed = {"_attention_bwd_prologue_kernel": (attention_kernels, batch * (1 + heads)),
+             "_kept_keys_kernel": (kept_key_kernels, batch)}
     recorded = {}
     for name, (module, configs, *_) in kernels.items():
         recorded[name] = RecordedKernel(configs)
         monkeypatch.setattr(module, name, recorded[name])
-    # The key tile lists are one program per sample, on x; not run here.
-    monkeypatch.setattr(attention_kernels, "key_tiles", lambda keep: (keep, keep))
+    for name, (module, _) in fixed.items():
+        recorded[name] = RecordedKernel()
+        monkeypatch.setattr(module, name, recorded[name])
 
     def expanded(*shape, dtype=torch.float16):  # no memory per sample
         return torch.zeros((1,) * len(shape), dtype=dtype, device=DEVICE).expand(*shape)
@@ -101,16 +109,15 @@ def test_launch_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
     keep = expanded(batch, length, dtype=torch.bool)
     out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.25)
     triton_backend.attention_backward(out, q, k, v, keep, out, lse, scale=0.25)
-    mask_kernels.scores_from_rows(q, k, keep, expanded(batch, num_q, dtype=torch.int32),
-                                  expanded(batch, heads, 2, dtype=torch.int32),
-                                  expanded(batch, 4, dtype=torch.int32), head_mix="mean",
-                                  scale=0.25)
 
     for name, (_, configs, rows, size, block) in kernels.items():
         grids = recorded[name].grids
         assert len(grids) == len(configs), f"{name} not launched once"
         for grid, config in grids:
             assert_launchable(grid, rows * -(-size // config[block]))
+    for name, (_, programs) in fixed.items():
+        ((grid, _),) = recorded[name].grids
+        assert_launchable((*grid, 1)[:2], programs)
 
 
 @triton.jit

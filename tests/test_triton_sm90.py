@@ -8,6 +8,11 @@ specialization a GPU launch would use (integers equal to 1 become constants, mul
 aligned pointers are marked divisible by 16), and compiled by Triton's NVIDIA backend for sm_90
 in a separate process (tests/compile_sm90.py), once per GPU autotune config.
 
+No register spills in the attention kernels: every compilation of a 16-bit launch (the
+tensor-core path, which the workloads take) uses no local memory, the figure Triton reports on
+a GPU as ``n_spills``. The fp32 launches (exact fp32 dots, on the CUDA cores) are only
+compiled: at d = 128 their tiles do not fit in registers at any config.
+
 "Pipelined" means the compiled loop body copies its streamed tiles with asynchronous
 global-to-shared copies (``ttg.async_copy_global_to_local``), which Triton only emits when it
 prefetches a later iteration's loads while the current one computes. The compiler is the
@@ -45,10 +50,12 @@ from triton.runtime.jit import mangle_type, native_specialize_impl
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 # Kernels that stream tiles through a loop, and how many of the streamed tiles each iteration
-# must prefetch: K and V (forward, dQ), Q and dO (dK/dV), K (pass 1), Q (pass 2).
+# must prefetch: K and V (forward, dQ), Q and dO (dK/dV), K in each of the score kernel's two loops.
 PIPELINED = {"_attention_fwd_kernel": 2, "_attention_bwd_dq_kernel": 2,
-             "_attention_bwd_dkdv_kernel": 2, "_chosen_row_lse_kernel": 1,
-             "_token_scores_kernel": 1}
+             "_attention_bwd_dkdv_kernel": 2, "_chosen_row_scores_kernel": 2}
+# The kernels whose 16-bit launches must not spill registers, at any config.
+NO_SPILLS = {"_kept_keys_kernel", "_attention_bwd_prologue_kernel", "_attention_fwd_kernel",
+             "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"}
 # Options of a launch that are not kernel arguments; the ones the compiler takes are kept.
 COMPILE_OPTIONS = ("num_warps", "num_stages")
 
@@ -143,6 +150,9 @@ def test_kernels_compile_for_sm90(monkeypatch):
         if result["config"] == 0:
             assert result["shared_bytes"] <= H100_SHARED_BYTES, \
                 f"{where}: {result['shared_bytes']} B of shared memory"
+        if result["kernel"] in NO_SPILLS and result["constexprs"].get("PRECISION") != "ieee":
+            assert result["local_bytes"] == 0, \
+                f"{where}: {result['registers']} registers, {result['local_bytes']} B spilled"
         if result["kernel"] in PIPELINED and result["options"].get("num_stages", 1) >= 2:
             assert result["loop_async_copies"] >= PIPELINED[result["kernel"]], \
                 f"{where}: {result['loop_async_copies']} tile loads prefetched in the loop"
