@@ -281,7 +281,9 @@ def test_every_backend_reads_plan_heads_mod_h(backend, mask_self):
     pool = valid if mask_self else torch.ones(B, queries, dtype=torch.bool)
     plan = plan_for(7, queries)
     shifted = plan._replace(head=congruent_heads(plan.head, torch.Generator().manual_seed(7)))
-    options = {"ratio": 0.5, "num_per_query": 1, "head_mix": "random", "mask_self": mask_self,
+    # num_per_query = 2: under mask_self half the masked tokens are then taken by score, which
+    # reads the heads (with 1 every masked token would be a forced chosen row).
+    options = {"ratio": 0.5, "num_per_query": 2, "head_mix": "random", "mask_self": mask_self,
                "noise": 0.0}
     want = backend_mask(backend, q, k, valid, pool, plan, **options)
     assert torch.equal(backend_mask(backend, q, k, valid, pool, shifted, **options), want)
@@ -296,7 +298,7 @@ def test_a_generator_gives_the_mask_of_make_plan_on_every_backend(backend, mask_
     queries = L if mask_self else Q
     q, k, v = tensors(8, queries=queries)
     valid = padded_valid()
-    options = {"ratio": 0.5, "num_per_query": 1, "head_mix": "random", "mask_self": mask_self,
+    options = {"ratio": 0.5, "num_per_query": 2, "head_mix": "random", "mask_self": mask_self,
                "noise": 0.5, "backend": backend}
     for seed in range(3):
         plan = plan_for(seed, queries)
@@ -320,7 +322,7 @@ def test_every_backend_restricts_the_query_pool_to_real_tokens_under_mask_self(b
     query_valid[2, :3] = True  # and of sample 2
     assert (query_valid & ~valid).any()
     plan = plan_for(9, L)
-    options = {"ratio": 0.5, "num_per_query": 1, "head_mix": head_mix, "mask_self": True,
+    options = {"ratio": 0.5, "num_per_query": 2, "head_mix": head_mix, "mask_self": True,
                "noise": 0.0}
     restricted = backend_mask(backend, q, k, valid, query_valid & valid, plan, **options)
     assert torch.equal(backend_mask(backend, q, k, valid, query_valid, plan, **options), restricted)
