@@ -16,14 +16,19 @@ import torch
 from . import backends
 from .backends import FLOAT_DTYPES
 from .ops import needs_registered_op
-from .plan import MaskPlan, default_query_pool, make_plan
+from .plan import MaskPlan, draw_plan, query_pool_argument
 
 HEAD_MIXES = ("mean", "random")
 INT64_MAX = 2**63 - 1
 
 
 class CheckedCall(NamedTuple):
-    """A checked call: tensors on one device, every default filled in."""
+    """A checked call: tensors on one device, every default filled in.
+
+    ``query_pool`` and ``plan`` are what the backends take, not yet reduced: under ``mask_self``
+    each backend intersects the pool with ``valid``, and it reads the plan's heads mod H (a plan
+    the call draws itself holds the raw draws there), so that neither costs an op here.
+    """
 
     valid: torch.Tensor
     query_pool: torch.Tensor
@@ -135,7 +140,7 @@ def check_call(q: object, k: object, valid: object, *, ratio: object, num_per_qu
     if query_valid is not None:
         query_valid = check_mask_tensor("query_valid", query_valid, (batch, num_queries), "(B, Q)",
                                         q.device)
-    query_pool = default_query_pool(valid, num_queries, query_valid, mask_self)
+    query_pool = query_pool_argument(valid, num_queries, query_valid, mask_self)
 
     if plan is None:
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -144,8 +149,8 @@ def check_call(q: object, k: object, valid: object, *, ratio: object, num_per_qu
             raise TypeError("generator cannot be used inside torch.compile: TorchDynamo does not trace "
                             "torch.Generator objects. Draw a plan outside the compiled function with "
                             "make_plan(..., generator=...) and pass plan=, or seed the global RNG")
-        plan = make_plan(batch_size=batch, num_queries=num_queries, num_tokens=num_tokens, num_heads=heads,
-                         generator=generator, device=q.device)
+        # make_plan's draw without its remainder: the backends read the heads mod H.
+        plan = draw_plan(batch, num_queries, num_tokens, generator=generator, device=q.device)
     else:
         plan = check_plan(plan, batch, num_queries, num_tokens, heads, q.device)
     return CheckedCall(valid, query_pool, plan, ratio, int(num_per_query), head_mix, mask_self, noise,

@@ -13,14 +13,19 @@ How each backend reads the plan:
   ``k_q`` rows of the query pool with the smallest (priority, index). Uniform random int32
   priorities make that a uniform draw without replacement, with no sort (two equal draws, rare,
   go to the lower index).
-* ``head[b, i]`` is the head that row ``i`` reads under ``head_mix="random"``.
+* ``head[b, i]`` is the head that row ``i`` reads under ``head_mix="random"``: every backend reads
+  it as ``head mod H`` (floor modulo, non-negative for any int32), so a plan drawn inside a call
+  (:func:`draw_plan`) carries the raw draw and costs no remainder op; :func:`make_plan` and the
+  range check of a caller's plan keep the public plans' heads in [0, H), where mod H changes
+  nothing.
 * ``token_rank[b, j]`` is a priority of token ``j``: the ``k_rand`` random picks are the free valid
   tokens with the smallest (priority, index).
 
 Ranks may hold any int32 values, so any plan with the right shapes gives exactly the documented
-counts; only ``head`` must lie in [0, H). The helpers below derive the per-sample counts and the
-chosen rows from a plan, vectorized over the batch; the reference and the Triton backend share
-them, the C++ kernel re-derives them per sample and is tested against them.
+counts; only ``head`` must lie in [0, H) (checked in a caller's plan). The helpers below derive
+the per-sample counts and the chosen rows from a plan, vectorized over the batch; the reference
+and the Triton backend share them, the C++ kernel re-derives them per sample and is tested
+against them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class MaskPlan(NamedTuple):
     """Random draws for one call of the self-guided mask (see the module docstring)."""
 
     query_rank: torch.Tensor  # (B, Q) int32 priorities of the query rows (smallest first)
-    head: torch.Tensor  # (B, Q) int32 in [0, H)
+    head: torch.Tensor  # (B, Q) int32 in [0, H); read mod H by the backends
     token_rank: torch.Tensor  # (B, L) int32 priorities of the tokens (smallest first)
 
     def to(self, device: torch.device | str) -> MaskPlan:
@@ -59,7 +64,8 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
     The sizes come in the plan's own order, B, Q, L, H, not the tensors' (B, H, Q, L): pass them
     by name (``make_plan(batch_size=B, num_queries=Q, num_tokens=L, num_heads=H)``), or use
     :func:`make_plan_for`, which reads them off q and k. A plan drawn for the wrong sizes is
-    refused by the ops with an error naming the field and the shape it needs.
+    refused by the ops with an error naming the field and the shape it needs. Its heads lie in
+    [0, H): the middle block of the draw mod H (a bias below 2^-31 * H).
 
     Args:
         batch_size, num_queries, num_tokens, num_heads: B, Q, L and H of the call it is for.
@@ -74,18 +80,28 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
             raise ValueError(f"make_plan: {name} must be >= 1, got {value}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"make_plan: generator must be a torch.Generator, got {type(generator).__name__}")
+    plan = draw_plan(batch_size, num_queries, num_tokens, generator=generator, device=device)
+    return plan._replace(head=plan.head.remainder(num_heads))
+
+
+def draw_plan(batch_size: int, num_queries: int, num_tokens: int, *,
+              generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> MaskPlan:
+    """The draw behind :func:`make_plan`, with ``head`` left as raw int32 draws; its arguments are already checked.
+
+    The ops draw their own plan with it: the backends read ``head`` mod H, which gives the heads
+    of :func:`make_plan` for the same generator, without a launch for the remainder.
+    """
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
     # One draw of uniform int32 for all three fields, on the generator's device, so that a CPU
-    # generator gives the same plan for any target device. The heads are the middle block mod H
-    # (a bias below 2^-31 * H).
+    # generator gives the same plan for any target device.
     int32 = torch.iinfo(torch.int32)
     draws = torch.randint(int32.min, int32.max, (batch_size, 2 * num_queries + num_tokens),
                           generator=generator, dtype=torch.int32,
                           device=generator.device if generator is not None else device).to(device)
-    query_rank, head, token_rank = draws.split([num_queries, num_queries, num_tokens], dim=1)
-    return MaskPlan(query_rank, head.remainder(num_heads), token_rank)
+    return MaskPlan(*draws.split([num_queries, num_queries, num_tokens], dim=1))
 
 
 def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None = None) -> MaskPlan:
@@ -99,6 +115,28 @@ def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generato
                      generator=generator, device=q.device)
 
 
+def query_pool_argument(valid: torch.Tensor, num_queries: int, query_valid: torch.Tensor | None,
+                        mask_self: bool) -> torch.Tensor:
+    """(B, Q) bool: the ``query_pool`` argument of the backends' ``self_guided_mask``.
+
+    ``query_valid`` when given, else ``valid`` under ``mask_self``, else every row. It is not
+    intersected with ``valid`` under ``mask_self``: each backend does that itself
+    (:func:`restrict_query_pool`), so that a call issues no op for it.
+    """
+    if query_valid is not None:
+        return query_valid
+    if mask_self:
+        return valid
+    return torch.ones(valid.shape[0], num_queries, dtype=torch.bool, device=valid.device)
+
+
+def restrict_query_pool(valid: torch.Tensor, query_pool: torch.Tensor, mask_self: bool) -> torch.Tensor:
+    """(B, Q) bool: the pool of docs/design.md, "The computation", step 4, from a backend's
+    ``query_pool`` argument: under ``mask_self`` only its real tokens (a chosen query token is
+    masked itself, so a padded one must never be chosen)."""
+    return query_pool & valid if mask_self else query_pool
+
+
 def default_query_pool(valid: torch.Tensor, num_queries: int, query_valid: torch.Tensor | None,
                        mask_self: bool) -> torch.Tensor:
     """(B, Q) bool: the query rows that may be chosen.
@@ -106,11 +144,8 @@ def default_query_pool(valid: torch.Tensor, num_queries: int, query_valid: torch
     ``query_valid`` when given, else every row; under ``mask_self`` only real tokens (a chosen
     query token is masked itself), so ``valid`` is the default and is intersected with.
     """
-    if query_valid is None:
-        if mask_self:
-            return valid
-        return torch.ones(valid.shape[0], num_queries, dtype=torch.bool, device=valid.device)
-    return query_valid & valid if mask_self else query_valid
+    return restrict_query_pool(valid, query_pool_argument(valid, num_queries, query_valid, mask_self),
+                               mask_self)
 
 
 def round_half_even(x: torch.Tensor) -> torch.Tensor:

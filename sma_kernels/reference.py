@@ -5,7 +5,7 @@ samples):
 
 1. Logits S = scale * q k^T in fp32, padded key columns at -inf.
 2. P = softmax over tokens; all-padding rows give P = 0 rather than NaN.
-3. Head mix: mean over heads, or the plan's head per (sample, row).
+3. Head mix: mean over heads, or the plan's head mod H per (sample, row).
 4. Token score s[b, j] = sum of A[b, i, j] over the chosen rows i (see :mod:`sma_kernels.plan`).
 5. Selection: the forced tokens (chosen query tokens under ``mask_self``), then the ``num_top``
    best scores among the other valid tokens (ties to the lower index), then ``num_random`` random
@@ -22,14 +22,15 @@ from __future__ import annotations
 import torch
 
 from .backends import FLOAT_DTYPES, Backend
-from .plan import MaskCounts, MaskPlan, chosen_rows, mask_counts, take_smallest
+from .plan import MaskCounts, MaskPlan, chosen_rows, mask_counts, restrict_query_pool, take_smallest
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
                  head: torch.Tensor, *, head_mix: str, scale: float) -> torch.Tensor:
     """(B, L) fp32: summed attention of the chosen rows on each token; -inf at padding.
 
-    The non-finite rule: a (head, row) whose logits over the real tokens are not all finite (NaN
+    Under ``head_mix="random"`` row i reads head ``head[b, i] mod H`` (floor modulo, so any int32
+    names a head). The non-finite rule: a (head, row) whose logits over the real tokens are not all finite (NaN
     or Inf in q or k, or an fp32 overflow) contributes nothing, so the scores of real tokens are
     always finite. Padded keys never reach a logit, whatever they hold.
     """
@@ -42,7 +43,7 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
     if head_mix == "mean":
         mixed = probs.mean(dim=1)
     else:
-        index = head.long()[:, None, :, None].expand(-1, 1, -1, probs.shape[-1])
+        index = head.remainder(probs.shape[1]).long()[:, None, :, None].expand(-1, 1, -1, probs.shape[-1])
         mixed = probs.gather(1, index).squeeze(1)
     scores = torch.einsum("bq,bql->bl", chosen.float(), mixed)
     return scores.masked_fill(~valid, float("-inf"))
@@ -65,7 +66,14 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
                      query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
                      num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                      scale: float) -> torch.Tensor:
-    """(B, L) bool, True = masked. Arguments are already checked and completed by the API."""
+    """(B, L) bool, True = masked. Arguments are already checked and completed by the API.
+
+    This is the contract of every backend's ``self_guided_mask`` (docs/design.md, "Backends"):
+    ``query_pool`` (B, Q) bool is the caller's ``query_valid`` or its default, which the backend
+    intersects with ``valid`` under ``mask_self`` itself; the plan's ranks are any int32 values,
+    ordered by (rank, index), and its heads any int32 values, read mod H.
+    """
+    query_pool = restrict_query_pool(valid, query_pool, mask_self)
     counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
                          mask_self=mask_self, noise=noise)
     chosen = chosen_rows(plan, query_pool, counts.num_rows)

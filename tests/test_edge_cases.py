@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sma_kernels as sk
+from sma_kernels.backends import get as get_backend
 from sma_kernels.testing import assert_masks_match, brute_force_mask
 
 B, H, Q, L, D, DV = 3, 2, 4, 10, 4, 3
@@ -245,6 +246,94 @@ def test_a_plan_changed_after_a_call_is_checked_again(backend, how):
         plan.head[0, 0] = H + 7
     with pytest.raises(ValueError, match="plan.head"):
         sk.self_guided_mask(q, k, ratio=0.3, num_per_query=1, plan=plan, backend=backend)
+
+
+# ----------------------------------------------------------------------------- what each backend reduces itself
+
+def backend_mask(backend: str, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
+                 query_pool: torch.Tensor, plan: sk.MaskPlan, **options) -> torch.Tensor:
+    """The backend's own ``self_guided_mask``, past the API's checks (docs/design.md, "Backends")."""
+    return get_backend(backend).self_guided_mask(q, k, valid, query_pool, plan, scale=D ** -0.5,
+                                                 **options)
+
+
+def congruent_heads(head: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """int32 heads equal to ``head`` mod H, spread over the whole int32 range: head + H * m for
+    random m, with the largest and the smallest such int32 in the first column."""
+    int32 = torch.iinfo(torch.int32)
+    wide = head.long() + H * torch.randint(int32.min // H, int32.max // H, head.shape,
+                                           generator=generator)
+    wide[0, 0] = int32.max - (int32.max - head[0, 0].long()) % H
+    wide[1, 0] = int32.min + (head[1, 0].long() - int32.min) % H
+    assert int32.min <= int(wide.min()) and int(wide.max()) <= int32.max
+    assert (wide.remainder(H) == head).all()
+    return wide.int()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mask_self", [False, True])
+def test_every_backend_reads_plan_heads_mod_h(backend, mask_self):
+    # The ops draw their own plan without reducing its heads, so every backend must read any
+    # int32 head as head mod H; a caller's plan is still held to [0, H) (test_api.py).
+    queries = L if mask_self else Q
+    q, k, _ = tensors(7, queries=queries)
+    valid = padded_valid()
+    pool = valid if mask_self else torch.ones(B, queries, dtype=torch.bool)
+    plan = plan_for(7, queries)
+    shifted = plan._replace(head=congruent_heads(plan.head, torch.Generator().manual_seed(7)))
+    # num_per_query = 2: under mask_self half the masked tokens are then taken by score, which
+    # reads the heads (with 1 every masked token would be a forced chosen row).
+    options = {"ratio": 0.5, "num_per_query": 2, "head_mix": "random", "mask_self": mask_self,
+               "noise": 0.0}
+    want = backend_mask(backend, q, k, valid, pool, plan, **options)
+    assert torch.equal(backend_mask(backend, q, k, valid, pool, shifted, **options), want)
+    assert_masks_match(want, sk.self_guided_mask(q, k, valid, plan=plan, backend="reference", **options),
+                       q, k, valid, plan=plan, **options)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mask_self", [False, True])
+def test_a_generator_gives_the_mask_of_make_plan_on_every_backend(backend, mask_self):
+    # A generator's plan keeps the raw draws as heads; make_plan reduces them: same mask.
+    queries = L if mask_self else Q
+    q, k, v = tensors(8, queries=queries)
+    valid = padded_valid()
+    options = {"ratio": 0.5, "num_per_query": 2, "head_mix": "random", "mask_self": mask_self,
+               "noise": 0.5, "backend": backend}
+    for seed in range(3):
+        plan = plan_for(seed, queries)
+        want = sk.self_guided_mask(q, k, valid, plan=plan, **options)
+        drawn = sk.self_guided_mask(q, k, valid, generator=torch.Generator().manual_seed(seed), **options)
+        assert torch.equal(drawn, want), seed
+        _, attended = sk.self_guided_attention(q, k, v, valid, generator=torch.Generator().manual_seed(seed),
+                                               **options)
+        assert torch.equal(attended, want), seed
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("head_mix", ["mean", "random"])
+def test_every_backend_restricts_the_query_pool_to_real_tokens_under_mask_self(backend, head_mix):
+    # query_valid goes to the backends as given: under mask_self each intersects it with valid.
+    q, k, _ = tensors(9, queries=L)
+    valid = padded_valid()
+    g = torch.Generator().manual_seed(9)
+    query_valid = torch.rand(B, L, generator=g) < 0.7
+    query_valid[:, [1, 4, 9]] = True  # padded tokens of sample 0 in the pool
+    query_valid[2, :3] = True  # and of sample 2
+    assert (query_valid & ~valid).any()
+    plan = plan_for(9, L)
+    options = {"ratio": 0.5, "num_per_query": 2, "head_mix": head_mix, "mask_self": True,
+               "noise": 0.0}
+    restricted = backend_mask(backend, q, k, valid, query_valid & valid, plan, **options)
+    assert torch.equal(backend_mask(backend, q, k, valid, query_valid, plan, **options), restricted)
+    assert torch.equal(backend_mask(backend, q, k, valid, torch.ones(B, L, dtype=torch.bool), plan,
+                                    **options),
+                       backend_mask(backend, q, k, valid, valid, plan, **options))
+    mask = sk.self_guided_mask(q, k, valid, query_valid=query_valid, plan=plan, backend=backend, **options)
+    assert torch.equal(mask, restricted)
+    assert_exact_counts(mask, valid, 0.5)
+    expected = brute_force_mask(q, k, valid, plan, query_valid=query_valid, **options)
+    assert_masks_match(mask, expected, q, k, valid, plan=plan, query_valid=query_valid, **options)
 
 
 # ----------------------------------------------------------------------------- autocast

@@ -23,10 +23,10 @@ from bench.launches import calls, count_launches
 # allowed. molecules is self-attention at L = 40 (head_mix "random", mask_self), pixels
 # cross-attention at L = 300 (head_mix "mean").
 LAUNCH_BUDGETS = {
-    "forward (plan=None)": {"molecules": 12, "pixels": 9},
-    "forward (generator)": {"molecules": 12, "pixels": 9},
-    "forward (plan)": {"molecules": 14, "pixels": 11},
-    "backward": {"molecules": 6, "pixels": 6},
+    "forward (plan=None)": {"molecules": 6, "pixels": 6},
+    "forward (generator)": {"molecules": 6, "pixels": 6},
+    "forward (plan)": {"molecules": 9, "pixels": 9},
+    "backward": {"molecules": 5, "pixels": 5},
 }
 
 import_triton_backend()

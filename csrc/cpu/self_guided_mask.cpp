@@ -5,7 +5,10 @@
  *
  * Per sample b, with the randomness of the plan (query_rank, head, token_rank):
  *   0. Counts n, k, k_q, f, num_top, num_random exactly as sma_kernels.plan.mask_counts, and the
- *      chosen rows: the k_q rows of the query pool with the smallest query_rank (select.h).
+ *      chosen rows: the k_q rows of the query pool with the smallest query_rank (select.h). Under
+ *      mask_self the pool is query_pool & valid, taken here (a chosen query token is masked
+ *      itself, so it must be a real token). Under head_mix="random" a chosen row reads the head
+ *      head mod H (floor modulo: any int32 names a head), as every backend does.
  *   1. Row statistics: for each (head, chosen row) pair whose softmax enters the token score, the
  *      max and the sum of exp of its logits over the valid tokens, in one sweep over the keys in
  *      tiles (online softmax); a pair with a non-finite logit on a valid token contributes nothing,
@@ -138,17 +141,15 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
       const bool* ok = valid + b * tokens;
       const bool* in_pool = pool + b * queries;
       const int64_t n = std::count(ok, ok + tokens, true);
-      const int64_t pool_size = std::count(in_pool, in_pool + queries, true);
-      if (mask_self) {  // a chosen query token is masked itself, so it must be a real token
-        for (int64_t i = 0; i < queries; ++i) {
-          TORCH_CHECK(!in_pool[i] || ok[i], "self_guided_mask: under mask_self, query_pool[", b, ", ", i,
-                      "] is set on a padded token");
-        }
+      const auto eligible = [&](int64_t i) { return in_pool[i] && (!mask_self || ok[i]); };
+      int64_t pool_size = 0;
+      for (int64_t i = 0; i < queries; ++i) {
+        pool_size += eligible(i);
       }
       counts[b] = sample_counts(n, pool_size, ratio, num_per_query, mask_self, noise);
       std::fill(picked.begin(), picked.end(), 0);
-      take_smallest_ranks(query_rank + b * queries, queries, counts[b].num_rows, scratch,
-                          [&](int32_t i) { return in_pool[i]; }, [&](int32_t i) { picked[i] = 1; });
+      take_smallest_ranks(query_rank + b * queries, queries, counts[b].num_rows, scratch, eligible,
+                          [&](int32_t i) { picked[i] = 1; });
       int32_t* rows = chosen.data() + b * queries;
       for (int64_t i = 0, m = 0; i < queries; ++i) {
         if (picked[i]) {
@@ -176,9 +177,9 @@ at::Tensor self_guided_mask(const at::Tensor& q_in, const at::Tensor& k_in, cons
       }
       if (head_mix_random) {
         for (int64_t r = 0; r < num_rows; ++r) {
-          const int32_t h = head[b * queries + rows[r]];
-          TORCH_CHECK(h >= 0 && h < heads, "self_guided_mask: head[", b, ", ", rows[r], "] = ", h,
-                      " is not in [0, ", heads, ")");
+          // Floor modulo, as torch.remainder: C++'s % keeps the sign of a negative draw.
+          const int64_t rem = head[b * queries + rows[r]] % heads;
+          const auto h = static_cast<int32_t>(rem < 0 ? rem + heads : rem);
           first[r] = {static_cast<int32_t>(b), rows[r], h, 0.f, 0.f};
         }
         // Rows are ascending, so a stable sort by head gives (head, row) order.

@@ -2,15 +2,16 @@
 
 score[b, j] = sum over the chosen rows i of A[b, i, j], where A is the softmax over tokens of
 S = scale * q.k (padding at -inf), mixed over heads: the mean over heads, or under "random" the
-plan's head of row i. Only the k_q chosen rows of each sample matter (the plan picks them), and
-the softmax runs over the token axis, so every chosen row needs its full log-sum-exp before any
-of its probabilities is known.
+plan's head of row i mod H (floor modulo, so any int32 draw names a head). Only the k_q chosen
+rows of each sample matter (the plan picks them), and the softmax runs over the token axis, so
+every chosen row needs its full log-sum-exp before any of its probabilities is known.
 
 One program per (sample, head, block of BLOCK_M chosen rows) does all of it:
 
 1. The sample's plan: its valid token range and counts, and its chosen rows by the radix search
    of select.py over the plan's query ranks (:func:`~.select.mask_counts`,
-   :func:`~.select.chosen_threshold`). Every program of a sample repeats this; it reads the
+   :func:`~.select.chosen_threshold`; under ``mask_self`` the pool is ``query_pool`` & valid,
+   taken as it is read). Every program of a sample repeats this; it reads the
    sample's (L,) valid flags and (Q,) ranks a few times, next to the two loops over (L, d) keys
    below. The program then lists its block: the chosen rows in index order (under "random" only
    those of its plan head, so that each (row, head) pair the mix uses is computed exactly once
@@ -137,9 +138,10 @@ def _chosen_row_scores_kernel(
         t = tl.zeros((), tl.int32)
         ties = tl.zeros((), tl.int32)
         if ROWS_FROM_PLAN:
-            num_top, num_random, k_q = mask_counts(n, pool_row, NQ, ratio_bits, num_per_query,
-                                                   noise_bits, MASK_SELF, SWEEP)
-            t, ties = chosen_threshold(pool_row, rank_row, NQ, k_q, SWEEP, RADIX_BITS)
+            num_top, num_random, k_q = mask_counts(n, pool_row, valid_row, NQ, ratio_bits,
+                                                   num_per_query, noise_bits, MASK_SELF, SWEEP)
+            t, ties = chosen_threshold(pool_row, valid_row, rank_row, NQ, k_q, MASK_SELF, SWEEP,
+                                       RADIX_BITS)
             if writer:
                 meta = META + b * META_WIDTH_C
                 tl.store(meta + META_TOP_C, num_top)
@@ -157,15 +159,18 @@ def _chosen_row_scores_kernel(
         for start in range(0, NQ, LIST_BLOCK):
             candidates = start + offs_l
             if ROWS_FROM_PLAN:
-                member, ties_before = chosen_in_block(pool_row, rank_row, candidates, NQ, t,
-                                                      ties, ties_before)
+                member, ties_before = chosen_in_block(pool_row, valid_row, rank_row, candidates,
+                                                      NQ, t, ties, ties_before, MASK_SELF)
                 if writer:
                     tl.store(chosen_row + candidates, member.to(tl.uint8), mask=candidates < NQ)
             else:
                 member = tl.load(chosen_row + candidates, mask=candidates < NQ, other=0) != 0
             if GROUP_BY_HEAD:
-                member = member & (tl.load(head_row + candidates, mask=candidates < NQ,
-                                           other=-1) == h)
+                # The row's head is the plan's head mod H, floor modulo (torch.remainder's):
+                # Triton's % keeps the sign of a negative draw.
+                row_head = tl.load(head_row + candidates, mask=candidates < NQ, other=0) % H
+                row_head = tl.where(row_head < 0, row_head + H, row_head)
+                member = member & (row_head == h)
             count = member.to(tl.int32)
             slot = listed + tl.cumsum(count, axis=0) - count
             hit = member[:, None] & (slot[:, None] == slots[None, :])
@@ -269,7 +274,9 @@ def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
                       num_per_query: int, mask_self: bool, noise: float, head_mix: str,
                       scale: float, config: TileConfig | None = None) -> RowScores:
     """The mask's first launch: the counts and chosen rows of the plan, and the column partials
-    of the token scores. ``config`` replaces :func:`score_config`'s (tests)."""
+    of the token scores. ``query_pool`` is the backends' argument (intersected with ``valid``
+    in-kernel under ``mask_self``), ``plan.head`` any int32 (read mod H). ``config`` replaces
+    :func:`score_config`'s (tests)."""
     chosen = torch.empty(query_pool.shape, dtype=torch.bool, device=q.device)
     return _launch(
         q, k, valid, query_pool, plan.query_rank, plan.head, chosen,

@@ -30,6 +30,8 @@ The same search picks the chosen query rows inside the score kernel: :func:`mask
 computes a sample's counts of :func:`sma_kernels.plan.mask_counts` (in float64, rounding
 half-to-even, exactly as the plan does), :func:`chosen_threshold` and :func:`chosen_in_block`
 take the k_q pool rows with the smallest query rank (key = ~rank, ties to the lower index).
+Under ``mask_self`` the pool is the ``query_pool`` argument intersected with the valid tokens,
+taken as the row is read (no separate op builds it).
 
 Rows longer than BLOCK are swept block by block, so any L works (L = 36,864 is the pixel
 workload); each sweep re-reads the row from global memory (L2-resident at these sizes), and the
@@ -86,8 +88,10 @@ def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, offs, N, STAGE: tl.constexpr
     """Order-preserving int32 keys of one block of a row (the pointers are at the row's first
     entry), and which of its entries may be picked.
 
-    STAGE 0: query rows of the pool (VALID) by smallest rank; 1: top scores among the valid, not
-    forced tokens; 2: random picks among the valid tokens not taken yet, by smallest rank.
+    STAGE 0: query rows of the pool (VALID) by smallest rank, under HAS_FORCED (``mask_self``,
+    where the chosen rows become the forced tokens) only those whose token is valid (FORCED
+    points at the sample's valid row); 1: top scores among the valid, not forced tokens; 2:
+    random picks among the valid tokens not taken yet, by smallest rank.
     """
     in_row = offs < N
     eligible = tl.load(VALID + offs, mask=in_row, other=0) != 0
@@ -99,6 +103,8 @@ def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, offs, N, STAGE: tl.constexpr
     else:  # smallest rank = largest key: ~rank reverses the order of every int32
         if STAGE == 2:
             eligible = eligible & (tl.load(TAKEN + offs, mask=in_row, other=1) == 0)
+        elif HAS_FORCED:  # STAGE 0 under mask_self: the pool rows whose token is valid
+            eligible = eligible & (tl.load(FORCED + offs, mask=in_row, other=0) != 0)
         key = ~tl.load(RANK + offs, mask=in_row, other=0)
     return key, eligible
 
@@ -180,16 +186,20 @@ def token_range(VALID, NK, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def mask_counts(n, POOL, NQ, ratio_bits, num_per_query, noise_bits, MASK_SELF: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """One sample's counts of plan.mask_counts from its n valid tokens and its query pool row:
-    (num_top, num_random, k_q), int32. In float64 like the plan (the ratios arrive as their
-    float64 bit patterns: a Python float kernel argument would be rounded to fp32)."""
+def mask_counts(n, POOL, VALID, NQ, ratio_bits, num_per_query, noise_bits,
+                MASK_SELF: tl.constexpr, BLOCK: tl.constexpr):
+    """One sample's counts of plan.mask_counts from its n valid tokens and its query pool row
+    (under MASK_SELF only its entries whose VALID token is set): (num_top, num_random, k_q),
+    int32. In float64 like the plan (the ratios arrive as their float64 bit patterns: a Python
+    float kernel argument would be rounded to fp32)."""
     offs = tl.arange(0, BLOCK)
     pool = tl.zeros((), tl.int32)
     for start in range(0, NQ, BLOCK):
         rows = start + offs
-        pool += tl.sum((tl.load(POOL + rows, mask=rows < NQ, other=0) != 0).to(tl.int32), axis=0)
+        in_pool = tl.load(POOL + rows, mask=rows < NQ, other=0) != 0
+        if MASK_SELF:
+            in_pool = in_pool & (tl.load(VALID + rows, mask=rows < NQ, other=0) != 0)
+        pool += tl.sum(in_pool.to(tl.int32), axis=0)
     ratio = (ratio_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
     noise = (noise_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
     n_float = n.to(tl.float64)
@@ -206,22 +216,25 @@ def mask_counts(n, POOL, NQ, ratio_bits, num_per_query, noise_bits, MASK_SELF: t
 
 
 @triton.jit
-def chosen_threshold(POOL, RANK, NQ, k_q, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """plan.chosen_rows for one sample (the k_q pool rows with the smallest (query rank, index)),
-    as (t, ties) for :func:`chosen_in_block`: the rows with key ~rank > t, and the first ``ties``
-    by index of those with key == t."""
+def chosen_threshold(POOL, VALID, RANK, NQ, k_q, MASK_SELF: tl.constexpr, BLOCK: tl.constexpr,
+                     RADIX_BITS: tl.constexpr):
+    """plan.chosen_rows for one sample (the k_q pool rows with the smallest (query rank, index);
+    under MASK_SELF only pool rows whose VALID token is set), as (t, ties) for
+    :func:`chosen_in_block`: the rows with key ~rank > t, and the first ``ties`` by index of
+    those with key == t."""
     t = tl.full((), 2147483647, tl.int32)  # k_q = 0: nothing is above it, and no ties are taken
     if k_q > 0:
-        t = _kth_largest_key(POOL, POOL, POOL, POOL, RANK, NQ, k_q, 0, False, BLOCK, RADIX_BITS)
-    ties = k_q - _count_above(POOL, POOL, POOL, POOL, RANK, NQ, t, 0, False, BLOCK)
+        t = _kth_largest_key(POOL, POOL, VALID, POOL, RANK, NQ, k_q, 0, MASK_SELF, BLOCK,
+                             RADIX_BITS)
+    ties = k_q - _count_above(POOL, POOL, VALID, POOL, RANK, NQ, t, 0, MASK_SELF, BLOCK)
     return t, ties
 
 
 @triton.jit
-def chosen_in_block(POOL, RANK, rows, NQ, t, ties, ties_before):
+def chosen_in_block(POOL, VALID, RANK, rows, NQ, t, ties, ties_before, MASK_SELF: tl.constexpr):
     """Which of ``rows`` (a block of the sample's rows, swept in order) are chosen, by
     :func:`chosen_threshold`'s (t, ties); returns them and the new ``ties_before`` (start at 0)."""
-    key, eligible = _block_keys(POOL, POOL, POOL, POOL, RANK, rows, NQ, 0, False)
+    key, eligible = _block_keys(POOL, POOL, VALID, POOL, RANK, rows, NQ, 0, MASK_SELF)
     return _take_block(key, eligible, t, ties, ties_before)
 
 
