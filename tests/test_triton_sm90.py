@@ -8,7 +8,7 @@ specialization a GPU launch would use (integers equal to 1 become constants, mul
 aligned pointers are marked divisible by 16), and compiled by Triton's NVIDIA backend for sm_90
 in a separate process (tests/compile_sm90.py), once per GPU autotune config.
 
-No register spills in the attention kernels: every compilation of a 16-bit launch (the
+No register spills in the attention and mask kernels: every compilation of a 16-bit launch (the
 tensor-core path, which the workloads take) uses no local memory, the figure Triton reports on
 a GPU as ``n_spills``. The fp32 launches (exact fp32 dots, on the CUDA cores) are only
 compiled: at d = 128 their tiles do not fit in registers at any config.
@@ -55,7 +55,8 @@ PIPELINED = {"_attention_fwd_kernel": 2, "_attention_bwd_dq_kernel": 2,
              "_attention_bwd_dkdv_kernel": 2, "_chosen_row_scores_kernel": 2}
 # The kernels whose 16-bit launches must not spill registers, at any config.
 NO_SPILLS = {"_kept_keys_kernel", "_attention_bwd_prologue_kernel", "_attention_fwd_kernel",
-             "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"}
+             "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
+             "_chosen_row_scores_kernel", "_select_kernel"}
 # Options of a launch that are not kernel arguments; the ones the compiler takes are kept.
 COMPILE_OPTIONS = ("num_warps", "num_stages")
 
