@@ -1,5 +1,5 @@
-"""Limits a GPU enforces and the interpreter does not: CUDA's grid size per axis, and int32
-offset arithmetic. No GPU needed.
+"""Limits a GPU enforces and the interpreter does not: CUDA's grid size per axis, int32 offset
+arithmetic, and the register file at wide head dims. No GPU needed.
 
 The interpreter runs any grid, so a grid that CUDA refuses to launch (more than 65,535 programs
 along y or z) passes every interpreter test. Here each launcher's grid is computed for
@@ -160,3 +160,21 @@ def test_tile_offsets_are_64_bit(stride_row, stride_col):
             + torch.arange(num_cols, dtype=torch.int64)[None, :] * stride_col)
     assert want.max() >= 2**31  # the case int32 arithmetic would get wrong
     assert torch.equal(out.cpu(), want)
+
+
+def test_wide_head_dims_autotune_over_the_first_config_only(monkeypatch):
+    # Above WIDE_HEAD_BLOCK the larger tiles spill registers on sm_90 (test_triton_sm90.py
+    # compiles them), so the autotuner a GPU builds keeps the first, smallest one.
+    from sma_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    configs = attention_kernels._FWD_CONFIGS
+    tuner = _common.autotune(configs, None, key=attention_kernels._KEY,
+                             bounds=attention_kernels._BOUNDS)(attention_kernels._attention_fwd_kernel.fn)
+    prune = tuner.early_config_prune
+    sizes = {"NQ": 4096, "NK": 4096}
+    wide = 2 * _common.WIDE_HEAD_BLOCK
+    assert prune(configs, {}, **sizes, BLOCK_D=_common.WIDE_HEAD_BLOCK, BLOCK_DV=64) == configs
+    for blocks in ({"BLOCK_D": wide, "BLOCK_DV": 64}, {"BLOCK_D": 32, "BLOCK_DV": wide}):
+        assert prune(configs, {}, **sizes, **blocks) == configs[:1]

@@ -36,6 +36,11 @@ LOG2E = math.log2(math.e)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same number inside the kernels
 
 
+# The head-dim blocks of the attention kernels, and the widest at which every config is tried.
+HEAD_BLOCKS = ("BLOCK_D", "BLOCK_DV")
+WIDE_HEAD_BLOCK = 128
+
+
 def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str],
              bounds: dict[str, str]):
     """``triton.autotune`` on a GPU; under the interpreter (or ``SMA_KERNELS_AUTOTUNE=0``), one
@@ -44,6 +49,8 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
     ``bounds`` maps a block-size meta-parameter to the kernel argument that bounds it (say
     ``{"BLOCK_N": "NK"}``): configs whose block exceeds the next power of two of that size are
     dropped before timing, since they only add padding (and each config costs a compilation).
+    Head dims above :data:`WIDE_HEAD_BLOCK` keep the first config only: it has the smallest
+    tiles, and the larger ones spill registers there on sm_90 (``tests/test_triton_sm90.py``).
     """
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=[])
@@ -58,6 +65,8 @@ def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, 
         def fits(config):
             return all(config.kwargs[block] <= max(smallest[block], next_power_of_2(args[size]))
                        for block, size in bounds.items())
+        if any(args.get(block, 0) > WIDE_HEAD_BLOCK for block in HEAD_BLOCKS):
+            return [configs[0]]
         return [config for config in configs if fits(config)]
 
     def bench(fn, quantiles):
