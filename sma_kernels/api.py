@@ -101,6 +101,12 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       generator=generator, plan=plan, backend=backend)
     v = check_v(v, q, k)
     with autocast_off:
+        if ops.has_fused_attention(call.backend, q.dtype):  # mask and attention in one op
+            return ops.self_guided_attention(
+                q, k, v, call.valid, call.query_pool, call.plan, ratio=call.ratio,
+                num_per_query=call.num_per_query, head_mix=call.head_mix,
+                mask_self=call.mask_self, noise=call.noise, scale=call.scale,
+                backend=call.backend)
         mask = _mask(q, k, call)
         keep = call.valid ^ mask  # = valid & ~mask in one op: padding is never masked
         out = ops.masked_attention(q, k, v, keep, scale=call.scale, backend=call.backend)

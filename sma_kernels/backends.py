@@ -34,7 +34,16 @@ class Backend:
       mask_self, noise, scale) -> (B, L) bool``;
     * ``attention_forward(q, k, v, keep, *, scale) -> (out, lse)`` and
       ``attention_backward(grad_out, q, k, v, keep, out, lse, *, scale) -> (dq, dk, dv)``, which
-      the package registers as the ``sma_kernels::masked_attention`` op with its autograd.
+      the package registers as the ``sma_kernels::masked_attention`` op with its autograd;
+    * optionally, a fused pair for ``self_guided_attention``:
+      ``self_guided_attention_forward(q, k, v, valid, query_pool, plan, *, ratio, num_per_query,
+      head_mix, mask_self, noise, scale) -> (out, lse, mask, order, kept)``, the mask and the
+      attention over keep = valid & ~mask in one go, where ``order`` (B, L) int32 lists each
+      sample's kept keys ascending then the dropped ones and ``kept`` (B,) int32 counts the
+      kept ones; and ``ordered_attention_backward(grad_out, q, k, v, order, kept, out, lse, *,
+      scale) -> (dq, dk, dv)``, the attention's backward over that saved order. The package
+      registers them as the ``sma_kernels::self_guided_attention`` op; a backend without them
+      serves ``self_guided_attention`` as the mask followed by ``attention_forward``.
 
     Attributes:
         name: what ``backend=`` takes.
@@ -52,6 +61,8 @@ class Backend:
     self_guided_mask: Callable[..., torch.Tensor] | None
     attention_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     attention_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    self_guided_attention_forward: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    ordered_attention_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     fallback: str | None = None
     unavailable: Callable[[], str | None] = always_available
 

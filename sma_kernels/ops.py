@@ -1,12 +1,17 @@
 """The torch.library ops, and the eager path that skips their dispatch.
 
-Three custom ops carry the work, so that it runs under ``torch.compile`` and passes
+Custom ops carry the work, so that it runs under ``torch.compile`` and passes
 ``torch.library.opcheck``:
 
 * ``sma_kernels::self_guided_mask`` -> (B, L) bool. Not differentiable.
 * ``sma_kernels::masked_attention`` -> (out, lse), with autograd through q, k, v by
   ``sma_kernels::masked_attention_backward``, over each backend's declared
   ``attention_forward`` / ``attention_backward`` (see :mod:`sma_kernels.backends`).
+* ``sma_kernels::self_guided_attention`` -> (out, lse, mask, order, kept), for backends that
+  declare the fused pair ``self_guided_attention_forward`` / ``ordered_attention_backward``:
+  the mask and the attention in one op, whose saved kept-key ``order`` and ``kept`` count
+  spare the backward from rebuilding them (``sma_kernels::ordered_attention_backward``).
+  Autograd through q, k, v by way of ``out``; mask, order and kept are not differentiable.
 
 Each op is a plain function registered with ``torch.library.custom_op``. Plain eager calls run
 the plain functions (the attention through an ``autograd.Function`` with the op's autograd):
@@ -49,11 +54,40 @@ def _attention_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                                                                  scale=scale)
 
 
+def _fused_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                query_pool: torch.Tensor, query_rank: torch.Tensor, head: torch.Tensor,
+                token_rank: torch.Tensor, ratio: float, num_per_query: int, head_mix: str,
+                mask_self: bool, noise: float, scale: float, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    serving = backends.serving(backend, q.dtype)
+    if serving.self_guided_attention_forward is None:
+        raise ValueError(f"backend={serving.name!r} (serving {backend!r} for {q.dtype}) has no "
+                         "fused self_guided_attention; call the mask and masked_attention")
+    return serving.self_guided_attention_forward(
+        q, k, v, valid, query_pool, MaskPlan(query_rank, head, token_rank), ratio=ratio,
+        num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self, noise=noise,
+        scale=scale)
+
+
+def _ordered_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, order: torch.Tensor, kept: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.serving(backend, q.dtype).ordered_attention_backward(
+        grad_out, q, k, v, order, kept, out, lse, scale=scale)
+
+
 _mask_op = torch.library.custom_op("sma_kernels::self_guided_mask", _mask_impl, mutates_args=())
 _attention_op = torch.library.custom_op("sma_kernels::masked_attention", _attention_impl,
                                         mutates_args=())
 _attention_backward_op = torch.library.custom_op("sma_kernels::masked_attention_backward",
                                                  _attention_backward_impl, mutates_args=())
+
+
+_fused_op = torch.library.custom_op("sma_kernels::self_guided_attention", _fused_impl,
+                                    mutates_args=())
+_ordered_backward_op = torch.library.custom_op("sma_kernels::ordered_attention_backward",
+                                               _ordered_backward_impl, mutates_args=())
 
 
 @_mask_op.register_fake
@@ -63,7 +97,7 @@ def _(q, k, valid, query_pool, query_rank, head, token_rank, ratio, num_per_quer
 
 
 @_attention_op.register_fake
-def _(q, k, v, keep, scale, backend):
+def _attention_fake(q, k, v, keep, scale, backend):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
@@ -73,26 +107,60 @@ def _(grad_out, q, k, v, keep, out, lse, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, keep, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, keep, out, lse)
-    ctx.scale, ctx.backend = scale, backend
+@_fused_op.register_fake
+def _(q, k, v, valid, query_pool, query_rank, head, token_rank, ratio, num_per_query, head_mix,
+      mask_self, noise, scale, backend):
+    out, lse = _attention_fake(q, k, v, valid, scale, backend)
+    return (out, lse, valid.new_empty(valid.shape), valid.new_empty(valid.shape, dtype=torch.int32),
+            valid.new_empty(valid.shape[:1], dtype=torch.int32))
+
+
+@_ordered_backward_op.register_fake
+def _(grad_out, q, k, v, order, kept, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       keys: tuple[torch.Tensor, ...], out: torch.Tensor, lse: torch.Tensor,
+                       scale: float, backend: str, num_inputs: int) -> None:
+    """What an attention backward reads: the inputs, which keys were kept (``keep``, or the
+    fused op's ``order`` and ``kept``), the output and its lse."""
+    ctx.save_for_backward(q, k, v, *keys, out, lse)
+    ctx.scale, ctx.backend, ctx.num_inputs = scale, backend, num_inputs
     # lse is an output for the backward only; left unmaterialized, its gradient costs no launch.
     ctx.set_materialize_grads(False)
 
 
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, keep, scale, backend = inputs
+    out, lse = output
+    _save_for_backward(ctx, q, k, v, (keep,), out, lse, scale, backend, len(inputs))
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    q, k, v, *_, scale, backend = inputs
+    out, lse, _, order, kept = output
+    _save_for_backward(ctx, q, k, v, (order, kept), out, lse, scale, backend, len(inputs))
+
+
 def _attention_grads(ctx, grad_out: torch.Tensor, backward: Callable[..., tuple]) -> tuple:
-    q, k, v, keep, out, lse = ctx.saved_tensors
-    if grad_out is None:  # only lse was used, and lse carries no gradient
-        return None, None, None, None, None, None
-    d_q, d_k, d_v = backward(grad_out.contiguous(), q, k, v, keep, out, lse, ctx.scale, ctx.backend)
-    return d_q, d_k, d_v, None, None, None
+    """(dq, dk, dv) from ``backward(grad_out, q, k, v, *keys, out, lse, scale, backend)``, and
+    no gradient for the other inputs."""
+    q, k, v, *keys, out, lse = ctx.saved_tensors
+    others = (None,) * (ctx.num_inputs - 3)
+    if grad_out is None:  # only lse (or the mask) was used, and they carry no gradient
+        return (None, None, None, *others)
+    d_q, d_k, d_v = backward(grad_out.contiguous(), q, k, v, *keys, out, lse, ctx.scale,
+                             ctx.backend)
+    return (d_q, d_k, d_v, *others)
 
 
 _attention_op.register_autograd(
     lambda ctx, grad_out, grad_lse: _attention_grads(ctx, grad_out, _attention_backward_op),
     setup_context=_attention_setup_context)
+_fused_op.register_autograd(
+    lambda ctx, grad_out, *_: _attention_grads(ctx, grad_out, _ordered_backward_op),
+    setup_context=_fused_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -114,6 +182,23 @@ class _EagerAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
         return _attention_grads(ctx, grad_out, _attention_backward_impl)
+
+
+class _EagerSelfGuidedAttention(torch.autograd.Function):
+    """``sma_kernels::self_guided_attention`` with its registered autograd, minus the custom-op
+    dispatch (as :class:`_EagerAttention`); mask, order and kept are integer outputs, which
+    autograd leaves without gradient."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = _fused_impl(*inputs)
+        _fused_setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, *_):
+        return _attention_grads(ctx, grad_out, _ordered_backward_impl)
 
 
 def needs_registered_op(*tensors: torch.Tensor) -> bool:
@@ -145,3 +230,21 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     """The named backend's attention over the ``keep`` keys, differentiable in q, k and v."""
     out, _ = _op_or_impl(_attention_op, _EagerAttention.apply, q, k, v)(q, k, v, keep, scale, backend)
     return out
+
+
+def has_fused_attention(backend: str, dtype: torch.dtype) -> bool:
+    """Whether the backend that serves ``backend`` for ``dtype`` declares the fused
+    ``self_guided_attention`` pair (see :class:`sma_kernels.backends.Backend`)."""
+    return backends.serving(backend, dtype).self_guided_attention_forward is not None
+
+
+def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
+                          scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, mask) from the named backend's fused pair, through the op when it must be seen;
+    ``out`` is differentiable in q, k and v."""
+    out, _, mask, _, _ = _op_or_impl(_fused_op, _EagerSelfGuidedAttention.apply, q, k, v, valid)(
+        q, k, v, valid, query_pool, *plan, ratio, num_per_query, head_mix, mask_self, noise, scale,
+        backend)
+    return out, mask

@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import sma_kernels as sk
+from sma_kernels import ops
 
 B, H, Q, L, D = 2, 2, 3, 6, 4
 
@@ -220,7 +221,9 @@ def test_make_fx_and_fake_tensors_see_the_registered_ops(backend):
 
     graph = make_fx(layer)(q, k, v).graph
     names = {str(node.target) for node in graph.nodes if node.op == "call_function"}
-    assert "sma_kernels.self_guided_mask.default" in names
+    # A backend with the fused pair runs the mask and the attention as one op.
+    op = "self_guided_attention" if ops.has_fused_attention(backend, q.dtype) else "self_guided_mask"
+    assert f"sma_kernels.{op}.default" in names, names
     with FakeTensorMode() as mode:  # shapes only, from the ops' fake implementations
         out, mask = sk.self_guided_attention(*(mode.from_tensor(x) for x in (q, k, v)), ratio=0.3,
                                              num_per_query=1, backend=backend)
@@ -283,6 +286,28 @@ def test_eager_attention_equals_the_registered_op(backend):
     op_out, _ = torch.ops.sma_kernels.masked_attention(*op_leaves, valid & ~mask, D ** -0.5, backend)
     op_out.square().sum().backward()
     assert torch.equal(out, op_out)
+    for leaf, op_leaf in zip(leaves, op_leaves):
+        assert torch.equal(leaf.grad, op_leaf.grad)
+
+
+def fused_cpu_backends():
+    return [name for name in available_cpu_backends() if ops.has_fused_attention(name, torch.float32)]
+
+
+@pytest.mark.parametrize("backend", fused_cpu_backends())
+def test_eager_fused_attention_equals_the_registered_op(backend):
+    """The fused op's eager autograd.Function gives the op's outputs and gradients, bit for bit."""
+    q, k, v, valid, plan = eager_case()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, mask = sk.self_guided_attention(*leaves, valid, plan=plan, backend=backend, **EAGER_OPTIONS)
+    out.square().sum().backward()
+    op_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    op_out, _, op_mask, _, _ = torch.ops.sma_kernels.self_guided_attention(
+        *op_leaves, valid, torch.ones(B, Q, dtype=torch.bool), *plan, EAGER_OPTIONS["ratio"],
+        EAGER_OPTIONS["num_per_query"], EAGER_OPTIONS["head_mix"], False, EAGER_OPTIONS["noise"],
+        D ** -0.5, backend)
+    op_out.square().sum().backward()
+    assert torch.equal(mask, op_mask) and torch.equal(out, op_out)
     for leaf, op_leaf in zip(leaves, op_leaves):
         assert torch.equal(leaf.grad, op_leaf.grad)
 

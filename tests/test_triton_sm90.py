@@ -95,7 +95,8 @@ def _launch_spec(function, args: tuple, kwargs: dict) -> dict:
 
 
 def _record_launches(monkeypatch) -> list[dict]:
-    """Runs the backend's three ops at workload-like head dims; returns the distinct launches."""
+    """Runs the backend's functions (the mask, the attention, the fused pair) at workload-like
+    head dims; returns the distinct launches."""
     from triton.runtime.interpreter import InterpretedFunction
     launches: dict[str, dict] = {}
     run = InterpretedFunction.run
@@ -129,9 +130,15 @@ def _record_launches(monkeypatch) -> list[dict]:
         for head_mix, mask_self, noise in [("mean", False, 0.0), ("random", True, 0.5)]:
             if mask_self and not self_attention:
                 continue
-            triton_backend.self_guided_mask(
-                q, k, valid, pool, plan, ratio=0.3, num_per_query=2, head_mix=head_mix,
-                mask_self=mask_self, noise=noise, scale=0.1)
+            options = {"ratio": 0.3, "num_per_query": 2, "head_mix": head_mix,
+                       "mask_self": mask_self, "noise": noise, "scale": 0.1}
+            triton_backend.self_guided_mask(q, k, valid, pool, plan, **options)
+            # The fused path: the selection writes the kept-key order, the backward's prologue
+            # computes delta only.
+            out, lse, _, order, kept = triton_backend.self_guided_attention_forward(
+                q, k, v, valid, pool, plan, **options)
+            triton_backend.ordered_attention_backward(torch.ones_like(out), q, k, v, order, kept,
+                                                      out, lse, scale=0.1)
     return list(launches.values())
 
 

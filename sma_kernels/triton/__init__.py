@@ -1,12 +1,15 @@
 """Triton backend: fused mask scores, in-kernel selection and masked attention.
 
-The three functions have the signatures and contracts of their namesakes in
-:mod:`sma_kernels.reference`; ``BACKEND`` at the end declares them as the ``"triton"`` backend
-for fp16, bf16 and fp32 (float64, used by gradient checks, goes to the reference).
+The mask and attention functions have the signatures and contracts of their namesakes in
+:mod:`sma_kernels.reference`; ``self_guided_attention_forward`` and
+``ordered_attention_backward`` are the fused pair of :class:`sma_kernels.backends.Backend`
+(the mask, the kept-key order and the attention in three launches; a backward that reuses the
+order). ``BACKEND`` at the end declares them as the ``"triton"`` backend for fp16, bf16 and
+fp32 (float64, used by gradient checks, goes to the reference).
 Kernels live one family per file: ``mask_scores.py`` (the plan's chosen rows and the column
 partials of their token scores), ``select.py`` (the scores, then forced, top and random picks
-without a sort), ``attention.py`` (FlashAttention forward and backward with masked keys
-skipped). They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for
+without a sort, and the kept-key order of ``kept_keys.py``), ``attention.py`` (FlashAttention
+forward and backward with masked keys skipped). They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for
 tests).
 """
 
@@ -35,27 +38,54 @@ if UNAVAILABLE is None:
     from ._common import INTERPRET as INTERPRET
     from .attention import attention_backward as attention_backward
     from .attention import attention_forward as attention_forward
+    from .attention import ordered_attention_backward as ordered_attention_backward
+    from .attention import ordered_attention_forward
     from .mask_scores import chosen_row_scores
     from .select import select_from_partials
 
     def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
-                         scale: float) -> torch.Tensor:
-        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton."""
+                         scale: float,
+                         order_out: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        """(B, L) bool, True = masked: :func:`sma_kernels.reference.self_guided_mask` in Triton.
+        ``order_out`` receives the kept-key order and count of keep = valid & ~mask from the
+        same launches (see :func:`select_from_partials`)."""
         # Two launches: the plan's rows and the score partials, then the scores and the mask.
         rows = chosen_row_scores(q.detach(), k.detach(), valid, query_pool, plan, ratio=ratio,
                                  num_per_query=num_per_query, mask_self=mask_self, noise=noise,
                                  head_mix=head_mix, scale=scale)
         mask, _ = select_from_partials(rows.partials, rows.block_rows, rows.head_weight, valid,
                                        rows.chosen if mask_self else None, rows.meta,
-                                       plan.token_rank)
+                                       plan.token_rank, order_out=order_out)
         return mask
+
+    def self_guided_attention_forward(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+            query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float, num_per_query: int,
+            head_mix: str, mask_self: bool, noise: float, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, lse, mask, order, kept): the mask of :func:`self_guided_mask` and the attention
+        of :func:`attention_forward` with keep = valid & ~mask, in three launches; the selection
+        writes the kept-key order (kept_keys.py) with the mask, for the attention and for
+        :func:`ordered_attention_backward`."""
+        batch, num_k = valid.shape
+        order = torch.empty((batch, num_k), dtype=torch.int32, device=q.device)
+        kept = torch.empty((batch,), dtype=torch.int32, device=q.device)
+        mask = self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio,
+                                num_per_query=num_per_query, head_mix=head_mix,
+                                mask_self=mask_self, noise=noise, scale=scale,
+                                order_out=(order, kept))
+        out, lse = ordered_attention_forward(q, k, v, order, kept, scale=scale)
+        return out, lse, mask, order, kept
 
     BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                       auto_devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
                       self_guided_mask=self_guided_mask, attention_forward=attention_forward,
-                      attention_backward=attention_backward, fallback="reference")
+                      attention_backward=attention_backward,
+                      self_guided_attention_forward=self_guided_attention_forward,
+                      ordered_attention_backward=ordered_attention_backward, fallback="reference")
 else:
     BACKEND = Backend(name="triton", devices=("cuda",), auto_devices=("cuda",),
                       dtypes=(torch.float16, torch.bfloat16, torch.float32), self_guided_mask=None,

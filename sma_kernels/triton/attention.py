@@ -6,7 +6,9 @@ key indices ascending, then the dropped ones, and how many are kept. Masked keys
 so skipping whole key tiles would save almost nothing; walking ``order`` instead, a kernel
 gathers the K and V rows of kept keys only, BLOCK_N at a time (row addresses from the indices,
 in int64), and a masked or padded key costs nothing, not even a load. Only the tail of the last
-block (positions past ``kept``) is masked.
+block (positions past ``kept``) is masked. ``attention_forward(q, k, v, keep)`` builds the order
+in a launch of its own (``masked_attention``); :func:`ordered_attention_forward` takes a ready
+one, which ``self_guided_attention``'s fused forward gets from the selection kernel.
 
 Forward (one program per (sample, head, query tile)). For a tile of BLOCK_M query rows we stream
 the ceil(kept / BLOCK_N) blocks of kept keys and keep, per row, the running maximum m and the
@@ -23,10 +25,12 @@ the saved lse, and delta = rowsum(dO * O):
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
 Three launches, so that every output element has exactly one writer and no atomics are needed
 (deterministic bits):
-* a prologue: one program per sample rebuilds ``order`` and ``kept``, and the other programs
-  compute delta, one (sample, head, block of query rows) each. Both only read the inputs, so
-  one launch does both. (delta inside the dK/dV kernel would be recomputed by every key block,
-  reading O once per key block instead of once.)
+* a prologue: programs that compute delta, one (sample, head, block of query rows) each, and,
+  for ``masked_attention``'s backward, one program per sample that rebuilds ``order`` and
+  ``kept`` from ``keep``. Both only read the inputs, so one launch does both. (delta inside the
+  dK/dV kernel would be recomputed by every key block, reading O once per key block instead of
+  once.) ``self_guided_attention``'s fused op saves the order its forward used, and its
+  backward (:func:`ordered_attention_backward`) launches the delta programs only.
 * dK/dV: one program per (sample, head, block of BLOCK_N consecutive entries of ``order``)
   accumulates dK and dV of its kept keys over all query tiles and writes their rows; its
   dropped entries get exact zeros, so no separate zero fill is needed, and each key row has one
@@ -193,6 +197,23 @@ def _probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
 
 
 @triton.jit
+def _delta_block(DO, OUT, DELTA, b, tile, query_blocks,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_ob, stride_oh, stride_om, stride_od, H, NQ,
+                 DV: tl.constexpr, BLOCK_DV: tl.constexpr, DELTA_ROWS: tl.constexpr):
+    """delta = rowsum(dO * O) of sample b's ``tile``-th (head, block of DELTA_ROWS query rows)."""
+    h = (tile // query_blocks).to(tl.int64)
+    rows = (tile % query_blocks) * DELTA_ROWS + tl.arange(0, DELTA_ROWS)
+    row_ok = rows < NQ
+    offs_dv = tl.arange(0, BLOCK_DV)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, offs_dv,
+                   stride_dod, DV, True)
+    out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
+                    stride_od, DV, True)
+    tl.store(DELTA + (b * H + h) * NQ + rows, tl.sum(do * out, axis=1), mask=row_ok)
+
+
+@triton.jit
 def _attention_bwd_prologue_kernel(
     KEEP, ORDER, KEPT, DO, OUT, DELTA,
     stride_keep_b, stride_order_b,
@@ -200,25 +221,22 @@ def _attention_bwd_prologue_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     B, H, NQ, NK,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, DELTA_ROWS: tl.constexpr, CHUNK: tl.constexpr,
+    BUILD_ORDER: tl.constexpr,
 ):
-    # Per sample, tile 0 builds the kept-key order; tiles 1 .. H * ceil(NQ / DELTA_ROWS) each
-    # compute delta for a (head, block of query rows).
+    # Per sample, BUILD_ORDER (1 or 0) tiles build the kept-key order from KEEP, then
+    # H * ceil(NQ / DELTA_ROWS) tiles each compute delta for a (head, block of query rows).
+    # BUILD_ORDER is 0 when the fused forward saved the order: KEEP, ORDER and KEPT are unused.
     query_blocks = tl.cdiv(NQ, DELTA_ROWS)
-    b, tile = program_tile(1 + H * query_blocks)
+    b, tile = program_tile(BUILD_ORDER + H * query_blocks)
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
-        if tile == 0:
-            kept_key_order(KEEP + b * stride_keep_b, ORDER + b * stride_order_b, KEPT + b, NK,
-                           CHUNK)
+        if tile < BUILD_ORDER:
+            keep_row = KEEP + b * stride_keep_b
+            kept_key_order(keep_row, keep_row, ORDER + b * stride_order_b, KEPT + b, NK, CHUNK,
+                           False)
         else:
-            h = ((tile - 1) // query_blocks).to(tl.int64)
-            rows = ((tile - 1) % query_blocks) * DELTA_ROWS + tl.arange(0, DELTA_ROWS)
-            row_ok = rows < NQ
-            offs_dv = tl.arange(0, BLOCK_DV)
-            do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom,
-                           offs_dv, stride_dod, DV, True)
-            out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om,
-                            offs_dv, stride_od, DV, True)
-            tl.store(DELTA + (b * H + h) * NQ + rows, tl.sum(do * out, axis=1), mask=row_ok)
+            _delta_block(DO, OUT, DELTA, b, tile - BUILD_ORDER, query_blocks, stride_dob,
+                         stride_doh, stride_dom, stride_dod, stride_ob, stride_oh, stride_om,
+                         stride_od, H, NQ, DV, BLOCK_DV, DELTA_ROWS)
 
 
 @autotune(_DKDV_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
@@ -343,12 +361,21 @@ def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                       *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`sma_kernels.reference.attention_forward` (same contract)."""
+    """Triton version of :func:`sma_kernels.reference.attention_forward` (same contract): the
+    kept-key order of ``keep`` (one launch), then :func:`ordered_attention_forward`."""
+    order, kept = kept_keys(keep)
+    return ordered_attention_forward(q, k, v, order, kept, scale=scale)
+
+
+def ordered_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              order: torch.Tensor, kept: torch.Tensor, *, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of :func:`attention_forward` over a ready kept-key ``order`` (B, L) and count
+    ``kept`` (B,), int32 (kept_keys.py), in one launch."""
     batch, heads, num_q, _ = q.shape
     num_k, dim_v = k.shape[2], v.shape[3]
     out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
-    order, kept = kept_keys(keep)
     # One program per (sample, head, query tile).
     _attention_fwd_kernel[tiles_grid(batch * heads, num_q, "BLOCK_M")](
         Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, LSE=lse, stride_order_b=order.stride(0),
@@ -358,34 +385,56 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     return out, lse
 
 
-def _backward_prologue(keep: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch: the kept-key ``order`` and ``kept`` of kept_keys.py, and
-    delta = rowsum(dO * O) (B, H, Q) fp32."""
+def _backward_prologue(grad_out: torch.Tensor, out: torch.Tensor, order: torch.Tensor,
+                       kept: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """One launch: delta = rowsum(dO * O) (B, H, Q) fp32, returned, and when ``keep`` is given
+    the kept-key ``order`` and ``kept`` of kept_keys.py, written into those tensors."""
     batch, heads, num_q, dim_v = out.shape
-    num_k = keep.shape[1]
-    keep_u8 = keep.contiguous().view(torch.uint8)
-    order = torch.empty((batch, num_k), dtype=torch.int32, device=out.device)
-    kept = torch.empty((batch,), dtype=torch.int32, device=out.device)
+    num_k = order.shape[1]
+    # Without keep the order tiles are absent and KEEP is never read: any tensor does.
+    keep_u8 = order if keep is None else keep.contiguous().view(torch.uint8)
+    build_order = int(keep is not None)
     delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=out.device)
     block_dv = block_dim(dim_v)
     delta_rows = min(max(16, next_power_of_2(num_q)), _DELTA_ELEMENTS // block_dv)
-    _attention_bwd_prologue_kernel[tile_grid(batch, 1 + heads * cdiv(num_q, delta_rows))](
+    _attention_bwd_prologue_kernel[tile_grid(batch, build_order + heads * cdiv(num_q, delta_rows))](
         KEEP=keep_u8, ORDER=order, KEPT=kept, DO=grad_out, OUT=out, DELTA=delta,
         stride_keep_b=keep_u8.stride(0), stride_order_b=order.stride(0),
         **strides("do", grad_out, "bhmd"), **strides("o", out, "bhmd"),
         B=batch, H=heads, NQ=num_q, NK=num_k, DV=dim_v, BLOCK_DV=block_dv,
-        DELTA_ROWS=delta_rows, CHUNK=order_chunk(num_k))
-    return order, kept, delta
+        DELTA_ROWS=delta_rows, CHUNK=order_chunk(num_k), BUILD_ORDER=build_order)
+    return delta
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`sma_kernels.reference.attention_backward` (same contract)."""
+    """Triton version of :func:`sma_kernels.reference.attention_backward` (same contract): the
+    prologue rebuilds the kept-key order of ``keep`` beside delta."""
+    batch, num_k = keep.shape
+    order = torch.empty((batch, num_k), dtype=torch.int32, device=q.device)
+    kept = torch.empty((batch,), dtype=torch.int32, device=q.device)
+    delta = _backward_prologue(grad_out, out, order, kept, keep)
+    return _backward_gradients(grad_out, q, k, v, order, kept, lse, delta, scale)
+
+
+def ordered_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor, order: torch.Tensor, kept: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, *, scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`ordered_attention_forward`, over the same ``order`` and ``kept``:
+    its prologue computes delta only."""
+    delta = _backward_prologue(grad_out, out, order, kept, None)
+    return _backward_gradients(grad_out, q, k, v, order, kept, lse, delta, scale)
+
+
+def _backward_gradients(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, order: torch.Tensor, kept: torch.Tensor,
+                        lse: torch.Tensor, delta: torch.Tensor, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK and dV in two launches, from the prologue's delta."""
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
-    order, kept, delta = _backward_prologue(keep, grad_out, out)
     lse = lse.contiguous()
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)

@@ -15,6 +15,13 @@ sweep counts the kept keys, the second places each key, a kept one at the number
 before it (an exclusive prefix count, cumsum, carried across chunks), a dropped one after all
 kept keys at ``kept + (its index - kept keys before it)``. Memory: O(B * L); deterministic (no
 atomics).
+
+The sweep is the ``@triton.jit`` function :func:`kept_key_order`, which runs in three places:
+``_kept_keys_kernel`` here (one launch, for ``masked_attention``'s forward), the attention
+backward's prologue (which rebuilds the order from ``keep``), and the selection kernel
+(select.py), which writes the order of keep = valid & ~mask right after the mask in the fused
+forward of ``self_guided_attention``, so that neither ``keep`` nor the order costs a launch
+there, and the backward reuses the saved order.
 """
 
 from __future__ import annotations
@@ -27,20 +34,32 @@ from ._common import next_power_of_2
 
 
 @triton.jit
-def kept_key_order(keep_row, order_row, kept_out, NK, CHUNK: tl.constexpr):
+def _kept_in_chunk(keep_row, drop_row, cols, in_row, HAS_DROP: tl.constexpr):
+    """1 where the key is kept, 0 elsewhere (int32): ``keep_row`` set and, under HAS_DROP,
+    ``drop_row`` clear."""
+    kept = tl.load(keep_row + cols, mask=in_row, other=0) != 0
+    if HAS_DROP:
+        kept = kept & (tl.load(drop_row + cols, mask=in_row, other=1) == 0)
+    return kept.to(tl.int32)
+
+
+@triton.jit
+def kept_key_order(keep_row, drop_row, order_row, kept_out, NK, CHUNK: tl.constexpr,
+                   HAS_DROP: tl.constexpr):
     """Writes the stable partition of the keys of ``keep_row`` (kept first) to ``order_row`` and
-    the number of kept keys to ``kept_out``."""
+    the number of kept keys to ``kept_out``. Under HAS_DROP a key is kept where ``keep_row`` is
+    set and ``drop_row`` is not (the selection passes the valid row and the mask it just built,
+    so that keep = valid & ~mask costs no launch); without it ``drop_row`` is not read."""
     offs = tl.arange(0, CHUNK)
     num_kept = tl.zeros((), tl.int32)
     for start in range(0, NK, CHUNK):
         cols = start + offs
-        num_kept += tl.sum((tl.load(keep_row + cols, mask=cols < NK, other=0) != 0).to(tl.int32),
-                           axis=0)
+        num_kept += tl.sum(_kept_in_chunk(keep_row, drop_row, cols, cols < NK, HAS_DROP), axis=0)
     kept_before = tl.zeros((), tl.int32)
     for start in range(0, NK, CHUNK):
         cols = start + offs
         in_row = cols < NK
-        kept = (tl.load(keep_row + cols, mask=in_row, other=0) != 0).to(tl.int32)
+        kept = _kept_in_chunk(keep_row, drop_row, cols, in_row, HAS_DROP)
         rank = kept_before + tl.cumsum(kept, axis=0) - kept  # kept keys before each key
         tl.store(order_row + tl.where(kept != 0, rank, num_kept + cols - rank), cols,
                  mask=in_row)
@@ -59,7 +78,8 @@ def order_chunk(length: int) -> int:
 def _kept_keys_kernel(KEEP, ORDER, KEPT, NK, stride_keep_b, stride_order_b,
                       CHUNK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # one program per sample
-    kept_key_order(KEEP + b * stride_keep_b, ORDER + b * stride_order_b, KEPT + b, NK, CHUNK)
+    keep_row = KEEP + b * stride_keep_b
+    kept_key_order(keep_row, keep_row, ORDER + b * stride_order_b, KEPT + b, NK, CHUNK, False)
 
 
 def kept_keys(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,9 @@ mask in three steps, in the reference's order:
 3. Random picks (curriculum noise): the ``num_random`` free valid tokens with the smallest plan
    ``token_rank``: the same search on key = ~rank (which reverses the order of every int32),
    and the same tie rule (equal ranks go to the lower index).
+4. For ``self_guided_attention``'s fused forward only (``WRITE_ORDER``): the kept-key order of
+   keep = valid & ~mask for the attention kernels, the kept keys ascending then the dropped
+   ones, and the number kept (``kept_key_order`` of kept_keys.py, reading the mask just built).
 
 The same search picks the chosen query rows inside the score kernel: :func:`mask_counts`
 computes a sample's counts of :func:`sma_kernels.plan.mask_counts` (in float64, rounding
@@ -61,6 +64,7 @@ from ._common import (
     autotune,
     next_power_of_2,
 )
+from .kept_keys import kept_key_order, order_chunk
 
 
 class SelectConfig(NamedTuple):
@@ -240,10 +244,12 @@ def chosen_in_block(POOL, VALID, RANK, rows, NQ, t, ties, ties_before, MASK_SELF
 
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=["NK_BUCKET"])
-def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT, NUM_PARTIALS,
-                   head_weight, stride_rank, NK, NK_BUCKET, HAS_FORCED: tl.constexpr,
-                   RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The scores and the mask of sample program_id(0); NK_BUCKET is the autotuning key (see
+def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT, ORDER, KEPT,
+                   NUM_PARTIALS, head_weight, stride_rank, NK, NK_BUCKET,
+                   HAS_FORCED: tl.constexpr, WRITE_ORDER: tl.constexpr,
+                   ORDER_CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The scores and the mask of sample program_id(0), and under WRITE_ORDER the kept-key
+    order of keep = valid & ~mask (kept_keys.py); NK_BUCKET is the autotuning key (see
     _common.py)."""
     b = tl.program_id(0).to(tl.int64)
     base = b * NK
@@ -306,6 +312,10 @@ def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT,
             # sweep changed.
             tl.store(out_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=(cols < NK) & take)
 
+    if WRITE_ORDER:  # step 4 reads the finished mask
+        tl.debug_barrier()
+        kept_key_order(valid_row, out_row, ORDER + base, KEPT + b, NK, ORDER_CHUNK, True)
+
 
 def float_bits(x: float) -> int:
     """The float64 bit pattern of ``x`` as an int64 kernel argument (see :func:`mask_counts`)."""
@@ -320,7 +330,8 @@ def row_strided(x: torch.Tensor) -> torch.Tensor:
 
 def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_weight: float,
                          valid: torch.Tensor, forced: torch.Tensor | None, meta: torch.Tensor,
-                         token_rank: torch.Tensor, *, config: SelectConfig | None = None
+                         token_rank: torch.Tensor, *, config: SelectConfig | None = None,
+                         order_out: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, L) bool mask and the (B, L) fp32 scores it was chosen by, in one launch.
 
@@ -329,6 +340,9 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     the scores are ``head_weight`` times their sum in row order. ``forced`` (B, L) bool is
     always masked (None: nothing is), ``meta`` holds the counts (see ``_common.META_*``).
     ``config`` launches that config of the kernel instead of the autotuned one (tests).
+    ``order_out``, a contiguous (B, L) int32 tensor and a (B,) int32 one, receives the kept-key
+    order and count of keep = valid & ~mask (:func:`kept_keys.kept_keys`'s outputs) from the
+    same launch.
     """
     batch, num_partials, num_k = partials.shape
     out = torch.empty((batch, num_k), dtype=torch.bool, device=partials.device)
@@ -336,14 +350,17 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     valid_u8 = valid.contiguous().view(torch.uint8)
     forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
     token_rank = row_strided(token_rank)
+    # Without order_out the order pointers are never read (WRITE_ORDER is off): any tensor does.
+    order, kept = (scores, scores) if order_out is None else order_out
     kernel = _select_kernel if config is None else _select_kernel.fn
     options = {} if config is None else {"BLOCK": config.block, "num_warps": config.warps}
     kernel[(batch,)](  # one program per sample
         PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=valid_u8,
-        FORCED=forced_u8, RANK=token_rank, META=meta, OUT=out.view(torch.uint8),
-        NUM_PARTIALS=num_partials, head_weight=head_weight, stride_rank=token_rank.stride(0),
-        NK=num_k, NK_BUCKET=next_power_of_2(num_k), HAS_FORCED=forced is not None,
-        RADIX_BITS=4, **options)
+        FORCED=forced_u8, RANK=token_rank, META=meta, OUT=out.view(torch.uint8), ORDER=order,
+        KEPT=kept, NUM_PARTIALS=num_partials, head_weight=head_weight,
+        stride_rank=token_rank.stride(0), NK=num_k, NK_BUCKET=next_power_of_2(num_k),
+        HAS_FORCED=forced is not None, WRITE_ORDER=order_out is not None,
+        ORDER_CHUNK=order_chunk(num_k), RADIX_BITS=4, **options)
     return out, scores
 
 
