@@ -9,8 +9,8 @@ fp32 (float64, used by gradient checks, goes to the reference).
 Kernels live one family per file: ``mask_scores.py`` (the plan's chosen rows and the column
 partials of their token scores), ``select.py`` (the scores, then forced, top and random picks
 without a sort, and the kept-key order of ``kept_keys.py``), ``attention.py`` (FlashAttention
-forward and backward with masked keys skipped). They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for
-tests).
+forward and backward over the kept keys only). They run on CUDA tensors, or on CPU tensors under
+``TRITON_INTERPRET=1`` (slow; for tests).
 """
 
 from __future__ import annotations
