@@ -27,6 +27,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -51,7 +52,7 @@ def stubbed_launches() -> Iterator[list[str]]:
     """Replaces every Triton kernel of the backend by a stub; yields the list of launches."""
     from triton.runtime import KernelInterface
 
-    from sma_kernels.triton import attention, kept_keys, mask_scores, select
+    from sma_kernels.triton import KERNEL_MODULES
 
     launched: list[str] = []
 
@@ -63,7 +64,7 @@ def stubbed_launches() -> Iterator[list[str]]:
             return lambda *args, **kwargs: launched.append(self.name)
 
     with contextlib.ExitStack() as stack:
-        for module in (select, mask_scores, kept_keys, attention):
+        for module in (importlib.import_module(f"sma_kernels.triton.{name}") for name in KERNEL_MODULES):
             for name, value in vars(module).items():
                 if isinstance(value, KernelInterface):
                     stack.enter_context(mock.patch.object(module, name, Stub(name)))

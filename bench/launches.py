@@ -45,6 +45,7 @@ if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ and not torch
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -271,9 +272,8 @@ def compiled_kernels() -> list[dict[str, Any]]:
     from sma_kernels import triton as triton_backend
 
     found = []
-    modules = [getattr(triton_backend, name) for name in ("select", "mask_scores", "kept_keys", "attention")
-               if hasattr(triton_backend, name)]
-    for module in modules:
+    for module in (importlib.import_module(f"sma_kernels.triton.{name}")
+                   for name in triton_backend.KERNEL_MODULES):
         for value in vars(module).values():
             while value is not None and not isinstance(value, JITFunction):
                 value = getattr(value, "fn", None)  # behind triton.autotune / triton.heuristics

@@ -19,6 +19,10 @@ import torch
 
 from ..backends import Backend
 
+# The modules that define the backend's kernels, for the tools that stub or inspect every kernel
+# (bench/host_overhead.py, bench/launches.py).
+KERNEL_MODULES = ("mask_scores", "select", "kept_keys", "attention")
+
 
 def _unavailable() -> str | None:
     try:
