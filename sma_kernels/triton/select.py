@@ -29,6 +29,9 @@ mask in three steps, in the reference's order:
    keep = valid & ~mask for the attention kernels, the kept keys ascending then the dropped
    ones, and the number kept (``kept_key_order`` of kept_keys.py, reading the mask just built).
 
+Steps 1-4 are the ``@triton.jit`` function :func:`select_row`, which the short-sequence kernel
+(short_sequence.py) runs too, on the scores it computed itself.
+
 The same search picks the chosen query rows inside the score kernel: :func:`mask_counts`
 computes a sample's counts of :func:`sma_kernels.plan.mask_counts` (in float64, rounding
 half-to-even, exactly as the plan does), :func:`chosen_threshold` and :func:`chosen_in_block`
@@ -242,6 +245,56 @@ def chosen_in_block(POOL, VALID, RANK, rows, NQ, t, ties, ties_before, MASK_SELF
     return _take_block(key, eligible, t, ties, ties_before)
 
 
+@triton.jit
+def select_row(scores_row, valid_row, forced_row, rank_row, out_row, order_row, kept_out, NK,
+               num_top, num_random, HAS_FORCED: tl.constexpr, WRITE_ORDER: tl.constexpr,
+               ORDER_CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Steps 1-4 of the module docstring for one sample whose scores are in ``scores_row``: the
+    mask into ``out_row`` and, under WRITE_ORDER, the kept-key order and count. The caller puts
+    a barrier between writing the scores (and ``forced_row``) and this call."""
+    offs = tl.arange(0, BLOCK)
+    # Steps 1-2: forced tokens and the top scores.
+    t = tl.full((), 2147483647, tl.int32)  # with num_top = 0 nothing is taken (ties = 0)
+    if num_top > 0:
+        t = _kth_largest_key(scores_row, valid_row, forced_row, out_row, rank_row, NK, num_top,
+                             1, HAS_FORCED, BLOCK, RADIX_BITS)
+    # How many of the keys equal to t are taken, lowest index first.
+    ties = num_top - _count_above(scores_row, valid_row, forced_row, out_row, rank_row, NK, t, 1,
+                                  HAS_FORCED, BLOCK)
+    ties_before = tl.zeros((), tl.int32)
+    for start in range(0, NK, BLOCK):
+        cols = start + offs
+        key, eligible = _block_keys(scores_row, valid_row, forced_row, out_row, rank_row, cols,
+                                    NK, 1, HAS_FORCED)
+        take, ties_before = _take_block(key, eligible, t, ties, ties_before)
+        if HAS_FORCED:
+            take = take | (tl.load(forced_row + cols, mask=cols < NK, other=0) != 0)
+        tl.store(out_row + cols, take.to(tl.uint8), mask=cols < NK)
+
+    # Step 3 reads what every thread of this program wrote above.
+    tl.debug_barrier()
+    if num_random > 0:
+        t_rand = _kth_largest_key(scores_row, valid_row, forced_row, out_row, rank_row, NK,
+                                  num_random, 2, HAS_FORCED, BLOCK, RADIX_BITS)
+        ties = num_random - _count_above(scores_row, valid_row, forced_row, out_row, rank_row, NK,
+                                         t_rand, 2, HAS_FORCED, BLOCK)
+        # The count above reads OUT as it is before this sweep writes it.
+        tl.debug_barrier()
+        ties_before = tl.zeros((), tl.int32)
+        for start in range(0, NK, BLOCK):
+            cols = start + offs
+            key, eligible = _block_keys(scores_row, valid_row, forced_row, out_row, rank_row,
+                                        cols, NK, 2, HAS_FORCED)
+            take, ties_before = _take_block(key, eligible, t_rand, ties, ties_before)
+            # Only free tokens are written, so no block reads a value another block of this
+            # sweep changed.
+            tl.store(out_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=(cols < NK) & take)
+
+    if WRITE_ORDER:  # step 4 reads the finished mask
+        tl.debug_barrier()
+        kept_key_order(valid_row, out_row, order_row, kept_out, NK, ORDER_CHUNK, True)
+
+
 @autotune(_CONFIGS, _INTERPRET_CONFIG, key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=["NK_BUCKET"])
 def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT, ORDER, KEPT,
@@ -272,49 +325,10 @@ def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT,
         tl.store(scores_row + cols, tl.where(valid, acc * head_weight, float("-inf")),
                  mask=cols < NK)
     tl.debug_barrier()  # the sweeps below read every token's score
-
-    # Steps 1-2: forced tokens and the top scores.
-    num_top = tl.load(META + b * META_WIDTH_C + META_TOP_C)
-    t = tl.full((), 2147483647, tl.int32)  # with num_top = 0 nothing is taken (ties = 0)
-    if num_top > 0:
-        t = _kth_largest_key(scores_row, valid_row, forced_row, out_row, rank_row, NK, num_top,
-                             1, HAS_FORCED, BLOCK, RADIX_BITS)
-    # How many of the keys equal to t are taken, lowest index first.
-    ties = num_top - _count_above(scores_row, valid_row, forced_row, out_row, rank_row, NK, t, 1,
-                                  HAS_FORCED, BLOCK)
-    ties_before = tl.zeros((), tl.int32)
-    for start in range(0, NK, BLOCK):
-        cols = start + offs
-        key, eligible = _block_keys(scores_row, valid_row, forced_row, out_row, rank_row, cols,
-                                    NK, 1, HAS_FORCED)
-        take, ties_before = _take_block(key, eligible, t, ties, ties_before)
-        if HAS_FORCED:
-            take = take | (tl.load(forced_row + cols, mask=cols < NK, other=0) != 0)
-        tl.store(out_row + cols, take.to(tl.uint8), mask=cols < NK)
-
-    # Step 3 reads what every thread of this program wrote above.
-    tl.debug_barrier()
-    num_random = tl.load(META + b * META_WIDTH_C + META_RANDOM_C)
-    if num_random > 0:
-        t_rand = _kth_largest_key(scores_row, valid_row, forced_row, out_row, rank_row, NK,
-                                  num_random, 2, HAS_FORCED, BLOCK, RADIX_BITS)
-        ties = num_random - _count_above(scores_row, valid_row, forced_row, out_row, rank_row, NK,
-                                         t_rand, 2, HAS_FORCED, BLOCK)
-        # The count above reads OUT as it is before this sweep writes it.
-        tl.debug_barrier()
-        ties_before = tl.zeros((), tl.int32)
-        for start in range(0, NK, BLOCK):
-            cols = start + offs
-            key, eligible = _block_keys(scores_row, valid_row, forced_row, out_row, rank_row,
-                                        cols, NK, 2, HAS_FORCED)
-            take, ties_before = _take_block(key, eligible, t_rand, ties, ties_before)
-            # Only free tokens are written, so no block reads a value another block of this
-            # sweep changed.
-            tl.store(out_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=(cols < NK) & take)
-
-    if WRITE_ORDER:  # step 4 reads the finished mask
-        tl.debug_barrier()
-        kept_key_order(valid_row, out_row, ORDER + base, KEPT + b, NK, ORDER_CHUNK, True)
+    select_row(scores_row, valid_row, forced_row, rank_row, out_row, ORDER + base, KEPT + b, NK,
+               tl.load(META + b * META_WIDTH_C + META_TOP_C),
+               tl.load(META + b * META_WIDTH_C + META_RANDOM_C), HAS_FORCED, WRITE_ORDER,
+               ORDER_CHUNK, RADIX_BITS, BLOCK)
 
 
 def float_bits(x: float) -> int:
