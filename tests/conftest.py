@@ -10,7 +10,9 @@ reproduces; locally it keeps exploring new ones.
 
 import os
 
+import pytest
 import torch
+from helpers import TRITON_PATHS, use_triton_path
 from hypothesis import settings
 
 if not torch.cuda.is_available():
@@ -19,3 +21,10 @@ if not torch.cuda.is_available():
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(params=TRITON_PATHS)
+def triton_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per path of the Triton backend (tests/helpers.py); the path's name."""
+    use_triton_path(monkeypatch, request.param)
+    return request.param

@@ -21,3 +21,17 @@ def import_triton_backend():
     if backend.UNAVAILABLE is not None:
         pytest.skip(f"Triton backend unavailable: {backend.UNAVAILABLE}", allow_module_level=True)
     return backend
+
+
+# The Triton backend's two paths for the mask and the fused forward: "short" (one program per
+# sample, short_sequence.py) for sequences of at most SHORT_LENGTH, "general" (score kernel,
+# selection, attention) otherwise. Tests of either at tiny shapes force the general one.
+TRITON_PATHS = ("short", "general")
+
+
+def use_triton_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Make the Triton backend take ``path`` (see TRITON_PATHS) at the shapes of a test."""
+    from sma_kernels.triton import short_sequence
+    if path == "general":
+        monkeypatch.setattr(short_sequence, "SHORT_LENGTH", 0)
+

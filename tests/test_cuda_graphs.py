@@ -7,6 +7,9 @@ the host (tests/test_no_host_sync.py checks that on any machine); these run on a
   same one an eager call makes from the generator's state before that replay.
 * ``torch.compile(mode="reduce-overhead")`` matches eager with a plan passed in, and with
   ``plan=None`` draws a new, well-formed mask per call.
+
+Each runs at L = 256 (the general path: score kernel, selection, attention) and at L = 28 (the
+short-sequence kernel).
 """
 
 from __future__ import annotations
@@ -19,24 +22,30 @@ import sma_kernels as sk
 
 pytestmark = needs_gpu
 
-B, H, L, D = 2, 4, 256, 32
+B, H, D = 2, 4, 32
 OPTIONS = {"ratio": 0.3, "num_per_query": 3, "head_mix": "random", "mask_self": True, "noise": 0.25,
            "backend": "triton"}
-MASKED_PER_SAMPLE = 77  # round(0.3 * 256)
+# The sequence length of each path, and the tokens masked per sample there (round(0.3 L)).
+MASKED_PER_SAMPLE = {256: 77, 28: 8}
 
 
-def inputs() -> tuple[torch.Tensor, ...]:
+@pytest.fixture(params=sorted(MASKED_PER_SAMPLE), ids=lambda length: f"L{length}")
+def length(request: pytest.FixtureRequest) -> int:
+    return request.param
+
+
+def inputs(length: int) -> tuple[torch.Tensor, ...]:
     """bf16 q, k, v (leaves), all-real valid, and a gradient for the output."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(B, H, length, D, generator=gen, device="cuda", dtype=torch.bfloat16)
                .requires_grad_() for _ in range(3))
-    valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
-    grad_out = torch.randn(B, H, L, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    valid = torch.ones(B, length, dtype=torch.bool, device="cuda")
+    grad_out = torch.randn(B, H, length, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     return q, k, v, valid, grad_out
 
 
-def test_graph_replays_draw_new_masks_equal_to_eager_calls():
-    q, k, v, valid, grad_out = inputs()
+def test_graph_replays_draw_new_masks_equal_to_eager_calls(length):
+    q, k, v, valid, grad_out = inputs(length)
     generator = torch.Generator(device="cuda").manual_seed(1)
 
     def step(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -65,14 +74,14 @@ def test_graph_replays_draw_new_masks_equal_to_eager_calls():
         assert torch.equal(replayed[0], eager[0]), "the replayed mask is not the eager call's"
         for got, want in zip(replayed[1:], eager[1:]):
             torch.testing.assert_close(got, want)
-        assert (replayed[0].sum(dim=1) == MASKED_PER_SAMPLE).all()
+        assert (replayed[0].sum(dim=1) == MASKED_PER_SAMPLE[length]).all()
         masks.append(replayed[0])
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]), \
         "replays drew the same mask: the generator did not advance"
 
 
-def test_compile_reduce_overhead_matches_eager():
-    q, k, v, valid, grad_out = inputs()
+def test_compile_reduce_overhead_matches_eager(length):
+    q, k, v, valid, grad_out = inputs(length)
     plan = sk.make_plan_for(q, k, generator=torch.Generator(device="cuda").manual_seed(2))
 
     def step(q, k, v, plan):
@@ -92,8 +101,8 @@ def test_compile_reduce_overhead_matches_eager():
             torch.testing.assert_close(got, want)
 
 
-def test_compile_reduce_overhead_without_a_plan_draws_a_new_mask_per_call():
-    q, k, v, valid, grad_out = inputs()
+def test_compile_reduce_overhead_without_a_plan_draws_a_new_mask_per_call(length):
+    q, k, v, valid, grad_out = inputs(length)
 
     def step(q, k, v):
         return sk.self_guided_attention(q, k, v, valid, **OPTIONS)
@@ -105,16 +114,16 @@ def test_compile_reduce_overhead_without_a_plan_draws_a_new_mask_per_call():
         torch.compiler.cudagraph_mark_step_begin()
         out, mask = compiled(q, k, v)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        assert (mask.sum(dim=1) == MASKED_PER_SAMPLE).all()
+        assert (mask.sum(dim=1) == MASKED_PER_SAMPLE[length]).all()
         assert all(torch.isfinite(g).all() for g in grads)
         masks.append(mask.clone())
     assert not torch.equal(masks[-2], masks[-1]), "two replays drew the same mask"
 
 
 @pytest.mark.parametrize("how", ["moved", "sliced"])
-def test_graph_capture_with_a_moved_or_sliced_plan(how):
-    q, k, v, valid, grad_out = inputs()
-    cpu_plan = sk.make_plan(2 * B, L, L, H, generator=torch.Generator().manual_seed(3))
+def test_graph_capture_with_a_moved_or_sliced_plan(how, length):
+    q, k, v, valid, grad_out = inputs(length)
+    cpu_plan = sk.make_plan(2 * B, length, length, H, generator=torch.Generator().manual_seed(3))
     plan = sk.MaskPlan(*(field[::2] for field in cpu_plan)).to("cuda") if how == "moved" else \
         sk.MaskPlan(*(field.cuda()[::2] for field in cpu_plan))
 

@@ -6,7 +6,8 @@ around them (the plan's random draw included). The budgets are today's counts, s
 that adds a launch fails here; they come down as the kernels are fused. The target of the GPU
 path: a forward as users call it (``plan=None`` or a generator) at most 4 launches (met: the
 draw, the score kernel, the selection with the kept-key order, the attention), at most 2 when
-L <= 128, and a backward at most 3 (met). A user's plan adds its on-device head check (four ops).
+L <= 128 (met: the draw and the short-sequence kernel), and a backward at most 3 (met; 1 for
+short sequences). A user's plan adds its on-device head check (four ops).
 """
 
 from __future__ import annotations
@@ -15,36 +16,42 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import DEVICE, import_triton_backend
+from helpers import DEVICE, import_triton_backend, use_triton_path
 
 from bench import cases as bench_cases
 from bench.launches import calls, count_launches
 
-# Per call of bench.launches.CALLS and tiny workload (bench.cases.tiny_cases): the most launches
-# allowed. molecules is self-attention at L = 40 (head_mix "random", mask_self), pixels
-# cross-attention at L = 300 (head_mix "mean").
+# Per call of bench.launches.CALLS and Triton path: the most launches allowed.
 LAUNCH_BUDGETS = {
-    "forward (plan=None)": {"molecules": 4, "pixels": 4},
-    "forward (generator)": {"molecules": 4, "pixels": 4},
-    "forward (plan)": {"molecules": 7, "pixels": 7},
-    "backward": {"molecules": 3, "pixels": 3},
+    "forward (plan=None)": {"short": 2, "general": 4},
+    "forward (generator)": {"short": 2, "general": 4},
+    "forward (plan)": {"short": 5, "general": 7},
+    "backward": {"short": 1, "general": 3},
 }
 
 import_triton_backend()
 CASES = {case.name: case for case in bench_cases.tiny_cases()}
 
 
-@pytest.mark.parametrize("workload", ["molecules", "pixels"])
-def test_triton_calls_stay_within_their_launch_budget(workload):
+# Tiny workloads (bench.cases.tiny_cases) and the path each takes: HIGGS is self-attention at
+# L = 28 (head_mix "random", mask_self), molecules at L = 40, forced onto the general path as
+# well, pixels cross-attention at L = 300 (head_mix "mean").
+@pytest.mark.parametrize(("workload", "path"), [("higgs", "short"), ("molecules", "short"),
+                                                ("molecules", "general"), ("pixels", "general")])
+def test_triton_calls_stay_within_their_launch_budget(workload, path, monkeypatch):
+    use_triton_path(monkeypatch, path)
     runs = calls(CASES[workload], "triton", torch.device(DEVICE))
     for call, budgets in LAUNCH_BUDGETS.items():
         runs[call]()  # warm-up: compilation and autotuning launch too
         launches = runs[call]()
-        assert len(launches) <= budgets[workload], (
-            f"{call} at {workload}: {len(launches)} launches, budget {budgets[workload]}: "
-            f"{launches.summary()}")
+        assert len(launches) <= budgets[path], (
+            f"{call} at {workload} ({path} path): {len(launches)} launches, budget "
+            f"{budgets[path]}: {launches.summary()}")
         triton_kernels = [name for name in launches.names if name.startswith("triton:")]
         assert triton_kernels, f"{call} at {workload} launched no Triton kernel: {launches.summary()}"
+        if path == "short":
+            kernel = "_short_sequence_bwd_kernel" if call == "backward" else "_short_sequence_kernel"
+            assert triton_kernels == [f"triton:{kernel}"], launches.summary()
 
 
 @triton.jit

@@ -5,14 +5,15 @@ makes the host wait for the device on every call, and breaks CUDA-graph capture.
 ``bench.launches.count_launches``, whose dispatch mode lists every op that syncs (aten ops inside
 an interpreted Triton kernel run are the interpreter's own and are left out). Each call is
 checked with no plan, with a generator, with a user's plan, with a plan moved by
-``MaskPlan.to()`` and with a sliced (strided) plan.
+``MaskPlan.to()`` and with a sliced (strided) plan, and on both paths of the Triton backend
+(short-sequence and general).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, use_triton_path
 
 import sma_kernels as sk
 from bench.launches import available_backends, count_launches
@@ -22,6 +23,9 @@ B, H, L, D = 2, 2, 16, 8
 OPTIONS = {"ratio": 0.5, "num_per_query": 2, "head_mix": "random", "mask_self": True, "noise": 0.5}
 BACKENDS = available_backends(torch.device(DEVICE))
 PLANS = ("none", "generator", "user", "moved", "sliced")
+# Each backend on its path at these shapes, and the Triton backend's general path too.
+ROUTES = [(backend, "short") for backend in BACKENDS] + (
+    [("triton", "general")] if "triton" in BACKENDS else [])
 
 
 def plan_arguments(how: str) -> dict[str, object]:
@@ -41,8 +45,10 @@ def plan_arguments(how: str) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("how", PLANS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_calls_make_no_host_sync(backend, how):
+@pytest.mark.parametrize(("backend", "path"), ROUTES)
+def test_calls_make_no_host_sync(backend, path, how, monkeypatch):
+    if backend == "triton":
+        use_triton_path(monkeypatch, path)
     gen = torch.Generator(device="cpu").manual_seed(1)
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
     valid = torch.ones(B, L, dtype=torch.bool, device=DEVICE)

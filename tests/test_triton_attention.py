@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu
+from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu, use_triton_path
 
 import sma_kernels as sk
 from sma_kernels import reference
@@ -163,9 +163,11 @@ AUTOTUNED = [(select_kernels, "_select_kernel", "_CONFIGS"),
 @pytest.mark.skipif(CUDA, reason="builds GPU-mode autotuners over interpreted kernels: CPU only")
 def test_autotuning_once_per_size_bucket(monkeypatch):
     """A new length in the same power-of-two bucket reuses the tuned configs (a model whose
-    batches are padded to their longest sequence changes L at every step)."""
+    batches are padded to their longest sequence changes L at every step). On the general path:
+    the short-sequence kernel is not autotuned."""
     from sma_kernels.triton import _common
 
+    use_triton_path(monkeypatch, "general")
     def run_once(fn, warmup, rep, quantiles):  # stands in for GPU timing: run the config once
         fn()
         return [1.0, 1.0, 1.0]
@@ -202,7 +204,7 @@ def test_attention_strided_inputs():
     torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-6)
 
 
-def test_self_guided_attention_matches_reference():
+def test_self_guided_attention_matches_reference(triton_path):
     g = torch.Generator().manual_seed(8)
     batch, heads, length, dim = 4, 2, 28, 16
     q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(DEVICE).requires_grad_()
@@ -313,7 +315,7 @@ def test_attention_ignores_dropped_keys(dtype):
 
 
 @NO_ARITHMETIC_ON_DROPPED
-def test_self_guided_attention_ignores_padded_and_masked_values():
+def test_self_guided_attention_ignores_padded_and_masked_values(triton_path):
     # Through the public op: k and v of the padded tokens, and v of the masked ones, hold NaN and
     # infinities (the masked tokens' k decides the mask, so it stays finite). The mask, output
     # and gradients are those of the clean inputs.

@@ -9,7 +9,9 @@ What may change bits and what may not (sma_kernels/triton/mask_scores.py and sel
   float near-ties, and exact ties must go to the lower index under each.
 * The selection kernel adds the partials of each token in row order whatever its BLOCK, and the
   rest is integer work, so its configs (autotuned) must give the same score and mask bits.
-* Two fresh processes must give the same bits (on a GPU each autotunes the selection anew).
+* Two fresh processes must give the same bits (on a GPU each autotunes the selection anew),
+  on the general path and on the short-sequence kernel (short_sequence.py, whose config is a
+  fixed function of the shape; tests/test_triton_short_sequence.py checks its ties).
 
 Inputs plant ties: q and k hold multiples of 1/2, so every logit is exact in fp32 and tokens
 with equal keys have bit-equal scores (exact ties), and other tokens repeat a key up to a few
@@ -66,12 +68,13 @@ def planted_ties(batch, heads, num_q, length, dim, seed):
 # (head_mix, mask_self, noise); mask_self makes it self-attention (Q = L).
 SETUPS = {"cross-mean": ("mean", False, 0.0), "self-random-noise": ("random", True, 0.3)}
 BATCH, HEADS, LENGTH, DIM, RATIO, NPQ = 3, 2, 600, 16, 0.3, 2
+SHORT = 96  # a length of the short-sequence path
 
 
-def setup_inputs(setup):
+def setup_inputs(setup, length=LENGTH):
     head_mix, mask_self, noise = SETUPS[setup]
-    num_q = LENGTH if mask_self else 40
-    q, k, valid, plan = planted_ties(BATCH, HEADS, num_q, LENGTH, DIM, seed=len(setup))
+    num_q = length if mask_self else 40
+    q, k, valid, plan = planted_ties(BATCH, HEADS, num_q, length, DIM, seed=len(setup))
     pool = default_query_pool(valid, num_q, valid if mask_self else None, mask_self)
     kwargs = {"ratio": RATIO, "num_per_query": NPQ, "mask_self": mask_self, "noise": noise,
               "head_mix": head_mix, "scale": SCALE}
@@ -149,11 +152,15 @@ _FRESH_PROCESS = textwrap.dedent("""
     import hashlib, sys
     sys.path[:0] = {paths!r}
     import torch
-    from test_triton_determinism import SETUPS, setup_inputs, triton_mask
+    from sma_kernels.triton.short_sequence import short_sequence_attention
+    from test_triton_determinism import SETUPS, SHORT, setup_inputs, triton_mask
     for setup in SETUPS:
-        mask, scores = triton_mask(*setup_inputs(setup))
-        digest = hashlib.sha256(mask.cpu().numpy().tobytes() + scores.cpu().numpy().tobytes())
-        print(setup, digest.hexdigest())
+        results = {{"general": triton_mask(*setup_inputs(setup))}}
+        q, k, valid, pool, plan, kwargs = setup_inputs(setup, SHORT)
+        results["short"] = short_sequence_attention(q, k, None, valid, pool, plan, **kwargs)[:2]
+        for path, (mask, scores) in results.items():
+            digest = hashlib.sha256(mask.cpu().numpy().tobytes() + scores.cpu().numpy().tobytes())
+            print(setup, path, digest.hexdigest())
 """)
 
 
@@ -167,7 +174,7 @@ def test_fresh_processes_give_the_same_bits():
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(done.stdout)
     assert outputs[0] == outputs[1]
-    assert len(outputs[0].splitlines()) == len(SETUPS)
+    assert len(outputs[0].splitlines()) == 2 * len(SETUPS)
 
 
 class RecordedLaunch:

@@ -51,7 +51,7 @@ MASK_CASES = {
 
 
 @pytest.mark.parametrize("case", MASK_CASES.values(), ids=MASK_CASES.keys())
-def test_mask_matches_reference(case):
+def test_mask_matches_reference(case, triton_path):
     batch, heads, num_q, length, dim, dtype, head_mix, mask_self, self_pool, noise, ratio, npq = case
     q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=length + num_q)
     query_valid = valid if self_pool else None
@@ -71,7 +71,7 @@ def test_mask_matches_reference(case):
         assert (got | ~chosen).all(), "a chosen query token is not masked"
 
 
-def test_ties_go_to_the_lower_index():
+def test_ties_go_to_the_lower_index(triton_path):
     # q = 0 gives uniform attention: every valid token has the same score.
     q, k, valid, plan = make_inputs(7, 2, 3, 37, 16, torch.float32, seed=3, zero_q=True)
     kwargs = {"ratio": 0.3, "num_per_query": 1, "plan": plan}
@@ -225,7 +225,7 @@ NON_FINITE_SETUPS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "overflow"])
 @pytest.mark.parametrize("setup", NON_FINITE_SETUPS.values(), ids=NON_FINITE_SETUPS.keys())
-def test_mask_non_finite_inputs(setup, value, dtype):
+def test_mask_non_finite_inputs(setup, value, dtype, triton_path):
     num_q, length, head_mix, mask_self, self_pool, noise = setup
     batch, heads, dim = 7, 2, 16
     q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, torch.float32,

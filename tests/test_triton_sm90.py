@@ -22,6 +22,7 @@ installed Triton's (the version CI installs), which may differ from a GPU host's
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -48,7 +49,9 @@ if "nvidia" not in triton.backends.backends:
 from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import mangle_type, native_specialize_impl
 
+from sma_kernels.triton import short_sequence
 from sma_kernels.triton._common import HEAD_BLOCKS, WIDE_HEAD_BLOCK
+from sma_kernels.triton.short_sequence import SHORT_LENGTH
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 # Kernels that stream tiles through a loop, and how many of the streamed tiles each iteration
@@ -58,7 +61,8 @@ PIPELINED = {"_attention_fwd_kernel": 2, "_attention_bwd_dq_kernel": 2,
 # The kernels whose 16-bit launches must not spill registers, at any config.
 NO_SPILLS = {"_kept_keys_kernel", "_attention_bwd_prologue_kernel", "_attention_fwd_kernel",
              "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
-             "_chosen_row_scores_kernel", "_select_kernel"}
+             "_chosen_row_scores_kernel", "_select_kernel", "_short_sequence_kernel",
+             "_short_sequence_bwd_kernel"}
 # Options of a launch that are not kernel arguments; the ones the compiler takes are kept.
 COMPILE_OPTIONS = ("num_warps", "num_stages")
 
@@ -96,7 +100,8 @@ def _launch_spec(function, args: tuple, kwargs: dict) -> dict:
 
 def _record_launches(monkeypatch) -> list[dict]:
     """Runs the backend's functions (the mask, the attention, the fused pair) at workload-like
-    head dims; returns the distinct launches."""
+    head dims, the mask and the fused pair on both the short-sequence and the general path;
+    returns the distinct launches."""
     from triton.runtime.interpreter import InterpretedFunction
     launches: dict[str, dict] = {}
     run = InterpretedFunction.run
@@ -109,13 +114,13 @@ def _record_launches(monkeypatch) -> list[dict]:
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     g = torch.Generator().manual_seed(0)
     # (d, dv, dtype, Q, L): proteins and pixels, molecules, HIGGS, the widest head dim at which
-    # every config runs, a wider one (first config only), fp32 (exact products), and a long row
-    # (the largest blocks of the kernels not autotuned).
+    # every config runs, a wider one (first config only), fp32 (exact products), the largest
+    # short-sequence tile, and a long row (the largest blocks of the kernels not autotuned).
     for dim, dim_v, dtype, num_q, length in [
             (32, 128, torch.bfloat16, 64, 64), (64, 64, torch.bfloat16, 64, 64),
             (16, 16, torch.bfloat16, 64, 64), (128, 128, torch.bfloat16, 64, 64),
             (256, 256, torch.bfloat16, 64, 64), (128, 128, torch.float32, 64, 64),
-            (16, 16, torch.bfloat16, 16, 5000)]:
+            (64, 64, torch.bfloat16, 128, 128), (16, 16, torch.bfloat16, 16, 5000)]:
         batch, heads = 2, 2
         q = torch.randn(batch, heads, num_q, dim, generator=g, dtype=dtype)
         k = torch.randn(batch, heads, length, dim, generator=g, dtype=dtype)
@@ -127,9 +132,11 @@ def _record_launches(monkeypatch) -> list[dict]:
         plan = sk.make_plan(batch, num_q, length, heads, generator=g)
         self_attention = num_q == length  # the tokens are the queries: mask_self applies
         pool = valid if self_attention else torch.ones(batch, num_q, dtype=torch.bool)
-        for head_mix, mask_self, noise in [("mean", False, 0.0), ("random", True, 0.5)]:
+        for (head_mix, mask_self, noise), short_length in itertools.product(
+                [("mean", False, 0.0), ("random", True, 0.5)], (SHORT_LENGTH, 0)):
             if mask_self and not self_attention:
                 continue
+            monkeypatch.setattr(short_sequence, "SHORT_LENGTH", short_length)
             options = {"ratio": 0.3, "num_per_query": 2, "head_mix": head_mix,
                        "mask_self": mask_self, "noise": noise, "scale": 0.1}
             triton_backend.self_guided_mask(q, k, valid, pool, plan, **options)
@@ -152,7 +159,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)
     compiled = {result["kernel"] for result in results}
-    assert set(PIPELINED) <= compiled, f"not recorded: {set(PIPELINED) - compiled}"
+    assert set(PIPELINED) | NO_SPILLS <= compiled, f"not recorded: {set(PIPELINED) - compiled}"
     for result in results:
         where = f"{result['kernel']} {result['constexprs']} {result['options']}"
         assert "error" not in result, f"{where}: {result.get('error')}"

@@ -99,7 +99,7 @@ _DELTA_ELEMENTS = 8192
 
 
 @triton.jit
-def _kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn, stride_kd,
+def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn, stride_kd,
                     stride_vn, stride_vd, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr,
                     DOT_F32: tl.constexpr):
     """Which of the ``order`` positions start + offs_n hold a kept key (all but the tail of the
@@ -160,7 +160,7 @@ def _attention_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         num_kept = tl.load(KEPT + b)
         for start in range(0, num_kept, BLOCK_N):
-            listed, k, v = _kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base,
+            listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base,
                                            stride_kn, stride_kd, stride_vn, stride_vd, offs_d,
                                            offs_dv, D, DV, DOT_F32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -185,7 +185,7 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
+def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
                            PRECISION: tl.constexpr):
     """P = exp(S - lse) (0 off the listed keys and on rows without keys) and
     dS = P * (dO V^T - delta) for one (query tile, block of kept keys)."""
@@ -272,7 +272,7 @@ def _attention_bwd_dkdv_kernel(
         if pid_n * BLOCK_N < num_kept:  # a block of dropped keys only has zero gradient
             k_base = K + b * stride_kb + h * stride_kh
             v_base = V + b * stride_vb + h * stride_vh
-            listed, k, v = _kept_key_block(order_row, pid_n * BLOCK_N, num_kept,
+            listed, k, v = kept_key_block(order_row, pid_n * BLOCK_N, num_kept,
                                            tl.arange(0, BLOCK_N), k_base, v_base, stride_kn,
                                            stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D,
                                            DV, DOT_F32)
@@ -285,7 +285,7 @@ def _attention_bwd_dkdv_kernel(
                                                  start_m + offs_m, stride_qm, stride_qd,
                                                  stride_dom, stride_dod, offs_d, offs_dv, NQ, D,
                                                  DV, DOT_F32)
-                p, ds = _probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
+                p, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
                                                PRECISION)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
@@ -334,10 +334,10 @@ def _attention_bwd_dq_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         num_kept = tl.load(KEPT + b)
         for start in range(0, num_kept, BLOCK_N):
-            listed, k, v = _kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base,
+            listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base,
                                            stride_kn, stride_kd, stride_vn, stride_vd, offs_d,
                                            offs_dv, D, DV, DOT_F32)
-            _, ds = _probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
+            _, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
                                            PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         tl.store(DQ + b * stride_dqb + h * stride_dqh

@@ -1,0 +1,341 @@
+"""Short sequences (at most SHORT_LENGTH queries and tokens): the whole self-guided attention of
+a sample in one program, so the forward is one launch after the plan's draw, and the backward
+one launch.
+
+At HIGGS-like sizes (L = 28) the work of a sample is a few thousand multiply-adds per head, and
+the general path's three launches (score kernel, selection, attention; mask_scores.py,
+select.py, attention.py) cost more in launch latency and in the round trips between them than in
+arithmetic. Here one program per sample does all of it, with every row of the sample in a single
+(BLOCK_Q, BLOCK_K) tile, so neither softmax needs the online (running maximum) form:
+
+1. The plan: the valid token range and counts, and the chosen query rows, with the same
+   functions as the score kernel (select.py: ``mask_counts``, ``chosen_threshold``,
+   ``chosen_in_block``). The chosen rows are written out: they are the forced tokens of
+   ``mask_self``.
+2. The token scores, head by head: S = scale * q.k for the sample's rows and tokens in one dot,
+   each chosen row's lse over the valid tokens, P = exp(S - lse), and the column sums of P over
+   the rows the head mix gives this head (every chosen row under "mean", those whose plan head
+   mod H is h under "random"), added into one (BLOCK_K,) fp32 vector in head order, then
+   weighted (1/H under "mean"). The rule for non-finite inputs is the score kernel's: a row with
+   a non-finite logit over the valid tokens adds nothing, and padded keys are loaded as 0.
+3. The selection of select.py (``select_row``) over those scores, which writes the mask and
+   the kept-key order (kept_keys.py) that the backward reuses.
+4. Under ATTEND, the attention, head by head: the tile's logits with every key outside
+   keep = valid & ~mask at -inf, P = exp2(S - max), out = P V / sum(P) and the lse. The scoring
+   pass already reads every valid key, and a sample's keys fit in one tile, so there is nothing
+   to skip by gathering the kept ones; dropped keys' K and V are loaded as zeros (load-masked),
+   so what they hold, NaN included, reaches no output. A sample with no kept key gets out = 0
+   and lse = +inf, as in attention.py.
+
+Steps 3 and 4 read what the previous step wrote to global memory (the scores, the mask), after a
+barrier; the rows stay in L1/L2.
+
+The backward (``_short_sequence_bwd_kernel``) is one program per (sample, head), over the kept-key
+order the forward wrote: the K and V rows of the kept keys gathered through it (a dropped key is
+not loaded), delta = rowsum(dO * O), then the FlashAttention-2 recomputation of attention.py on
+the whole tile at once: P = exp(S - lse), dS = P * (dO V^T - delta), dV = P^T dO,
+dK = scale dS^T Q, dQ = scale dS K. S and dP are computed once (attention.py's dQ and dK/dV
+kernels each recompute them), the program is the only writer of its gradient rows (dropped keys
+get exact zeros), and it is one launch instead of three.
+
+Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at 64 it does not,
+hence SHORT_TILE_VOLUME; larger shapes take the general path.
+
+Determinism: the program's config is a fixed function of the shape (blocks from the sizes,
+warps from the tile area), never timed, and the scores are added in head order, so the same
+inputs give the same mask bits in every process. The summation order differs from the general
+path's, so a near-tie can resolve differently there; both this backend's mask function and its
+fused forward take this path for short sequences, so they agree with each other.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..plan import MaskPlan
+from ._common import (
+    INTERPRET,
+    LOG2E,
+    LOG2E_C,
+    block_dim,
+    dot_precision,
+    load_tile,
+    strides,
+    tile_offsets,
+)
+from .attention import kept_key_block, probs_and_grad_logits
+from .kept_keys import order_chunk
+from .select import (
+    chosen_in_block,
+    chosen_threshold,
+    float_bits,
+    mask_counts,
+    row_strided,
+    select_row,
+    token_range,
+)
+
+# The longest query and token axes the one-program path takes, the widest head dims, and the
+# largest tile volume (padded Q x L x head dim): on sm_90 a (128, 128) tile at head dim 128
+# spills registers in both kernels, at 64 it does not (tests/test_triton_sm90.py).
+SHORT_LENGTH = 128
+SHORT_HEAD_BLOCK = 128
+SHORT_TILE_VOLUME = 128 * 128 * 64
+
+
+def fits_short_sequence(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
+    """Whether the short-sequence kernels take a sample of this shape."""
+    head_block = max(block_dim(dim), block_dim(dim_v))
+    return (max(num_q, num_k) <= SHORT_LENGTH and head_block <= SHORT_HEAD_BLOCK
+            and block_dim(num_q) * block_dim(num_k) * head_block <= SHORT_TILE_VOLUME)
+
+
+def _warps(block_q: int, block_k: int) -> int:
+    """The kernels' warps: a fixed function of the tile (it sets the reduction trees, so the
+    bits), 8 for the larger tiles, whose fp32 logits would not fit in the registers of 4."""
+    return 4 if block_q * block_k <= 64 * 64 else 8
+
+
+@triton.jit
+def _short_sequence_kernel(
+    Q, K, V, VALID, POOL, QUERY_RANK, HEAD, TOKEN_RANK, CHOSEN, SCORES, MASK, ORDER, KEPT,
+    OUT, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_query_rank, stride_head, stride_token_rank,
+    H, NQ, NK, scale, qk_scale, head_weight, ratio_bits, num_per_query, noise_bits,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, MASK_SELF: tl.constexpr,
+    GROUP_BY_HEAD: tl.constexpr, WRITE_ORDER: tl.constexpr, ATTEND: tl.constexpr,
+    RADIX_BITS: tl.constexpr, ORDER_CHUNK: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)  # one program per sample
+    valid_row = VALID + b * NK
+    pool_row = POOL + b * NQ
+    query_rank_row = QUERY_RANK + b * stride_query_rank
+    chosen_row = CHOSEN + b * NQ
+    rows = tl.arange(0, BLOCK_Q)
+    cols = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+
+    # Step 1: the plan's counts and chosen rows.
+    n, _, _ = token_range(valid_row, NK, BLOCK_K)
+    num_top, num_random, k_q = mask_counts(n, pool_row, valid_row, NQ, ratio_bits, num_per_query,
+                                           noise_bits, MASK_SELF, BLOCK_Q)
+    t, ties = chosen_threshold(pool_row, valid_row, query_rank_row, NQ, k_q, MASK_SELF, BLOCK_Q,
+                               RADIX_BITS)
+    chosen, _ = chosen_in_block(pool_row, valid_row, query_rank_row, rows, NQ, t, ties,
+                                tl.zeros((), tl.int32), MASK_SELF)
+    tl.store(chosen_row + rows, chosen.to(tl.uint8), mask=rows < NQ)
+    row_head = tl.zeros([BLOCK_Q], tl.int32)
+    if GROUP_BY_HEAD:
+        # Floor modulo (torch.remainder's): Triton's % keeps the sign of a negative draw.
+        row_head = tl.load(HEAD + b * stride_head + rows, mask=rows < NQ, other=0) % H
+        row_head = tl.where(row_head < 0, row_head + H, row_head)
+
+    # Step 2: the token scores, added head after head.
+    scores = tl.zeros([BLOCK_K], tl.float32)
+    for h in range(H):
+        mine = chosen & (row_head == h) if GROUP_BY_HEAD else chosen
+        if tl.max(mine.to(tl.int32), axis=0) > 0:
+            q = load_tile(Q + b * stride_qb + h * stride_qh, rows, mine, stride_qm, offs_d,
+                          stride_qd, D, DOT_F32)
+            k = load_tile(K + b * stride_kb + h * stride_kh, cols, valid, stride_kn, offs_d,
+                          stride_kd, D, DOT_F32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            finite = tl.abs(s) < float("inf")  # False for NaN too
+            bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
+            s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
+            m = tl.max(s, axis=1)
+            m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
+            row_sum = tl.sum(tl.exp2((s - m[:, None]) * LOG2E_C), axis=1)
+            lse = m + tl.log2(tl.where(row_sum > 0.0, row_sum, 1.0)) / LOG2E_C
+            live = mine & (row_sum > 0.0) & ~bad
+            p = tl.exp2((s - lse[:, None]) * LOG2E_C)
+            # Padding columns and dead rows are selected away, never multiplied by 0.
+            scores += tl.sum(tl.where(valid[None, :] & live[:, None], p, 0.0), axis=0)
+    tl.store(SCORES + b * NK + cols, tl.where(valid, scores * head_weight, float("-inf")),
+             mask=cols < NK)
+    tl.debug_barrier()  # the selection's sweeps read every score and chosen row
+
+    # Step 3: the mask and the kept-key order.
+    mask_row = MASK + b * NK
+    select_row(SCORES + b * NK, valid_row, chosen_row, TOKEN_RANK + b * stride_token_rank,
+               mask_row, ORDER + b * NK, KEPT + b, NK, num_top, num_random, MASK_SELF,
+               WRITE_ORDER, ORDER_CHUNK, RADIX_BITS, BLOCK_K)
+
+    if ATTEND:  # step 4 reads the finished mask
+        tl.debug_barrier()
+        keep = valid & (tl.load(mask_row + cols, mask=cols < NK, other=1) == 0)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = rows < NQ
+        for h in range(H):
+            q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
+                          stride_qd, D, DOT_F32)
+            k = load_tile(K + b * stride_kb + h * stride_kh, cols, keep, stride_kn, offs_d,
+                          stride_kd, D, DOT_F32)
+            v = load_tile(V + b * stride_vb + h * stride_vh, cols, keep, stride_vn, offs_dv,
+                          stride_vd, DV, DOT_F32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m = tl.max(s, axis=1)
+            m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0
+            p = tl.exp2(s - m[:, None])
+            row_sum = tl.sum(p, axis=1)
+            has_key = row_sum > 0.0
+            out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            out = out / tl.where(has_key, row_sum, 1.0)[:, None]
+            lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E_C,
+                           float("inf"))
+            tl.store(OUT + b * stride_ob + h * stride_oh
+                     + tile_offsets(rows, stride_om, offs_dv, stride_od),
+                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+            tl.store(LSE + (b * H + h) * NQ + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _short_sequence_bwd_kernel(
+    Q, K, V, ORDER, KEPT, OUT, DO, LSE, DQ, DK, DV_OUT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_order_b, H, NQ, NK, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One program per (sample, head): every query row and every entry of the kept-key order in
+    # one tile, so S and dP are computed once (the general backward recomputes them in its dQ
+    # and dK/dV kernels) and each gradient row has this program as its only writer.
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BLOCK_Q)
+    positions = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < NQ
+    in_row = positions < NK
+    order_row = ORDER + b * stride_order_b
+    keys = tl.load(order_row + positions, mask=in_row, other=0)
+    listed, k, v = kept_key_block(order_row, 0, tl.load(KEPT + b), positions,
+                                   K + b * stride_kb + h * stride_kh,
+                                   V + b * stride_vb + h * stride_vh, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, offs_d, offs_dv, D, DV, DOT_F32)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                  D, DOT_F32)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, offs_dv,
+                   stride_dod, DV, DOT_F32)
+    out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
+                    stride_od, DV, True)
+    delta = tl.sum(do.to(tl.float32) * out, axis=1)  # rowsum(dO * O), as attention.py's prologue
+    lse2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=float("inf")) * LOG2E_C
+    p, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh
+             + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    # The rows go to the entries' keys: kept ones their gradients, dropped ones (P = 0 there)
+    # exact zeros, as in attention.py's dK/dV kernel.
+    tl.store(DK + b * stride_dkb + h * stride_dkh
+             + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
+             (dk * scale).to(DK.dtype.element_ty), mask=in_row[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + b * stride_dvb + h * stride_dvh
+             + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
+             dv.to(DV_OUT.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
+
+
+class ShortSequenceResult(NamedTuple):
+    """What :func:`short_sequence_attention` computes."""
+
+    mask: torch.Tensor  # (B, L) bool, True = masked
+    scores: torch.Tensor  # (B, L) fp32 token scores the mask was chosen by (-inf: padding)
+    out: torch.Tensor | None  # (B, H, Q, dv) attention output, None without v
+    lse: torch.Tensor | None  # (B, H, Q) fp32 log-sum-exp (natural log), None without v
+
+
+def short_sequence_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, valid: torch.Tensor,
+        query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float, num_per_query: int,
+        head_mix: str, mask_self: bool, noise: float, scale: float,
+        order_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> ShortSequenceResult:
+    """The mask of ``self_guided_mask`` for a short sequence (:func:`fits_short_sequence`), and
+    with ``v`` the attention over keep = valid & ~mask, in one launch. The arguments are the
+    backend's (``query_pool`` intersected with ``valid`` in-kernel under ``mask_self``).
+    ``order_out`` receives the kept-key order and count, as in
+    :func:`.select.select_from_partials`."""
+    batch, heads, num_q, dim = q.shape
+    num_k = k.shape[2]
+    attend = v is not None
+    device = q.device
+    mask = torch.empty((batch, num_k), dtype=torch.bool, device=device)
+    scores = torch.empty((batch, num_k), dtype=torch.float32, device=device)
+    chosen = torch.empty((batch, num_q), dtype=torch.uint8, device=device)
+    # Pointers the constexpr switches leave unread take any tensor.
+    order, kept = (scores, scores) if order_out is None else order_out
+    out = lse = None
+    values = k
+    if attend:
+        out = torch.empty((batch, heads, num_q, v.shape[3]), dtype=q.dtype, device=device)
+        lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=device)
+        values = v
+    query_rank, head, token_rank = (row_strided(x) for x in (plan.query_rank, plan.head,
+                                                             plan.token_rank))
+    dim_v = values.shape[3]
+    block_q, block_k = block_dim(num_q), block_dim(num_k)
+    _short_sequence_kernel[(batch,)](
+        Q=q, K=k, V=values, VALID=valid.contiguous().view(torch.uint8),
+        POOL=query_pool.contiguous().view(torch.uint8), QUERY_RANK=query_rank, HEAD=head,
+        TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores, MASK=mask.view(torch.uint8),
+        ORDER=order, KEPT=kept, OUT=out if attend else scores, LSE=lse if attend else scores,
+        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", values, "bhnd"),
+        **strides("o", out if attend else q, "bhmd"),
+        stride_query_rank=query_rank.stride(0), stride_head=head.stride(0),
+        stride_token_rank=token_rank.stride(0),
+        H=heads, NQ=num_q, NK=num_k, scale=scale, qk_scale=scale * LOG2E,
+        head_weight=1.0 if head_mix == "random" else 1.0 / heads, ratio_bits=float_bits(ratio),
+        num_per_query=num_per_query, noise_bits=float_bits(noise), D=dim, DV=dim_v,
+        BLOCK_D=block_dim(dim), BLOCK_DV=block_dim(dim_v), DOT_F32=INTERPRET,
+        PRECISION=dot_precision(q.dtype), MASK_SELF=mask_self,
+        GROUP_BY_HEAD=head_mix == "random", WRITE_ORDER=order_out is not None, ATTEND=attend,
+        RADIX_BITS=4, ORDER_CHUNK=order_chunk(num_k), BLOCK_Q=block_q, BLOCK_K=block_k,
+        num_warps=_warps(block_q, block_k), num_stages=1)
+    return ShortSequenceResult(mask, scores, out, lse)
+
+
+def short_sequence_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, order: torch.Tensor, kept: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, *, scale: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK and dV of the attention over a kept-key ``order`` and count ``kept`` (the contract
+    of :func:`.attention.ordered_attention_backward`) for a short sequence, in one launch."""
+    batch, heads, num_q, dim = q.shape
+    num_k, dim_v = k.shape[2], v.shape[3]
+    d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    block_q, block_k = block_dim(num_q), block_dim(num_k)
+    _short_sequence_bwd_kernel[(batch * heads,)](  # one program per (sample, head)
+        Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, DO=grad_out, LSE=lse.contiguous(),
+        DQ=d_q, DK=d_k, DV_OUT=d_v, **strides("q", q, "bhmd"), **strides("k", k, "bhnd"),
+        **strides("v", v, "bhnd"), **strides("o", out, "bhmd"),
+        **strides("do", grad_out, "bhmd"), **strides("dq", d_q, "bhmd"),
+        **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"),
+        stride_order_b=order.stride(0), H=heads, NQ=num_q, NK=num_k, scale=scale,
+        qk_scale=scale * LOG2E, D=dim, DV=dim_v, BLOCK_D=block_dim(dim),
+        BLOCK_DV=block_dim(dim_v), DOT_F32=INTERPRET, PRECISION=dot_precision(q.dtype),
+        BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=_warps(block_q, block_k), num_stages=1)
+    return d_q, d_k, d_v
