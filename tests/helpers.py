@@ -35,3 +35,25 @@ def use_triton_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     if path == "general":
         monkeypatch.setattr(short_sequence, "SHORT_LENGTH", 0)
 
+
+
+def record_loads(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Under Triton's interpreter, from now on: the addresses every masked load reads (only the
+    lanes its mask enables), one NumPy int64 array per load, appended to the returned list."""
+    from triton.runtime.interpreter import InterpreterBuilder
+    loaded = []
+    masked_load = InterpreterBuilder.create_masked_load
+
+    def recording_load(self, ptrs, mask, *args):
+        loaded.append(ptrs.data[mask.data].astype("int64"))
+        return masked_load(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", recording_load)
+    return loaded
+
+
+def element_addresses(x: torch.Tensor) -> torch.Tensor:
+    """The address of every element of x (any strides), shaped like x."""
+    offsets = sum(torch.arange(size)[(...,) + (None,) * (x.dim() - 1 - axis)] * stride
+                  for axis, (size, stride) in enumerate(zip(x.shape, x.stride())))
+    return x.data_ptr() + offsets * x.element_size()

@@ -12,7 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CUDA, DEVICE, import_triton_backend, needs_gpu, use_triton_path
+from helpers import (
+    CUDA,
+    DEVICE,
+    element_addresses,
+    import_triton_backend,
+    needs_gpu,
+    record_loads,
+    use_triton_path,
+)
 
 import sma_kernels as sk
 from sma_kernels import reference
@@ -236,27 +244,12 @@ def poisoned(x, dropped):
     return torch.where(dropped, poison[torch.arange(x.shape[2]) % 3][:, None], x)
 
 
-def element_addresses(x: torch.Tensor) -> torch.Tensor:
-    """The address of every element of x (any strides), shaped like x."""
-    offsets = sum(torch.arange(size)[(...,) + (None,) * (x.dim() - 1 - axis)] * stride
-                  for axis, (size, stride) in enumerate(zip(x.shape, x.stride())))
-    return x.data_ptr() + offsets * x.element_size()
-
-
 @pytest.mark.skipif(CUDA, reason="records the interpreter's loads: CPU only")
 def test_attention_never_loads_dropped_keys(monkeypatch):
     # Every load of the forward and backward is recorded, address by address (only the lanes
     # its mask enables): no address of a dropped key's K or V row is among them, and every kept
     # key's row is.
-    from triton.runtime.interpreter import InterpreterBuilder
-    loaded = []
-    masked_load = InterpreterBuilder.create_masked_load
-
-    def recording_load(self, ptrs, mask, *args):
-        loaded.append(ptrs.data[mask.data].astype("int64"))
-        return masked_load(self, ptrs, mask, *args)
-
-    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", recording_load)
+    loaded = record_loads(monkeypatch)
     g = torch.Generator().manual_seed(3)
     batch, heads, num_q, length = 3, 2, 5, 70
     q = torch.randn(batch, heads, num_q, 16, generator=g)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CUDA, DEVICE, import_triton_backend
+from helpers import CUDA, DEVICE, element_addresses, import_triton_backend, record_loads
 
 import sma_kernels as sk
 from bench.launches import count_launches
@@ -24,7 +24,6 @@ from sma_kernels.testing import assert_close_to_fp64, assert_masks_match, padded
 
 triton_backend = import_triton_backend()
 
-from test_triton_attention import element_addresses
 from test_triton_determinism import SETUPS, SHORT, assert_exact_ties_to_lower_index, setup_inputs
 
 from sma_kernels.triton.kept_keys import kept_keys
@@ -147,14 +146,6 @@ def test_kernels_load_only_what_they_need(monkeypatch):
     # Every load is recorded, address by address (the lanes its mask enables). The forward
     # reads K at the valid tokens only (the scores need all of them) and V at the kept ones
     # only; the backward reads K and V at the kept keys only.
-    from triton.runtime.interpreter import InterpreterBuilder
-    loaded = []
-    masked_load = InterpreterBuilder.create_masked_load
-
-    def recording_load(self, ptrs, mask, *args):
-        loaded.append(ptrs.data[mask.data].astype("int64"))
-        return masked_load(self, ptrs, mask, *args)
-
     g = torch.Generator().manual_seed(3)
     batch, heads, num_q, length = 7, 2, 5, 40
     q = torch.randn(batch, heads, num_q, 16, generator=g)
@@ -164,7 +155,7 @@ def test_kernels_load_only_what_they_need(monkeypatch):
     plan = sk.make_plan(batch, num_q, length, heads, generator=g)
     order = torch.empty(batch, length, dtype=torch.int32)
     kept = torch.empty(batch, dtype=torch.int32)
-    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", recording_load)
+    loaded = record_loads(monkeypatch)
     result = short_sequence_attention(q, k, v, *backend_args(q, valid, False), plan, ratio=0.3,
                                       num_per_query=2, head_mix="mean", mask_self=False,
                                       noise=0.0, scale=0.25, order_out=(order, kept))

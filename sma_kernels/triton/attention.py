@@ -125,6 +125,34 @@ def _query_tile(q_base, do_base, lse_base, delta_base, rows, stride_qm, stride_q
     return q, do, lse2, delta
 
 
+@triton.jit
+def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, stride_om, offs_dv, stride_od,
+                 DV: tl.constexpr):
+    """The forward's epilogue for a tile of query rows: out = acc / row_sum and the lse
+    (natural log) from the running maximum m (base 2) and row_sum. A row without a kept key
+    (row_sum = 0, acc = 0) gets out = 0 and lse = +inf, so the backward's exp(S - lse) is 0."""
+    has_key = row_sum > 0.0
+    out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
+    lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E_C,
+                   float("inf"))
+    tl.store(out_base + tile_offsets(rows, stride_om, offs_dv, stride_od),
+             out.to(out_base.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(lse_row + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def store_key_gradients(dk_base, dv_base, keys, in_row, dk, dv, stride_dkn, stride_dkd,
+                        stride_dvn, stride_dvd, offs_d, offs_dv, D: tl.constexpr,
+                        DV: tl.constexpr):
+    """dK and dV rows of a block of entries of the kept-key order, written to the entries'
+    keys: kept ones their gradients, dropped ones (P = 0 there) exact zeros, so no zero fill is
+    needed and each key row has one writer (the order is a permutation)."""
+    tl.store(dk_base + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
+             dk.to(dk_base.dtype.element_ty), mask=in_row[:, None] & (offs_d[None, :] < D))
+    tl.store(dv_base + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
+             dv.to(dv_base.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
+
+
 @autotune(_FWD_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_fwd_kernel(
@@ -174,14 +202,8 @@ def _attention_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
-        has_key = l_i > 0.0
-        out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 where no key was kept
-        lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E_C,
-                       float("inf"))
-        tl.store(OUT + b * stride_ob + h * stride_oh
-                 + tile_offsets(rows, stride_om, offs_dv, stride_od),
-                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LSE + bh * NQ + rows, lse, mask=row_ok)
+        store_output(OUT + b * stride_ob + h * stride_oh, LSE + bh * NQ, acc, m_i, l_i, rows,
+                     row_ok, stride_om, offs_dv, stride_od, DV)
 
 
 @triton.jit
@@ -289,15 +311,10 @@ def _attention_bwd_dkdv_kernel(
                                                PRECISION)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        # The rows go to the entries' keys: kept ones their gradients, dropped ones (P = 0
-        # there) exact zeros.
-        tl.store(DK + b * stride_dkb + h * stride_dkh
-                 + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
-                 (dk * scale).to(DK.dtype.element_ty),
-                 mask=in_row[:, None] & (offs_d[None, :] < D))
-        tl.store(DV_OUT + b * stride_dvb + h * stride_dvh
-                 + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
-                 dv.to(DV_OUT.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
+        store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
+                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
+                            stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D,
+                            DV)
 
 
 @autotune(_DQ_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)

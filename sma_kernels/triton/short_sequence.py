@@ -67,7 +67,7 @@ from ._common import (
     strides,
     tile_offsets,
 )
-from .attention import kept_key_block, probs_and_grad_logits
+from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
 from .kept_keys import order_chunk
 from .select import (
     chosen_in_block,
@@ -187,18 +187,11 @@ def _short_sequence_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(keep[None, :], s, float("-inf"))
             m = tl.max(s, axis=1)
-            m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0
+            m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0, acc = 0
             p = tl.exp2(s - m[:, None])
-            row_sum = tl.sum(p, axis=1)
-            has_key = row_sum > 0.0
-            out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            out = out / tl.where(has_key, row_sum, 1.0)[:, None]
-            lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E_C,
-                           float("inf"))
-            tl.store(OUT + b * stride_ob + h * stride_oh
-                     + tile_offsets(rows, stride_om, offs_dv, stride_od),
-                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-            tl.store(LSE + (b * H + h) * NQ + rows, lse, mask=row_ok)
+            store_output(OUT + b * stride_ob + h * stride_oh, LSE + (b * H + h) * NQ,
+                         tl.dot(p.to(v.dtype), v, input_precision=PRECISION), m,
+                         tl.sum(p, axis=1), rows, row_ok, stride_om, offs_dv, stride_od, DV)
 
 
 @triton.jit
@@ -250,14 +243,9 @@ def _short_sequence_bwd_kernel(
     tl.store(DQ + b * stride_dqb + h * stride_dqh
              + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    # The rows go to the entries' keys: kept ones their gradients, dropped ones (P = 0 there)
-    # exact zeros, as in attention.py's dK/dV kernel.
-    tl.store(DK + b * stride_dkb + h * stride_dkh
-             + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
-             (dk * scale).to(DK.dtype.element_ty), mask=in_row[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + b * stride_dvb + h * stride_dvh
-             + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
-             dv.to(DV_OUT.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
+    store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
+                        DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
+                        stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D, DV)
 
 
 class ShortSequenceResult(NamedTuple):
