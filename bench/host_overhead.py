@@ -9,9 +9,9 @@ backend runs under ``TRITON_INTERPRET=1`` on tiny CPU tensors with every kernel 
 by a stub that only counts it. So what is timed is the Python and PyTorch work around the
 launches; the launches themselves (a few microseconds each in Triton's launcher) are not in it.
 
-Per workload's options, at tiny shapes on the path of the workload's own sizes (the host work
-depends on the path, not on the sizes: HIGGS takes the short-sequence kernel, the others the
-general path; sma_kernels/triton/short_sequence.py), it times the mask, the forward (mask + attention) and forward+backward of the public functions, twice: on
+Per workload, at its tiny shape (``bench.cases.tiny_cases``: the host work depends on the
+Triton path, which each tiny case shares with its full size, not on the sizes), it times the
+mask, the forward (mask + attention) and forward+backward of the public functions, twice: on
 their eager path, and through the registered custom ops (the path of torch.compile and the other
 tracers; ``ops.needs_registered_op`` is patched to choose).
 Each figure is the minimum over blocks of calls (on a shared machine: the least disturbed).
@@ -33,7 +33,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -44,20 +43,6 @@ from sma_kernels import ops
 
 from . import cases as bench_cases
 from . import measure, report
-
-# Tokens of a tiny case, by the path of the workload's own sizes; self-attention cases get
-# queries = tokens, cross-attention ones TINY_QUERIES.
-TINY_TOKENS = {"short": 28, "general": 160}
-TINY_QUERIES = 16
-
-
-def tiny_case(workload: bench_cases.Case) -> bench_cases.Case:
-    """``workload`` shrunk to two samples, on the Triton path of its own sizes."""
-    from sma_kernels.triton.short_sequence import fits_short_sequence
-    short = fits_short_sequence(workload.queries, workload.tokens, workload.dim, workload.dim_v)
-    tokens = TINY_TOKENS["short" if short else "general"]
-    return replace(workload, batch=2, tokens=tokens,
-                   queries=tokens if workload.mask_self else TINY_QUERIES)
 
 
 @contextlib.contextmanager
@@ -124,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     records = []
     with stubbed_launches() as launched:
-        for workload in bench_cases.WORKLOADS:
-            case = tiny_case(workload)
-            record = {"case": workload.name, "options": case.options(), "shape": case.shape}
+        for case in bench_cases.tiny_cases():
+            record = {"case": case.name, "options": case.options(), "shape": case.shape}
             for metric, fn in calls(case).items():
                 launched.clear()
                 fn()
@@ -136,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     with mock.patch.object(ops, "needs_registered_op", lambda *_, flag=through_ops: flag):
                         record[f"{route}_{metric}_us"] = host_us(fn, args.blocks, args.calls)
             records.append(record)
-            print(f"{workload.name:10s}" + "".join(
+            print(f"{case.name:10s}" + "".join(
                 f"  {metric} {record[f'eager_{metric}_us']:6.1f} us (ops {record[f'ops_{metric}_us']:6.1f})"
                 for metric in ("mask", "fwd", "fwdbwd")), flush=True)
 
