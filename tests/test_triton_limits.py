@@ -18,6 +18,8 @@ import pytest
 import torch
 from helpers import DEVICE, import_triton_backend
 
+import sma_kernels as sk
+
 triton_backend = import_triton_backend()
 
 import triton
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from sma_kernels.triton import attention as attention_kernels
 from sma_kernels.triton import kept_keys as kept_key_kernels
+from sma_kernels.triton import short_sequence
 from sma_kernels.triton._common import (
     GRID_X_MAX,
     GRID_YZ_MAX,
@@ -77,6 +80,11 @@ class RecordedKernel:
         return launch
 
 
+def expanded(*shape, dtype=torch.float16):
+    """A tensor of this shape without memory per element."""
+    return torch.zeros((1,) * len(shape), dtype=dtype, device=DEVICE).expand(*shape)
+
+
 def test_launch_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
     batch, heads, num_q, length, dim = 2**17, 8, 1, 1, 16
     # Per autotuned kernel: its GPU configs, and the rows and the size its grid tiles by which
@@ -101,9 +109,6 @@ def test_launch_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
         recorded[name] = RecordedKernel()
         monkeypatch.setattr(module, name, recorded[name])
 
-    def expanded(*shape, dtype=torch.float16):  # no memory per sample
-        return torch.zeros((1,) * len(shape), dtype=dtype, device=DEVICE).expand(*shape)
-
     q = expanded(batch, heads, num_q, dim)
     k = v = expanded(batch, heads, length, dim)
     keep = expanded(batch, length, dtype=torch.bool)
@@ -116,6 +121,26 @@ def test_launch_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
         for grid, config in grids:
             assert_launchable(grid, rows * -(-size // config[block]))
     for name, (_, programs) in fixed.items():
+        ((grid, _),) = recorded[name].grids
+        assert_launchable((*grid, 1)[:2], programs)
+
+
+def test_short_sequence_grids_fit_cuda_limits_at_a_million_heads(monkeypatch):
+    # The short-sequence kernels: one program per sample forward, per (sample, head) backward.
+    batch, heads, length, dim = 2**17, 8, 1, 16
+    recorded = {name: RecordedKernel()
+                for name in ("_short_sequence_kernel", "_short_sequence_bwd_kernel")}
+    for name, kernel in recorded.items():
+        monkeypatch.setattr(short_sequence, name, kernel)
+    q = k = v = expanded(batch, heads, length, dim)
+    valid = expanded(batch, length, dtype=torch.bool)
+    plan = sk.MaskPlan(*(expanded(batch, length, dtype=torch.int32) for _ in range(3)))
+    out, lse, _, order, kept = triton_backend.self_guided_attention_forward(
+        q, k, v, valid, valid, plan, ratio=0.5, num_per_query=1, head_mix="mean",
+        mask_self=False, noise=0.0, scale=0.25)
+    triton_backend.ordered_attention_backward(out, q, k, v, order, kept, out, lse, scale=0.25)
+    for name, programs in (("_short_sequence_kernel", batch),
+                           ("_short_sequence_bwd_kernel", batch * heads)):
         ((grid, _),) = recorded[name].grids
         assert_launchable((*grid, 1)[:2], programs)
 
