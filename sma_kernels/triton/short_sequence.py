@@ -13,11 +13,13 @@ arithmetic. Here one program per sample does all of it, with every row of the sa
    ``chosen_in_block``). The chosen rows are written out: they are the forced tokens of
    ``mask_self``.
 2. The token scores, head by head: S = scale * q.k for the sample's rows and tokens in one dot,
-   each chosen row's lse over the valid tokens, P = exp(S - lse), and the column sums of P over
-   the rows the head mix gives this head (every chosen row under "mean", those whose plan head
-   mod H is h under "random"), added into one (BLOCK_K,) fp32 vector in head order, then
-   weighted (1/H under "mean"). The rule for non-finite inputs is the score kernel's: a row with
-   a non-finite logit over the valid tokens adds nothing, and padded keys are loaded as 0.
+   each chosen row's softmax over the valid tokens, P = exp(S - m) / sum(exp(S - m)) with m
+   the row's maximum (one exponential per logit: the whole row is in the tile), and the column
+   sums of P over the rows the head mix gives this head (every chosen row under "mean", those
+   whose plan head mod H is h under "random"), added into one (BLOCK_K,) fp32 vector in head
+   order, then weighted (1/H under "mean"). The rule for non-finite inputs is the score
+   kernel's: a row with a non-finite logit over the valid tokens adds nothing, and padded keys
+   are loaded as 0.
 3. The selection of select.py (``select_row``) over those scores, which writes the mask and
    the kept-key order (kept_keys.py) that the backward reuses.
 4. Under ATTEND, the attention, head by head: the tile's logits with every key outside
@@ -38,8 +40,10 @@ dK = scale dS^T Q, dQ = scale dS K. S and dP are computed once (attention.py's d
 kernels each recompute them), the program is the only writer of its gradient rows (dropped keys
 get exact zeros), and it is one launch instead of three.
 
-Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at 64 it does not,
-hence SHORT_TILE_VOLUME; larger shapes take the general path.
+Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at 64 it does not
+(up to 250 registers of 255 in the forward), hence SHORT_TILE_VOLUME; larger shapes take the
+general path. The heads' base pointers advance by their strides, so no head offset is an
+int32 product.
 
 Determinism: the program's config is a fixed function of the shape (blocks from the sizes,
 warps from the tile area), never timed, and the scores are added in head order, so the same
@@ -143,25 +147,31 @@ def _short_sequence_kernel(
 
     # Step 2: the token scores, added head after head.
     scores = tl.zeros([BLOCK_K], tl.float32)
+    # The heads' bases advance by their stride (no h * stride product, which could pass 2^31
+    # in a head-major layout).
+    q_head = Q + b * stride_qb
+    k_head = K + b * stride_kb
     for h in range(H):
         mine = chosen & (row_head == h) if GROUP_BY_HEAD else chosen
         if tl.max(mine.to(tl.int32), axis=0) > 0:
-            q = load_tile(Q + b * stride_qb + h * stride_qh, rows, mine, stride_qm, offs_d,
-                          stride_qd, D, DOT_F32)
-            k = load_tile(K + b * stride_kb + h * stride_kh, cols, valid, stride_kn, offs_d,
-                          stride_kd, D, DOT_F32)
+            q = load_tile(q_head, rows, mine, stride_qm, offs_d, stride_qd, D, DOT_F32)
+            k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             finite = tl.abs(s) < float("inf")  # False for NaN too
             bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
             s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
             m = tl.max(s, axis=1)
             m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
-            row_sum = tl.sum(tl.exp2((s - m[:, None]) * LOG2E_C), axis=1)
-            lse = m + tl.log2(tl.where(row_sum > 0.0, row_sum, 1.0)) / LOG2E_C
+            # One exponential per logit: P = exp(S - m) / row_sum. (The score kernel computes
+            # exp(S - lse) in a second pass, since its rows span many key tiles.) Every
+            # exponential is finite, so rows that add nothing are weighted by an exact 0.
+            p = tl.exp2((s - m[:, None]) * LOG2E_C)
+            row_sum = tl.sum(p, axis=1)
             live = mine & (row_sum > 0.0) & ~bad
-            p = tl.exp2((s - lse[:, None]) * LOG2E_C)
-            # Padding columns and dead rows are selected away, never multiplied by 0.
-            scores += tl.sum(tl.where(valid[None, :] & live[:, None], p, 0.0), axis=0)
+            weight = tl.where(live, 1.0 / tl.where(live, row_sum, 1.0), 0.0)
+            scores += tl.sum(p * weight[:, None], axis=0)
+        q_head += stride_qh
+        k_head += stride_kh
     tl.store(SCORES + b * NK + cols, tl.where(valid, scores * head_weight, float("-inf")),
              mask=cols < NK)
     tl.debug_barrier()  # the selection's sweeps read every score and chosen row
@@ -177,21 +187,26 @@ def _short_sequence_kernel(
         keep = valid & (tl.load(mask_row + cols, mask=cols < NK, other=1) == 0)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = rows < NQ
+        q_head = Q + b * stride_qb
+        k_head = K + b * stride_kb
+        v_head = V + b * stride_vb
+        out_head = OUT + b * stride_ob
         for h in range(H):
-            q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
-                          stride_qd, D, DOT_F32)
-            k = load_tile(K + b * stride_kb + h * stride_kh, cols, keep, stride_kn, offs_d,
-                          stride_kd, D, DOT_F32)
-            v = load_tile(V + b * stride_vb + h * stride_vh, cols, keep, stride_vn, offs_dv,
-                          stride_vd, DV, DOT_F32)
+            q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
+            k = load_tile(k_head, cols, keep, stride_kn, offs_d, stride_kd, D, DOT_F32)
+            v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(keep[None, :], s, float("-inf"))
             m = tl.max(s, axis=1)
             m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0, acc = 0
             p = tl.exp2(s - m[:, None])
-            store_output(OUT + b * stride_ob + h * stride_oh, LSE + (b * H + h) * NQ,
+            store_output(out_head, LSE + (b * H + h) * NQ,
                          tl.dot(p.to(v.dtype), v, input_precision=PRECISION), m,
                          tl.sum(p, axis=1), rows, row_ok, stride_om, offs_dv, stride_od, DV)
+            q_head += stride_qh
+            k_head += stride_kh
+            v_head += stride_vh
+            out_head += stride_oh
 
 
 @triton.jit
