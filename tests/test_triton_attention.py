@@ -337,6 +337,30 @@ def test_self_guided_attention_ignores_padded_and_masked_values(triton_path):
     assert not d_k.masked_select(dropped).any() and not d_v.masked_select(dropped).any()
 
 
+def test_dropped_keys_get_zero_gradients_when_a_kept_value_is_nan(triton_path):
+    # A NaN in one kept key's v makes dO V^T, hence delta and dS, NaN on every row; the dropped
+    # keys' P is 0 but 0 * NaN is NaN, so their zero gradients must be selected, not computed.
+    g = torch.Generator().manual_seed(4)
+    batch, heads, num_q, length, dim = 3, 2, 6, 45, 16
+    q = torch.randn(batch, heads, num_q, dim, generator=g)
+    k, v = (torch.randn(batch, heads, length, dim, generator=g) for _ in range(2))
+    valid = padded_valid(batch, length, g)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
+    kwargs = {"ratio": 0.3, "num_per_query": 2, "plan": plan, "backend": "triton"}
+    mask = sk.self_guided_mask(q, k, valid, **kwargs)  # v does not change the mask
+    keep = valid & ~mask
+    first_kept = keep[0].nonzero()[0, 0]
+    v[0, :, first_kept] = float("nan")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _ = sk.self_guided_attention(*leaves, valid, **kwargs)
+    out.backward(torch.ones_like(out))
+    dropped = ~keep[:, None, :, None]
+    for leaf in leaves[1:]:
+        assert not leaf.grad.masked_select(dropped).isnan().any()
+        assert not leaf.grad.masked_select(dropped).any()
+    assert leaves[1].grad[0].isnan().any()  # the NaN did reach dK of its sample's kept keys
+
+
 def test_opcheck_attention_op():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 2, 5, 16, generator=g).to(DEVICE).requires_grad_()

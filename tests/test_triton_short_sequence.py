@@ -172,3 +172,21 @@ def test_kernels_load_only_what_they_need(monkeypatch):
         loads = torch.from_numpy(loads)
         assert not torch.isin(addresses.masked_select(~needed[:, None, :, None]), loads).any()
         assert torch.isin(addresses.masked_select(needed[:, None, :, None]), loads).all()
+
+
+def test_mask_and_fused_forward_agree_when_only_the_mask_fits():
+    # d = 32, dv = 128 at Q = L = 128: the mask's tile fits the short kernel, the attention's
+    # does not. The fused forward then runs the short kernel for the mask (and its order) and
+    # the general attention, so its mask is still the mask function's, bit for bit.
+    g = torch.Generator().manual_seed(8)
+    batch, heads, length, dim, dim_v = 2, 2, SHORT_LENGTH, 32, 128
+    assert fits_short_sequence(length, length, dim, dim) and \
+        not fits_short_sequence(length, length, dim, dim_v)
+    q, k = (torch.randn(batch, heads, length, dim, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.randn(batch, heads, length, dim_v, generator=g).to(DEVICE)
+    valid = padded_valid(batch, length, g).to(DEVICE)
+    plan = sk.make_plan(batch, length, length, heads, generator=g).to(DEVICE)
+    options = {"ratio": 0.3, "num_per_query": 2, "head_mix": "random", "mask_self": True,
+               "noise": 0.2, "plan": plan, "backend": "triton"}
+    _, fused_mask = sk.self_guided_attention(q, k, v, valid, **options)
+    assert torch.equal(fused_mask, sk.self_guided_mask(q, k, valid, **options))

@@ -141,16 +141,20 @@ def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, stride_om, of
 
 
 @triton.jit
-def store_key_gradients(dk_base, dv_base, keys, in_row, dk, dv, stride_dkn, stride_dkd,
+def store_key_gradients(dk_base, dv_base, keys, in_row, listed, dk, dv, stride_dkn, stride_dkd,
                         stride_dvn, stride_dvd, offs_d, offs_dv, D: tl.constexpr,
                         DV: tl.constexpr):
-    """dK and dV rows of a block of entries of the kept-key order, written to the entries'
-    keys: kept ones their gradients, dropped ones (P = 0 there) exact zeros, so no zero fill is
-    needed and each key row has one writer (the order is a permutation)."""
+    """dK and dV rows of a block of entries of the kept-key order (``in_row``: entries that
+    exist; ``listed``: kept keys), written to the entries' keys: kept ones their gradients,
+    dropped ones exact zeros (selected, not computed: P = 0 there, but 0 * NaN from a non-finite
+    kept input would not be 0). So no zero fill is needed, and each key row has one writer (the
+    order is a permutation)."""
     tl.store(dk_base + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
-             dk.to(dk_base.dtype.element_ty), mask=in_row[:, None] & (offs_d[None, :] < D))
+             tl.where(listed[:, None], dk, 0.0).to(dk_base.dtype.element_ty),
+             mask=in_row[:, None] & (offs_d[None, :] < D))
     tl.store(dv_base + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
-             dv.to(dv_base.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
+             tl.where(listed[:, None], dv, 0.0).to(dv_base.dtype.element_ty),
+             mask=in_row[:, None] & (offs_dv[None, :] < DV))
 
 
 @autotune(_FWD_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
@@ -312,7 +316,8 @@ def _attention_bwd_dkdv_kernel(
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
-                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
+                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row,
+                            positions < num_kept, dk * scale, dv,
                             stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D,
                             DV)
 

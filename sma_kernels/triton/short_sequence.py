@@ -67,8 +67,11 @@ from ._common import (
     LOG2E_C,
     block_dim,
     dot_precision,
+    head_tile,
     load_tile,
+    program_tile,
     strides,
+    tile_grid,
     tile_offsets,
 )
 from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
@@ -112,101 +115,102 @@ def _short_sequence_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_query_rank, stride_head, stride_token_rank,
-    H, NQ, NK, scale, qk_scale, head_weight, ratio_bits, num_per_query, noise_bits,
+    stride_query_rank, stride_head, stride_token_rank, stride_order_b,
+    B, H, NQ, NK, scale, qk_scale, head_weight, ratio_bits, num_per_query, noise_bits,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, MASK_SELF: tl.constexpr,
     GROUP_BY_HEAD: tl.constexpr, WRITE_ORDER: tl.constexpr, ATTEND: tl.constexpr,
     RADIX_BITS: tl.constexpr, ORDER_CHUNK: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)  # one program per sample
-    valid_row = VALID + b * NK
-    pool_row = POOL + b * NQ
-    query_rank_row = QUERY_RANK + b * stride_query_rank
-    chosen_row = CHOSEN + b * NQ
-    rows = tl.arange(0, BLOCK_Q)
-    cols = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+    b, _ = program_tile(1)  # one program per sample
+    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
+        valid_row = VALID + b * NK
+        pool_row = POOL + b * NQ
+        query_rank_row = QUERY_RANK + b * stride_query_rank
+        chosen_row = CHOSEN + b * NQ
+        rows = tl.arange(0, BLOCK_Q)
+        cols = tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
+        valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
 
-    # Step 1: the plan's counts and chosen rows.
-    n, _, _ = token_range(valid_row, NK, BLOCK_K)
-    num_top, num_random, k_q = mask_counts(n, pool_row, valid_row, NQ, ratio_bits, num_per_query,
-                                           noise_bits, MASK_SELF, BLOCK_Q)
-    t, ties = chosen_threshold(pool_row, valid_row, query_rank_row, NQ, k_q, MASK_SELF, BLOCK_Q,
-                               RADIX_BITS)
-    chosen, _ = chosen_in_block(pool_row, valid_row, query_rank_row, rows, NQ, t, ties,
-                                tl.zeros((), tl.int32), MASK_SELF)
-    tl.store(chosen_row + rows, chosen.to(tl.uint8), mask=rows < NQ)
-    row_head = tl.zeros([BLOCK_Q], tl.int32)
-    if GROUP_BY_HEAD:
-        # Floor modulo (torch.remainder's): Triton's % keeps the sign of a negative draw.
-        row_head = tl.load(HEAD + b * stride_head + rows, mask=rows < NQ, other=0) % H
-        row_head = tl.where(row_head < 0, row_head + H, row_head)
+        # Step 1: the plan's counts and chosen rows.
+        n, _, _ = token_range(valid_row, NK, BLOCK_K)
+        num_top, num_random, k_q = mask_counts(n, pool_row, valid_row, NQ, ratio_bits,
+                                               num_per_query, noise_bits, MASK_SELF, BLOCK_Q)
+        t, ties = chosen_threshold(pool_row, valid_row, query_rank_row, NQ, k_q, MASK_SELF, BLOCK_Q,
+                                   RADIX_BITS)
+        chosen, _ = chosen_in_block(pool_row, valid_row, query_rank_row, rows, NQ, t, ties,
+                                    tl.zeros((), tl.int32), MASK_SELF)
+        tl.store(chosen_row + rows, chosen.to(tl.uint8), mask=rows < NQ)
+        row_head = tl.zeros([BLOCK_Q], tl.int32)
+        if GROUP_BY_HEAD:
+            # Floor modulo (torch.remainder's): Triton's % keeps the sign of a negative draw.
+            row_head = tl.load(HEAD + b * stride_head + rows, mask=rows < NQ, other=0) % H
+            row_head = tl.where(row_head < 0, row_head + H, row_head)
 
-    # Step 2: the token scores, added head after head.
-    scores = tl.zeros([BLOCK_K], tl.float32)
-    # The heads' bases advance by their stride (no h * stride product, which could pass 2^31
-    # in a head-major layout).
-    q_head = Q + b * stride_qb
-    k_head = K + b * stride_kb
-    for h in range(H):
-        mine = chosen & (row_head == h) if GROUP_BY_HEAD else chosen
-        if tl.max(mine.to(tl.int32), axis=0) > 0:
-            q = load_tile(q_head, rows, mine, stride_qm, offs_d, stride_qd, D, DOT_F32)
-            k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            finite = tl.abs(s) < float("inf")  # False for NaN too
-            bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
-            s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
-            m = tl.max(s, axis=1)
-            m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
-            # One exponential per logit: P = exp(S - m) / row_sum. (The score kernel computes
-            # exp(S - lse) in a second pass, since its rows span many key tiles.) Every
-            # exponential is finite, so rows that add nothing are weighted by an exact 0.
-            p = tl.exp2((s - m[:, None]) * LOG2E_C)
-            row_sum = tl.sum(p, axis=1)
-            live = mine & (row_sum > 0.0) & ~bad
-            weight = tl.where(live, 1.0 / tl.where(live, row_sum, 1.0), 0.0)
-            scores += tl.sum(p * weight[:, None], axis=0)
-        q_head += stride_qh
-        k_head += stride_kh
-    tl.store(SCORES + b * NK + cols, tl.where(valid, scores * head_weight, float("-inf")),
-             mask=cols < NK)
-    tl.debug_barrier()  # the selection's sweeps read every score and chosen row
-
-    # Step 3: the mask and the kept-key order.
-    mask_row = MASK + b * NK
-    select_row(SCORES + b * NK, valid_row, chosen_row, TOKEN_RANK + b * stride_token_rank,
-               mask_row, ORDER + b * NK, KEPT + b, NK, num_top, num_random, MASK_SELF,
-               WRITE_ORDER, ORDER_CHUNK, RADIX_BITS, BLOCK_K)
-
-    if ATTEND:  # step 4 reads the finished mask
-        tl.debug_barrier()
-        keep = valid & (tl.load(mask_row + cols, mask=cols < NK, other=1) == 0)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        row_ok = rows < NQ
+        # Step 2: the token scores, added head after head.
+        scores = tl.zeros([BLOCK_K], tl.float32)
+        # The heads' bases advance by their stride (no h * stride product, which could pass 2^31
+        # in a head-major layout).
         q_head = Q + b * stride_qb
         k_head = K + b * stride_kb
-        v_head = V + b * stride_vb
-        out_head = OUT + b * stride_ob
         for h in range(H):
-            q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
-            k = load_tile(k_head, cols, keep, stride_kn, offs_d, stride_kd, D, DOT_F32)
-            v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(keep[None, :], s, float("-inf"))
-            m = tl.max(s, axis=1)
-            m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0, acc = 0
-            p = tl.exp2(s - m[:, None])
-            store_output(out_head, LSE + (b * H + h) * NQ,
-                         tl.dot(p.to(v.dtype), v, input_precision=PRECISION), m,
-                         tl.sum(p, axis=1), rows, row_ok, stride_om, offs_dv, stride_od, DV)
+            mine = chosen & (row_head == h) if GROUP_BY_HEAD else chosen
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                q = load_tile(q_head, rows, mine, stride_qm, offs_d, stride_qd, D, DOT_F32)
+                k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                finite = tl.abs(s) < float("inf")  # False for NaN too
+                bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
+                s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
+                m = tl.max(s, axis=1)
+                m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
+                # One exponential per logit: P = exp(S - m) / row_sum. (The score kernel computes
+                # exp(S - lse) in a second pass, since its rows span many key tiles.) Every
+                # exponential is finite, so rows that add nothing are weighted by an exact 0.
+                p = tl.exp2((s - m[:, None]) * LOG2E_C)
+                row_sum = tl.sum(p, axis=1)
+                live = mine & (row_sum > 0.0) & ~bad
+                weight = tl.where(live, 1.0 / tl.where(live, row_sum, 1.0), 0.0)
+                scores += tl.sum(p * weight[:, None], axis=0)
             q_head += stride_qh
             k_head += stride_kh
-            v_head += stride_vh
-            out_head += stride_oh
+        tl.store(SCORES + b * NK + cols, tl.where(valid, scores * head_weight, float("-inf")),
+                 mask=cols < NK)
+        tl.debug_barrier()  # the selection's sweeps read every score and chosen row
+
+        # Step 3: the mask and the kept-key order.
+        mask_row = MASK + b * NK
+        select_row(SCORES + b * NK, valid_row, chosen_row, TOKEN_RANK + b * stride_token_rank,
+                   mask_row, ORDER + b * stride_order_b, KEPT + b, NK, num_top, num_random,
+                   MASK_SELF, WRITE_ORDER, ORDER_CHUNK, RADIX_BITS, BLOCK_K)
+
+        if ATTEND:  # step 4 reads the finished mask
+            tl.debug_barrier()
+            keep = valid & (tl.load(mask_row + cols, mask=cols < NK, other=1) == 0)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            row_ok = rows < NQ
+            q_head = Q + b * stride_qb
+            k_head = K + b * stride_kb
+            v_head = V + b * stride_vb
+            out_head = OUT + b * stride_ob
+            for h in range(H):
+                q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
+                k = load_tile(k_head, cols, keep, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                s = tl.where(keep[None, :], s, float("-inf"))
+                m = tl.max(s, axis=1)
+                m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0, acc = 0
+                p = tl.exp2(s - m[:, None])
+                store_output(out_head, LSE + (b * H + h) * NQ,
+                             tl.dot(p.to(v.dtype), v, input_precision=PRECISION), m,
+                             tl.sum(p, axis=1), rows, row_ok, stride_om, offs_dv, stride_od, DV)
+                q_head += stride_qh
+                k_head += stride_kh
+                v_head += stride_vh
+                out_head += stride_oh
 
 
 @triton.jit
@@ -220,7 +224,7 @@ def _short_sequence_bwd_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_order_b, H, NQ, NK, scale, qk_scale,
+    stride_order_b, B, H, NQ, NK, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -228,39 +232,39 @@ def _short_sequence_bwd_kernel(
     # One program per (sample, head): every query row and every entry of the kept-key order in
     # one tile, so S and dP are computed once (the general backward recomputes them in its dQ
     # and dK/dV kernels) and each gradient row has this program as its only writer.
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.arange(0, BLOCK_Q)
-    positions = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < NQ
-    in_row = positions < NK
-    order_row = ORDER + b * stride_order_b
-    keys = tl.load(order_row + positions, mask=in_row, other=0)
-    listed, k, v = kept_key_block(order_row, 0, tl.load(KEPT + b), positions,
-                                   K + b * stride_kb + h * stride_kh,
-                                   V + b * stride_vb + h * stride_vh, stride_kn, stride_kd,
-                                   stride_vn, stride_vd, offs_d, offs_dv, D, DV, DOT_F32)
-    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
-                  D, DOT_F32)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, offs_dv,
-                   stride_dod, DV, DOT_F32)
-    out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
-                    stride_od, DV, True)
-    delta = tl.sum(do.to(tl.float32) * out, axis=1)  # rowsum(dO * O), as attention.py's prologue
-    lse2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=float("inf")) * LOG2E_C
-    p, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh
-             + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
-                        DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
-                        stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D, DV)
+    b, h, bh, _ = head_tile(H, 1)
+    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
+        rows = tl.arange(0, BLOCK_Q)
+        positions = tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = rows < NQ
+        in_row = positions < NK
+        order_row = ORDER + b * stride_order_b
+        keys = tl.load(order_row + positions, mask=in_row, other=0)
+        listed, k, v = kept_key_block(order_row, 0, tl.load(KEPT + b), positions,
+                                       K + b * stride_kb + h * stride_kh,
+                                       V + b * stride_vb + h * stride_vh, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, offs_d, offs_dv, D, DV, DOT_F32)
+        q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                      D, DOT_F32)
+        do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, offs_dv,
+                       stride_dod, DV, DOT_F32)
+        out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
+                        stride_od, DV, True)
+        delta = tl.sum(do.to(tl.float32) * out, axis=1)  # rowsum(dO * O), as in attention.py
+        lse2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=float("inf")) * LOG2E_C
+        p, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh
+                 + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
+                 (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+        store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
+                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, listed,
+                            dk * scale, dv,
+                            stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D, DV)
 
 
 class ShortSequenceResult(NamedTuple):
@@ -301,7 +305,7 @@ def short_sequence_attention(
                                                              plan.token_rank))
     dim_v = values.shape[3]
     block_q, block_k = block_dim(num_q), block_dim(num_k)
-    _short_sequence_kernel[(batch,)](
+    _short_sequence_kernel[tile_grid(batch, 1)](
         Q=q, K=k, V=values, VALID=valid.contiguous().view(torch.uint8),
         POOL=query_pool.contiguous().view(torch.uint8), QUERY_RANK=query_rank, HEAD=head,
         TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores, MASK=mask.view(torch.uint8),
@@ -309,8 +313,8 @@ def short_sequence_attention(
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", values, "bhnd"),
         **strides("o", out if attend else q, "bhmd"),
         stride_query_rank=query_rank.stride(0), stride_head=head.stride(0),
-        stride_token_rank=token_rank.stride(0),
-        H=heads, NQ=num_q, NK=num_k, scale=scale, qk_scale=scale * LOG2E,
+        stride_token_rank=token_rank.stride(0), stride_order_b=order.stride(0),
+        B=batch, H=heads, NQ=num_q, NK=num_k, scale=scale, qk_scale=scale * LOG2E,
         head_weight=1.0 if head_mix == "random" else 1.0 / heads, ratio_bits=float_bits(ratio),
         num_per_query=num_per_query, noise_bits=float_bits(noise), D=dim, DV=dim_v,
         BLOCK_D=block_dim(dim), BLOCK_DV=block_dim(dim_v), DOT_F32=INTERPRET,
@@ -331,13 +335,13 @@ def short_sequence_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     num_k, dim_v = k.shape[2], v.shape[3]
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block_q, block_k = block_dim(num_q), block_dim(num_k)
-    _short_sequence_bwd_kernel[(batch * heads,)](  # one program per (sample, head)
+    _short_sequence_bwd_kernel[tile_grid(batch * heads, 1)](  # one program per (sample, head)
         Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, DO=grad_out, LSE=lse.contiguous(),
         DQ=d_q, DK=d_k, DV_OUT=d_v, **strides("q", q, "bhmd"), **strides("k", k, "bhnd"),
         **strides("v", v, "bhnd"), **strides("o", out, "bhmd"),
         **strides("do", grad_out, "bhmd"), **strides("dq", d_q, "bhmd"),
         **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"),
-        stride_order_b=order.stride(0), H=heads, NQ=num_q, NK=num_k, scale=scale,
+        stride_order_b=order.stride(0), B=batch, H=heads, NQ=num_q, NK=num_k, scale=scale,
         qk_scale=scale * LOG2E, D=dim, DV=dim_v, BLOCK_D=block_dim(dim),
         BLOCK_DV=block_dim(dim_v), DOT_F32=INTERPRET, PRECISION=dot_precision(q.dtype),
         BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=_warps(block_q, block_k), num_stages=1)
