@@ -141,20 +141,16 @@ def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, stride_om, of
 
 
 @triton.jit
-def store_key_gradients(dk_base, dv_base, keys, in_row, listed, dk, dv, stride_dkn, stride_dkd,
+def store_key_gradients(dk_base, dv_base, keys, in_row, dk, dv, stride_dkn, stride_dkd,
                         stride_dvn, stride_dvd, offs_d, offs_dv, D: tl.constexpr,
                         DV: tl.constexpr):
-    """dK and dV rows of a block of entries of the kept-key order (``in_row``: entries that
-    exist; ``listed``: kept keys), written to the entries' keys: kept ones their gradients,
-    dropped ones exact zeros (selected, not computed: P = 0 there, but 0 * NaN from a non-finite
-    kept input would not be 0). So no zero fill is needed, and each key row has one writer (the
-    order is a permutation)."""
+    """dK and dV rows of a block of entries of the kept-key order, written to the entries'
+    keys: kept ones their gradients, dropped ones (P = 0 there) zeros, so no zero fill is
+    needed and each key row has one writer (the order is a permutation)."""
     tl.store(dk_base + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
-             tl.where(listed[:, None], dk, 0.0).to(dk_base.dtype.element_ty),
-             mask=in_row[:, None] & (offs_d[None, :] < D))
+             dk.to(dk_base.dtype.element_ty), mask=in_row[:, None] & (offs_d[None, :] < D))
     tl.store(dv_base + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
-             tl.where(listed[:, None], dv, 0.0).to(dv_base.dtype.element_ty),
-             mask=in_row[:, None] & (offs_dv[None, :] < DV))
+             dv.to(dv_base.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
 
 
 @autotune(_FWD_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
@@ -197,11 +193,14 @@ def _attention_fwd_kernel(
                                            offs_dv, D, DV, DOT_F32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(listed[None, :], s, float("-inf"))
-            # Every block starts with a kept key, so m_new is finite from the first block on
-            # and exp2(m_i - m_new) is never NaN.
+            # Every block starts with a kept key, so m_new is finite from the first block on,
+            # unless every kept logit so far is -inf (an infinite input): the exponentials are
+            # then taken against 0, so they are 0 (not -inf - -inf = NaN) and the row ends with
+            # out = 0 and lse = +inf, as the reference's.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_base = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp2(m_i - m_base)
+            p = tl.exp2(s - m_base[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
@@ -316,8 +315,7 @@ def _attention_bwd_dkdv_kernel(
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
-                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row,
-                            positions < num_kept, dk * scale, dv,
+                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
                             stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D,
                             DV)
 
