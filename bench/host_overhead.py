@@ -28,7 +28,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
 import contextlib
-import importlib
 import json
 import sys
 import time
@@ -50,7 +49,7 @@ def stubbed_launches() -> Iterator[list[str]]:
     """Replaces every Triton kernel of the backend by a stub; yields the list of launches."""
     from triton.runtime import KernelInterface
 
-    from sma_kernels.triton import KERNEL_MODULES
+    from sma_kernels.triton import kernel_modules
 
     launched: list[str] = []
 
@@ -62,7 +61,7 @@ def stubbed_launches() -> Iterator[list[str]]:
             return lambda *args, **kwargs: launched.append(self.name)
 
     with contextlib.ExitStack() as stack:
-        for module in (importlib.import_module(f"sma_kernels.triton.{name}") for name in KERNEL_MODULES):
+        for module in kernel_modules():
             for name, value in vars(module).items():
                 if isinstance(value, KernelInterface):
                     stack.enter_context(mock.patch.object(module, name, Stub(name)))

@@ -45,7 +45,6 @@ if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ and not torch
 
 import argparse
 import contextlib
-import importlib
 import json
 import sys
 import time
@@ -272,8 +271,7 @@ def compiled_kernels() -> list[dict[str, Any]]:
     from sma_kernels import triton as triton_backend
 
     found = []
-    for module in (importlib.import_module(f"sma_kernels.triton.{name}")
-                   for name in triton_backend.KERNEL_MODULES):
+    for module in triton_backend.kernel_modules():
         for value in vars(module).values():
             while value is not None and not isinstance(value, JITFunction):
                 value = getattr(value, "fn", None)  # behind triton.autotune / triton.heuristics

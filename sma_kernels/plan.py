@@ -87,7 +87,8 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
 def draw_plan(batch_size: int, num_queries: int, num_tokens: int, *,
               generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> MaskPlan:
-    """The draw behind :func:`make_plan`, with ``head`` left as raw int32 draws; its arguments are already checked.
+    """The draw behind :func:`make_plan` (arguments already checked), with ``head`` left as raw
+    int32 draws.
 
     The ops draw their own plan with it: the backends read ``head`` mod H, which gives the heads
     of :func:`make_plan` for the same generator, without a launch for the remainder.

@@ -30,9 +30,9 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
     """(B, L) fp32: summed attention of the chosen rows on each token; -inf at padding.
 
     Under ``head_mix="random"`` row i reads head ``head[b, i] mod H`` (floor modulo, so any int32
-    names a head). The non-finite rule: a (head, row) whose logits over the real tokens are not all finite (NaN
-    or Inf in q or k, or an fp32 overflow) contributes nothing, so the scores of real tokens are
-    always finite. Padded keys never reach a logit, whatever they hold.
+    names a head). The non-finite rule: a (head, row) whose logits over the real tokens are not
+    all finite (NaN or Inf in q or k, or an fp32 overflow) contributes nothing, so the scores of
+    real tokens are always finite. Padded keys never reach a logit, whatever they hold.
     """
     real = valid[:, None, None, :]
     logits = scale * torch.matmul(q.float(), kept_rows(k, valid).float().transpose(-1, -2))

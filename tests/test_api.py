@@ -263,31 +263,48 @@ def eager_case():
     return q, k, v, valid, sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(5))
 
 
+def op_mask_arguments(valid, plan, backend):
+    """The registered mask and fused ops' arguments after the tensors q, k (and v) for
+    EAGER_OPTIONS: valid, the query pool, the plan and the options, positionally."""
+    return (valid, torch.ones(B, Q, dtype=torch.bool), *plan, EAGER_OPTIONS["ratio"],
+            EAGER_OPTIONS["num_per_query"], EAGER_OPTIONS["head_mix"], False,
+            EAGER_OPTIONS["noise"], D ** -0.5, backend)
+
+
+def with_square_loss_grads(attend, q, k, v):
+    """``attend(q, k, v)`` on fresh leaves, its first output's square summed and
+    backpropagated: (the outputs, the leaves' gradients)."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    outputs = attend(*leaves)
+    outputs[0].square().sum().backward()
+    return outputs, [leaf.grad for leaf in leaves]
+
+
 @pytest.mark.parametrize("backend", available_cpu_backends())
 def test_eager_mask_equals_the_registered_op(backend):
     """Eager calls skip the custom-op dispatch; the mask is the op's."""
     q, k, _, valid, plan = eager_case()
-    op_mask = torch.ops.sma_kernels.self_guided_mask(
-        q, k, valid, torch.ones(B, Q, dtype=torch.bool), *plan, EAGER_OPTIONS["ratio"],
-        EAGER_OPTIONS["num_per_query"], EAGER_OPTIONS["head_mix"], False, EAGER_OPTIONS["noise"],
-        D ** -0.5, backend)
+    op_mask = torch.ops.sma_kernels.self_guided_mask(q, k, *op_mask_arguments(valid, plan, backend))
     assert torch.equal(sk.self_guided_mask(q, k, valid, plan=plan, backend=backend, **EAGER_OPTIONS),
                        op_mask)
+
+
+def eager_attention(valid, plan, backend):
+    return lambda q, k, v: sk.self_guided_attention(q, k, v, valid, plan=plan, backend=backend,
+                                                    **EAGER_OPTIONS)
 
 
 @pytest.mark.parametrize("backend", available_cpu_backends())
 def test_eager_attention_equals_the_registered_op(backend):
     """Outputs and gradients of the eager autograd.Function are the op's, bit for bit."""
     q, k, v, valid, plan = eager_case()
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, mask = sk.self_guided_attention(*leaves, valid, plan=plan, backend=backend, **EAGER_OPTIONS)
-    out.square().sum().backward()
-    op_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    op_out, _ = torch.ops.sma_kernels.masked_attention(*op_leaves, valid & ~mask, D ** -0.5, backend)
-    op_out.square().sum().backward()
+    (out, mask), grads = with_square_loss_grads(eager_attention(valid, plan, backend), q, k, v)
+    (op_out, _), op_grads = with_square_loss_grads(
+        lambda q, k, v: torch.ops.sma_kernels.masked_attention(q, k, v, valid & ~mask, D ** -0.5,
+                                                               backend), q, k, v)
     assert torch.equal(out, op_out)
-    for leaf, op_leaf in zip(leaves, op_leaves):
-        assert torch.equal(leaf.grad, op_leaf.grad)
+    for grad, op_grad in zip(grads, op_grads):
+        assert torch.equal(grad, op_grad)
 
 
 def fused_cpu_backends():
@@ -298,18 +315,13 @@ def fused_cpu_backends():
 def test_eager_fused_attention_equals_the_registered_op(backend):
     """The fused op's eager autograd.Function gives the op's outputs and gradients, bit for bit."""
     q, k, v, valid, plan = eager_case()
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, mask = sk.self_guided_attention(*leaves, valid, plan=plan, backend=backend, **EAGER_OPTIONS)
-    out.square().sum().backward()
-    op_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    op_out, _, op_mask, _, _ = torch.ops.sma_kernels.self_guided_attention(
-        *op_leaves, valid, torch.ones(B, Q, dtype=torch.bool), *plan, EAGER_OPTIONS["ratio"],
-        EAGER_OPTIONS["num_per_query"], EAGER_OPTIONS["head_mix"], False, EAGER_OPTIONS["noise"],
-        D ** -0.5, backend)
-    op_out.square().sum().backward()
+    (out, mask), grads = with_square_loss_grads(eager_attention(valid, plan, backend), q, k, v)
+    (op_out, _, op_mask, _, _), op_grads = with_square_loss_grads(
+        lambda q, k, v: torch.ops.sma_kernels.self_guided_attention(
+            q, k, v, *op_mask_arguments(valid, plan, backend)), q, k, v)
     assert torch.equal(mask, op_mask) and torch.equal(out, op_out)
-    for leaf, op_leaf in zip(leaves, op_leaves):
-        assert torch.equal(leaf.grad, op_leaf.grad)
+    for grad, op_grad in zip(grads, op_grads):
+        assert torch.equal(grad, op_grad)
 
 
 # ----------------------------------------------------------------------------- drop_masked

@@ -17,6 +17,9 @@ backward in one. They run on CUDA tensors, or on CPU tensors under ``TRITON_INTE
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
 from ..backends import Backend
@@ -24,6 +27,11 @@ from ..backends import Backend
 # The modules that define the backend's kernels, for the tools that stub or inspect every kernel
 # (bench/host_overhead.py, bench/launches.py).
 KERNEL_MODULES = ("mask_scores", "select", "kept_keys", "attention", "short_sequence")
+
+
+def kernel_modules() -> list[ModuleType]:
+    """The modules of KERNEL_MODULES, imported (needs Triton)."""
+    return [importlib.import_module(f"{__name__}.{name}") for name in KERNEL_MODULES]
 
 
 def _unavailable() -> str | None:

@@ -85,6 +85,7 @@ from .select import (
     chosen_threshold,
     float_bits,
     mask_counts,
+    plan_heads,
     row_strided,
     select_from_partials,
     token_range,
@@ -166,11 +167,7 @@ def _chosen_row_scores_kernel(
             else:
                 member = tl.load(chosen_row + candidates, mask=candidates < NQ, other=0) != 0
             if GROUP_BY_HEAD:
-                # The row's head is the plan's head mod H, floor modulo (torch.remainder's):
-                # Triton's % keeps the sign of a negative draw.
-                row_head = tl.load(head_row + candidates, mask=candidates < NQ, other=0) % H
-                row_head = tl.where(row_head < 0, row_head + H, row_head)
-                member = member & (row_head == h)
+                member = member & (plan_heads(head_row, candidates, NQ, H) == h)
             count = member.to(tl.int32)
             slot = listed + tl.cumsum(count, axis=0) - count
             hit = member[:, None] & (slot[:, None] == slots[None, :])

@@ -238,6 +238,15 @@ def chosen_threshold(POOL, VALID, RANK, NQ, k_q, MASK_SELF: tl.constexpr, BLOCK:
 
 
 @triton.jit
+def plan_heads(HEAD, rows, NQ, H):
+    """The heads that ``rows`` of a sample read under ``head_mix="random"``: the plan's head
+    mod H, floor modulo as torch.remainder (Triton's % keeps the sign of a negative draw), so
+    any int32 draw names a head."""
+    head = tl.load(HEAD + rows, mask=rows < NQ, other=0) % H
+    return tl.where(head < 0, head + H, head)
+
+
+@triton.jit
 def chosen_in_block(POOL, VALID, RANK, rows, NQ, t, ties, ties_before, MASK_SELF: tl.constexpr):
     """Which of ``rows`` (a block of the sample's rows, swept in order) are chosen, by
     :func:`chosen_threshold`'s (t, ties); returns them and the new ``ties_before`` (start at 0)."""

@@ -8,7 +8,7 @@ select.py, attention.py) cost more in launch latency and in the round trips betw
 arithmetic. Here one program per sample does all of it, with every row of the sample in a single
 (BLOCK_Q, BLOCK_K) tile, so neither softmax needs the online (running maximum) form:
 
-1. The plan: the valid token range and counts, and the chosen query rows, with the same
+1. The plan: the number of valid tokens, the counts and the chosen query rows, with the same
    functions as the score kernel (select.py: ``mask_counts``, ``chosen_threshold``,
    ``chosen_in_block``). The chosen rows are written out: they are the forced tokens of
    ``mask_self``.
@@ -81,9 +81,9 @@ from .select import (
     chosen_threshold,
     float_bits,
     mask_counts,
+    plan_heads,
     row_strided,
     select_row,
-    token_range,
 )
 
 # The longest query and token axes the one-program path takes, the widest head dims, and the
@@ -135,7 +135,7 @@ def _short_sequence_kernel(
         valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
 
         # Step 1: the plan's counts and chosen rows.
-        n, _, _ = token_range(valid_row, NK, BLOCK_K)
+        n = tl.sum(valid.to(tl.int32), axis=0)  # the whole row is one block
         num_top, num_random, k_q = mask_counts(n, pool_row, valid_row, NQ, ratio_bits,
                                                num_per_query, noise_bits, MASK_SELF, BLOCK_Q)
         t, ties = chosen_threshold(pool_row, valid_row, query_rank_row, NQ, k_q, MASK_SELF, BLOCK_Q,
@@ -145,9 +145,7 @@ def _short_sequence_kernel(
         tl.store(chosen_row + rows, chosen.to(tl.uint8), mask=rows < NQ)
         row_head = tl.zeros([BLOCK_Q], tl.int32)
         if GROUP_BY_HEAD:
-            # Floor modulo (torch.remainder's): Triton's % keeps the sign of a negative draw.
-            row_head = tl.load(HEAD + b * stride_head + rows, mask=rows < NQ, other=0) % H
-            row_head = tl.where(row_head < 0, row_head + H, row_head)
+            row_head = plan_heads(HEAD + b * stride_head, rows, NQ, H)
 
         # Step 2: the token scores, added head after head.
         scores = tl.zeros([BLOCK_K], tl.float32)
