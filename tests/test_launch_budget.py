@@ -6,11 +6,14 @@ around them (the plan's random draw included). The budgets are today's counts, s
 that adds a launch fails here; they come down as the kernels are fused. The target of the GPU
 path: a forward as users call it (``plan=None`` or a generator) at most 4 launches (met: the
 draw, the score kernel, the selection with the kept-key order, the attention), at most 2 when
-L <= 128 (met: the draw and the short-sequence kernel), and a backward at most 3 (met; 1 for
-short sequences). A user's plan adds its on-device head check (four ops).
+L <= 128 (met at any head dims and up to 1024 queries: the draw and the short-sequence
+kernel), and a backward at most 3 (met; 1 for short sequences whose tile fits). A user's plan
+adds its on-device head check (four ops).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,26 +24,32 @@ from helpers import DEVICE, import_triton_backend, use_triton_path
 from bench import cases as bench_cases
 from bench.launches import calls, count_launches
 
-# Per call of bench.launches.CALLS and Triton path: the most launches allowed.
+# Per call of bench.launches.CALLS and Triton path: the most launches allowed. "short forward":
+# the short-sequence forward at a shape whose backward tile does not fit, so the general backward.
 LAUNCH_BUDGETS = {
-    "forward (plan=None)": {"short": 2, "general": 4},
-    "forward (generator)": {"short": 2, "general": 4},
-    "forward (plan)": {"short": 5, "general": 7},
-    "backward": {"short": 1, "general": 3},
+    "forward (plan=None)": {"short": 2, "short forward": 2, "general": 4},
+    "forward (generator)": {"short": 2, "short forward": 2, "general": 4},
+    "forward (plan)": {"short": 5, "short forward": 5, "general": 7},
+    "backward": {"short": 1, "short forward": 3, "general": 3},
 }
 
 import_triton_backend()
 CASES = {case.name: case for case in bench_cases.tiny_cases()}
+# Short peptides under the proteins workload's 256 latents: L <= 128, Q = 256 (two row blocks)
+# and dv = 128, past the short backward's tile.
+CASES["peptides"] = replace(CASES["proteins"], name="peptides", queries=256, tokens=100, dim=32,
+                            dim_v=128)
 
 
 # Tiny workloads (bench.cases.tiny_cases), each on the path of its full size: HIGGS is
 # self-attention at L = 28 (head_mix "random", mask_self), the short-sequence path; molecules
 # self-attention at L = 136 and pixels cross-attention at L = 300 (head_mix "mean") the general
-# one. HIGGS is also forced onto the general path.
+# one. HIGGS is also forced onto the general path, and the peptides take the short forward.
 @pytest.mark.parametrize(("workload", "path"), [("higgs", "short"), ("higgs", "general"),
+                                                ("peptides", "short forward"),
                                                 ("molecules", "general"), ("pixels", "general")])
 def test_triton_calls_stay_within_their_launch_budget(workload, path, monkeypatch):
-    use_triton_path(monkeypatch, path)
+    use_triton_path(monkeypatch, "general" if path == "general" else "short")
     runs = calls(CASES[workload], "triton", torch.device(DEVICE))
     for call, budgets in LAUNCH_BUDGETS.items():
         runs[call]()  # warm-up: compilation and autotuning launch too
@@ -50,9 +59,11 @@ def test_triton_calls_stay_within_their_launch_budget(workload, path, monkeypatc
             f"{budgets[path]}: {launches.summary()}")
         triton_kernels = [name for name in launches.names if name.startswith("triton:")]
         assert triton_kernels, f"{call} at {workload} launched no Triton kernel: {launches.summary()}"
-        if path == "short":
+        if path == "short" or (path == "short forward" and call != "backward"):
             kernel = "_short_sequence_bwd_kernel" if call == "backward" else "_short_sequence_kernel"
             assert triton_kernels == [f"triton:{kernel}"], launches.summary()
+        elif path == "short forward":  # the general backward over the short forward's order
+            assert "triton:_short_sequence_bwd_kernel" not in triton_kernels, launches.summary()
 
 
 @triton.jit

@@ -1,12 +1,14 @@
 """The Triton backend's short-sequence path (short_sequence.py): the mask and the attention of a
-sample in one program, one launch, and the backward in one program per (sample, head), one
-launch, for sequences of at most SHORT_LENGTH queries and tokens.
+sample in one program, one launch, for at most SHORT_LENGTH tokens (query rows and head dims
+taken in blocks and chunks), and the backward in one program per (sample, head), one launch,
+where its whole tile fits.
 
 The mask and fused-forward tests of test_triton_mask.py, test_triton_attention.py,
 test_triton_fused.py and test_edge_cases.py run on this path at their short shapes (and on the
-general path where they take the ``triton_path`` fixture). Here: which shapes take it, the
-largest tile against the reference, what each kernel loads, exact ties, and that a sample's
-bits do not depend on its batch. Without a GPU the kernels run in Triton's interpreter.
+general path where they take the ``triton_path`` fixture). Here: which shapes take it and with
+which blocks, the large shapes against the reference, what each kernel loads, exact ties, and
+that a sample's bits do not depend on its batch. Without a GPU the kernels run in Triton's
+interpreter.
 """
 
 from __future__ import annotations
@@ -29,23 +31,44 @@ from test_triton_determinism import SETUPS, SHORT, assert_exact_ties_to_lower_in
 from sma_kernels.triton.kept_keys import kept_keys
 from sma_kernels.triton.short_sequence import (
     SHORT_LENGTH,
-    fits_short_sequence,
+    SHORT_QUERIES,
+    SHORT_TILE_VOLUME,
+    fits_short_backward,
+    fits_short_forward,
+    forward_blocks,
     short_sequence_attention,
     short_sequence_backward,
 )
 
 
 def test_which_shapes_take_the_short_path():
-    assert fits_short_sequence(SHORT_LENGTH, SHORT_LENGTH, 64, 64)
-    assert fits_short_sequence(SHORT_LENGTH, 64, 128, 128)
-    assert fits_short_sequence(64, 64, 128, 128)
-    assert not fits_short_sequence(SHORT_LENGTH, SHORT_LENGTH, 128, 64)  # would spill
-    assert fits_short_sequence(1, 1, 1, 1)
-    assert fits_short_sequence(28, 28, 16, 16)  # HIGGS
-    assert not fits_short_sequence(SHORT_LENGTH + 1, 28, 16, 16)
-    assert not fits_short_sequence(28, SHORT_LENGTH + 1, 16, 16)
-    assert not fits_short_sequence(28, 28, 256, 16)  # head dims past 128 would spill
-    assert not fits_short_sequence(28, 28, 16, 129)
+    # The forward (and the mask) at any head dims up to SHORT_LENGTH tokens and SHORT_QUERIES
+    # queries; the backward only where its whole tile fits.
+    assert fits_short_forward(1, 1)
+    assert fits_short_forward(28, 28)  # HIGGS
+    assert fits_short_forward(SHORT_QUERIES, SHORT_LENGTH)
+    assert not fits_short_forward(28, SHORT_LENGTH + 1)
+    assert not fits_short_forward(SHORT_QUERIES + 1, 28)
+    assert fits_short_backward(SHORT_LENGTH, SHORT_LENGTH, 64, 64)
+    assert fits_short_backward(SHORT_LENGTH, 64, 128, 128)
+    assert fits_short_backward(28, 28, 16, 16)
+    assert not fits_short_backward(SHORT_LENGTH, SHORT_LENGTH, 128, 64)  # would spill
+    assert not fits_short_backward(28, 28, 256, 16)  # head dims past 128 would spill
+    assert not fits_short_backward(SHORT_LENGTH + 1, 28, 16, 16)
+
+
+@pytest.mark.parametrize(("shape", "blocks"), [
+    ((28, 28, 16, 16), (32, 32, 16, 16)),  # HIGGS: one block, one chunk
+    ((128, 128, 64, 64), (128, 128, 64, 64)),  # the largest whole tile
+    ((128, 128, 128, 128), (128, 128, 64, 64)),  # two head-dim chunks
+    ((256, 128, 32, 128), (128, 128, 32, 64)),  # 256 latents: two row blocks
+    ((128, 128, 256, 256), (64, 128, 128, 128)),  # wide heads: smaller row blocks
+    ((256, 16, 256, 256), (128, 16, 64, 64)),  # a (128, 64) fp32 accumulator at 4 warps
+])
+def test_forward_blocks_keep_the_tile_within_the_register_budget(shape, blocks):
+    assert forward_blocks(*shape) == blocks
+    block_m, block_k, block_d, block_dv = blocks
+    assert block_m * block_k * max(block_d, block_dv) <= SHORT_TILE_VOLUME
 
 
 def backend_args(q, valid, mask_self):
@@ -53,17 +76,29 @@ def backend_args(q, valid, mask_self):
     return valid, default_query_pool(valid, num_q, valid if mask_self else None, mask_self)
 
 
+# (Q, L, d, dv): the largest whole tile; self-attention at d = 128 (two head-dim chunks, the
+# general backward); 200 queries over 100 tokens (two row blocks, the last partial, and partial
+# chunks of d = 96 and dv = 160).
+LARGE_SHAPES = [(SHORT_LENGTH, SHORT_LENGTH, 64, 64), (SHORT_LENGTH, SHORT_LENGTH, 128, 128),
+                (200, 100, 96, 160)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(("head_mix", "mask_self", "noise"),
                          [("mean", False, 0.0), ("random", True, 0.3)])
-def test_largest_tile_matches_the_reference(head_mix, mask_self, noise, dtype):
-    # Q = L = SHORT_LENGTH, d = 64: the largest tile of the path. The mask is the reference's
-    # up to near-ties, the output and gradients meet the fp64 rule.
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)
+def test_large_shapes_match_the_reference(shape, head_mix, mask_self, noise, dtype):
+    # The mask is the reference's up to near-ties and the mask function's bit for bit; the
+    # output and gradients meet the fp64 rule.
+    num_q, length, dim, dim_v = shape
+    if mask_self and num_q != length:
+        pytest.skip("mask_self needs self-attention (Q = L)")
     g = torch.Generator().manual_seed(3)
-    batch, heads, length, dim = 3, 2, SHORT_LENGTH, 64
-    q, k, v, grad_out = (torch.randn(batch, heads, length, dim, generator=g) for _ in range(4))
+    batch, heads = 3, 2
+    q, k, v, grad_out = (torch.randn(batch, heads, n, width, generator=g) for n, width in
+                         ((num_q, dim), (length, dim), (length, dim_v), (num_q, dim_v)))
     valid = padded_valid(batch, length, g)
-    plan = sk.make_plan(batch, length, length, heads, generator=g)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
     q, k, v, grad_out = (x.to(DEVICE, dtype) for x in (q, k, v, grad_out))
     valid, plan = valid.to(DEVICE), plan.to(DEVICE)
     options = {"ratio": 0.3, "num_per_query": 2, "head_mix": head_mix, "mask_self": mask_self,
@@ -73,6 +108,7 @@ def test_largest_tile_matches_the_reference(head_mix, mask_self, noise, dtype):
     out.backward(grad_out)
     want_mask = sk.self_guided_mask(q, k, valid, backend="reference", **options)
     assert_masks_match(mask, want_mask, q, k, valid, **options)
+    assert torch.equal(mask, sk.self_guided_mask(q, k, valid, backend="triton", **options))
 
     keep = valid & ~mask
     results = {}
@@ -172,21 +208,3 @@ def test_kernels_load_only_what_they_need(monkeypatch):
         loads = torch.from_numpy(loads)
         assert not torch.isin(addresses.masked_select(~needed[:, None, :, None]), loads).any()
         assert torch.isin(addresses.masked_select(needed[:, None, :, None]), loads).all()
-
-
-def test_mask_and_fused_forward_agree_when_only_the_mask_fits():
-    # d = 32, dv = 128 at Q = L = 128: the mask's tile fits the short kernel, the attention's
-    # does not. The fused forward then runs the short kernel for the mask (and its order) and
-    # the general attention, so its mask is still the mask function's, bit for bit.
-    g = torch.Generator().manual_seed(8)
-    batch, heads, length, dim, dim_v = 2, 2, SHORT_LENGTH, 32, 128
-    assert fits_short_sequence(length, length, dim, dim) and \
-        not fits_short_sequence(length, length, dim, dim_v)
-    q, k = (torch.randn(batch, heads, length, dim, generator=g).to(DEVICE) for _ in range(2))
-    v = torch.randn(batch, heads, length, dim_v, generator=g).to(DEVICE)
-    valid = padded_valid(batch, length, g).to(DEVICE)
-    plan = sk.make_plan(batch, length, length, heads, generator=g).to(DEVICE)
-    options = {"ratio": 0.3, "num_per_query": 2, "head_mix": "random", "mask_self": True,
-               "noise": 0.2, "plan": plan, "backend": "triton"}
-    _, fused_mask = sk.self_guided_attention(q, k, v, valid, **options)
-    assert torch.equal(fused_mask, sk.self_guided_mask(q, k, valid, **options))

@@ -10,8 +10,8 @@ Kernels live one family per file: ``mask_scores.py`` (the plan's chosen rows and
 partials of their token scores), ``select.py`` (the scores, then forced, top and random picks
 without a sort, and the kept-key order of ``kept_keys.py``), ``attention.py`` (FlashAttention
 forward and backward over the kept keys only), and ``short_sequence.py``, which does the mask
-and the attention of a short sequence (:func:`fits_short_sequence`) in one launch, and its
-backward in one. They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
+and the attention of a sample with few tokens (:func:`fits_short_forward`) in one launch, and
+the backward of a short sequence (:func:`fits_short_backward`) in one. They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
 (slow; for tests).
 """
 
@@ -57,7 +57,8 @@ if UNAVAILABLE is None:
     from .mask_scores import chosen_row_scores
     from .select import select_from_partials
     from .short_sequence import (
-        fits_short_sequence,
+        fits_short_backward,
+        fits_short_forward,
         short_sequence_attention,
         short_sequence_backward,
     )
@@ -74,7 +75,7 @@ if UNAVAILABLE is None:
         (short_sequence.py)."""
         options = {"ratio": ratio, "num_per_query": num_per_query, "head_mix": head_mix,
                    "mask_self": mask_self, "noise": noise, "scale": scale}
-        if fits_short_sequence(q.shape[2], k.shape[2], q.shape[3], q.shape[3]):
+        if fits_short_forward(q.shape[2], k.shape[2]):
             return short_sequence_attention(q.detach(), k.detach(), None, valid, query_pool,
                                             plan, **options, order_out=order_out).mask
         # Two launches: the plan's rows and the score partials, then the scores and the mask.
@@ -96,7 +97,7 @@ if UNAVAILABLE is None:
         batch, num_k = valid.shape
         order = torch.empty((batch, num_k), dtype=torch.int32, device=q.device)
         kept = torch.empty((batch,), dtype=torch.int32, device=q.device)
-        if fits_short_sequence(q.shape[2], num_k, q.shape[3], v.shape[3]):
+        if fits_short_forward(q.shape[2], num_k):
             mask, _, out, lse = short_sequence_attention(
                 q, k, v, valid, query_pool, plan, ratio=ratio, num_per_query=num_per_query,
                 head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale,
@@ -115,7 +116,7 @@ if UNAVAILABLE is None:
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dQ, dK, dV of :func:`self_guided_attention_forward`'s attention over its saved
         ``order`` and ``kept``: three launches (attention.py), one for short sequences."""
-        if fits_short_sequence(q.shape[2], k.shape[2], q.shape[3], v.shape[3]):
+        if fits_short_backward(q.shape[2], k.shape[2], q.shape[3], v.shape[3]):
             return short_sequence_backward(grad_out, q, k, v, order, kept, out, lse, scale=scale)
         return general_ordered_attention_backward(grad_out, q, k, v, order, kept, out, lse,
                                                   scale=scale)

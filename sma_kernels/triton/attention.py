@@ -126,18 +126,20 @@ def _query_tile(q_base, do_base, lse_base, delta_base, rows, stride_qm, stride_q
 
 
 @triton.jit
-def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, stride_om, offs_dv, stride_od,
-                 DV: tl.constexpr):
+def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, lse_ok, stride_om, offs_dv,
+                 stride_od, DV: tl.constexpr):
     """The forward's epilogue for a tile of query rows: out = acc / row_sum and the lse
-    (natural log) from the running maximum m (base 2) and row_sum. A row without a kept key
-    (row_sum = 0, acc = 0) gets out = 0 and lse = +inf, so the backward's exp(S - lse) is 0."""
+    (natural log) from the running maximum m (base 2) and row_sum, stored where ``lse_ok``
+    (the rows' first column chunk, when the output is written chunk by chunk). A row without a
+    kept key (row_sum = 0, acc = 0) gets out = 0 and lse = +inf, so the backward's
+    exp(S - lse) is 0."""
     has_key = row_sum > 0.0
     out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
     lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E_C,
                    float("inf"))
     tl.store(out_base + tile_offsets(rows, stride_om, offs_dv, stride_od),
              out.to(out_base.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(lse_row + rows, lse, mask=row_ok)
+    tl.store(lse_row + rows, lse, mask=lse_ok)
 
 
 @triton.jit
@@ -206,7 +208,7 @@ def _attention_fwd_kernel(
             m_i = m_new
 
         store_output(OUT + b * stride_ob + h * stride_oh, LSE + bh * NQ, acc, m_i, l_i, rows,
-                     row_ok, stride_om, offs_dv, stride_od, DV)
+                     row_ok, row_ok, stride_om, offs_dv, stride_od, DV)
 
 
 @triton.jit

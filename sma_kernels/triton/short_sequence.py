@@ -1,33 +1,36 @@
-"""Short sequences (at most SHORT_LENGTH queries and tokens): the whole self-guided attention of
-a sample in one program, so the forward is one launch after the plan's draw, and the backward
-one launch.
+"""Few tokens (at most SHORT_LENGTH): the whole self-guided attention of a sample in one
+program, so the forward is one launch after the plan's draw; and for short sequences (queries
+too, and a tile that fits) a backward in one launch.
 
 At HIGGS-like sizes (L = 28) the work of a sample is a few thousand multiply-adds per head, and
 the general path's three launches (score kernel, selection, attention; mask_scores.py,
 select.py, attention.py) cost more in launch latency and in the round trips between them than in
-arithmetic. Here one program per sample does all of it, with every row of the sample in a single
-(BLOCK_Q, BLOCK_K) tile, so neither softmax needs the online (running maximum) form:
+arithmetic. Here one program per sample does all of it. Every token of the sample sits in one
+(BLOCK_M, BLOCK_K) tile, so neither softmax needs the online (running maximum) form; the query
+rows come BLOCK_M at a time (one block up to 128 queries, so up to SHORT_QUERIES), and the head
+dims BLOCK_D and BLOCK_DV columns at a time (one chunk while the tile fits, see Registers):
 
-1. The plan: the number of valid tokens, the counts and the chosen query rows, with the same
-   functions as the score kernel (select.py: ``mask_counts``, ``chosen_threshold``,
-   ``chosen_in_block``). The chosen rows are written out: they are the forced tokens of
-   ``mask_self``.
-2. The token scores, head by head: S = scale * q.k for the sample's rows and tokens in one dot,
-   each chosen row's softmax over the valid tokens, P = exp(S - m) / sum(exp(S - m)) with m
-   the row's maximum (one exponential per logit: the whole row is in the tile), and the column
-   sums of P over the rows the head mix gives this head (every chosen row under "mean", those
-   whose plan head mod H is h under "random"), added into one (BLOCK_K,) fp32 vector in head
-   order, then weighted (1/H under "mean"). The rule for non-finite inputs is the score
-   kernel's: a row with a non-finite logit over the valid tokens adds nothing, and padded keys
-   are loaded as 0.
+1. The plan: the number of valid tokens, the counts and the threshold of the chosen query rows,
+   with the same functions as the score kernel (select.py: ``mask_counts``,
+   ``chosen_threshold``, ``chosen_in_block``). The chosen rows are written out: they are the
+   forced tokens of ``mask_self``.
+2. The token scores, block of rows by block of rows and head by head: S = scale * q.k for the
+   block's rows and the sample's tokens, each chosen row's softmax over the valid tokens,
+   P = exp(S - m) / sum(exp(S - m)) with m the row's maximum (one exponential per logit: the
+   whole row is in the tile), and the column sums of P over the rows the head mix gives this
+   head (every chosen row under "mean", those whose plan head mod H is h under "random"), added
+   into one (BLOCK_K,) fp32 vector in that fixed order, then weighted (1/H under "mean"). The
+   rule for non-finite inputs is the score kernel's: a row with a non-finite logit over the
+   valid tokens adds nothing, and padded keys are loaded as 0.
 3. The selection of select.py (``select_row``) over those scores, which writes the mask and
    the kept-key order (kept_keys.py) that the backward reuses.
-4. Under ATTEND, the attention, head by head: the tile's logits with every key outside
-   keep = valid & ~mask at -inf, P = exp2(S - max), out = P V / sum(P) and the lse. The scoring
-   pass already reads every valid key, and a sample's keys fit in one tile, so there is nothing
-   to skip by gathering the kept ones; dropped keys' K and V are loaded as zeros (load-masked),
-   so what they hold, NaN included, reaches no output. A sample with no kept key gets out = 0
-   and lse = +inf, as in attention.py.
+4. Under ATTEND, the attention, head by head and block of rows by block of rows: the tile's
+   logits with every key outside keep = valid & ~mask at -inf, P = exp2(S - max), then
+   out = P V / sum(P) chunk by chunk of V's columns, and the lse. The scoring pass already reads
+   every valid key, and a sample's keys fit in one tile, so there is nothing to skip by
+   gathering the kept ones; dropped keys' K and V are loaded as zeros (load-masked), so what
+   they hold, NaN included, reaches no output. A sample with no kept key gets out = 0 and
+   lse = +inf, as in attention.py.
 
 Steps 3 and 4 read what the previous step wrote to global memory (the scores, the mask), after a
 barrier; the rows stay in L1/L2.
@@ -41,15 +44,17 @@ kernels each recompute them), the program is the only writer of its gradient row
 get exact zeros), and it is one launch instead of three.
 
 Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at 64 it does not
-(up to 250 registers of 255 in the forward), hence SHORT_TILE_VOLUME; larger shapes take the
-general path. The heads' base pointers advance by their strides, so no head offset is an
-int32 product.
+(up to 250 registers of 255 in the forward), hence SHORT_TILE_VOLUME. The forward keeps every
+dot within it by its head-dim chunks (``forward_blocks``), so it takes any head dims; the
+backward holds whole rows and takes only the shapes that fit (``fits_short_backward``; the
+others take attention.py's three-launch backward over the same order). The heads' base pointers
+advance by their strides, so no head offset is an int32 product.
 
 Determinism: the program's config is a fixed function of the shape (blocks from the sizes,
-warps from the tile area), never timed, and the scores are added in head order, so the same
+warps from the tile area), never timed, and the scores are added in a fixed order, so the same
 inputs give the same mask bits in every process. The summation order differs from the general
-path's, so a near-tie can resolve differently there; both this backend's mask function and its
-fused forward take this path for short sequences, so they agree with each other.
+path's, so a near-tie can resolve differently there; this backend's mask function and its fused
+forward take this path at the same shapes (``fits_short_forward``), so they agree with each other.
 """
 
 from __future__ import annotations
@@ -86,25 +91,73 @@ from .select import (
     select_row,
 )
 
-# The longest query and token axes the one-program path takes, the widest head dims, and the
-# largest tile volume (padded Q x L x head dim): on sm_90 a (128, 128) tile at head dim 128
-# spills registers in both kernels, at 64 it does not (tests/test_triton_sm90.py).
+# The longest token axis the one-program forward takes (every key of a sample in one tile), and
+# the most queries: they are taken SHORT_ROW_BLOCK at a time, and past SHORT_QUERIES a sample's
+# one program would hold the work that the general path spreads over many.
 SHORT_LENGTH = 128
-SHORT_HEAD_BLOCK = 128
+SHORT_QUERIES = 1024
+SHORT_ROW_BLOCK = 128
+# The largest tile volume, rows x tokens x head-dim columns: on sm_90 a (128, 128) tile at head
+# dim 128 spills registers, at 64 it does not (tests/test_triton_sm90.py). The forward takes the
+# head dims in chunks of at most SHORT_HEAD_BLOCK within it; the backward, which holds whole rows
+# of Q, K, V, dO and their gradients, takes only shapes whose whole tile fits.
 SHORT_TILE_VOLUME = 128 * 128 * 64
+SHORT_HEAD_BLOCK = 128
 
 
-def fits_short_sequence(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
-    """Whether the short-sequence kernels take a sample of this shape."""
+def fits_short_forward(num_q: int, num_k: int) -> bool:
+    """Whether the one-program forward (and mask) takes a sample of num_q queries and num_k
+    tokens, at any head dims."""
+    return num_k <= SHORT_LENGTH and num_q <= SHORT_QUERIES
+
+
+def fits_short_backward(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
+    """Whether the one-program-per-(sample, head) backward takes this shape."""
     head_block = max(block_dim(dim), block_dim(dim_v))
     return (max(num_q, num_k) <= SHORT_LENGTH and head_block <= SHORT_HEAD_BLOCK
             and block_dim(num_q) * block_dim(num_k) * head_block <= SHORT_TILE_VOLUME)
 
 
-def _warps(block_q: int, block_k: int) -> int:
+def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, int, int, int]:
+    """The forward's (BLOCK_M, BLOCK_K, BLOCK_D, BLOCK_DV). BLOCK_K holds the whole token axis.
+    BLOCK_M is up to SHORT_ROW_BLOCK query rows, halved while the tile with the whole head dims
+    exceeds twice SHORT_TILE_VOLUME. The head-dim chunks are the widest, up to SHORT_HEAD_BLOCK,
+    that keep the dots within SHORT_TILE_VOLUME and a (BLOCK_M, chunk) fp32 accumulator within
+    64 registers a thread (as the (128, 128) logits tile at 8 warps)."""
+    block_k = block_dim(num_k)
+    head = max(block_dim(dim), block_dim(dim_v))
+    block_m = min(block_dim(num_q), SHORT_ROW_BLOCK)
+    while block_m > 16 and block_m * block_k * head > 2 * SHORT_TILE_VOLUME:
+        block_m //= 2
+    threads = 32 * _warps(block_m, block_k)
+    widest = min(SHORT_HEAD_BLOCK, SHORT_TILE_VOLUME // (block_m * block_k),
+                 64 * threads // block_m)
+    return block_m, block_k, min(block_dim(dim), widest), min(block_dim(dim_v), widest)
+
+
+def _warps(block_m: int, block_k: int) -> int:
     """The kernels' warps: a fixed function of the tile (it sets the reduction trees, so the
     bits), 8 for the larger tiles, whose fp32 logits would not fit in the registers of 4."""
-    return 4 if block_q * block_k <= 64 * 64 else 8
+    return 4 if block_m * block_k <= 64 * 64 else 8
+
+
+@triton.jit
+def _logits(q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn,
+            stride_kd, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q.k for the (rows, cols) tile of one head, the head dim taken BLOCK_D columns at a time,
+    so the Q and K tiles stay within the register budget."""
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
+    k = load_tile(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    # A runtime loop for the other chunks (none when D <= BLOCK_D): unrolled, their loads would be
+    # hoisted and held together.
+    for start in range(BLOCK_D, D, BLOCK_D):
+        q = load_tile(q_base, rows, row_ok, stride_qm, start + offs_d, stride_qd, D, DOT_F32)
+        k = load_tile(k_base, cols, col_ok, stride_kn, start + offs_d, stride_kd, D, DOT_F32)
+        s = tl.dot(q, tl.trans(k), s, input_precision=PRECISION)
+    return s
 
 
 @triton.jit
@@ -121,7 +174,7 @@ def _short_sequence_kernel(
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, MASK_SELF: tl.constexpr,
     GROUP_BY_HEAD: tl.constexpr, WRITE_ORDER: tl.constexpr, ATTEND: tl.constexpr,
     RADIX_BITS: tl.constexpr, ORDER_CHUNK: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b, _ = program_tile(1)  # one program per sample
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
@@ -129,49 +182,55 @@ def _short_sequence_kernel(
         pool_row = POOL + b * NQ
         query_rank_row = QUERY_RANK + b * stride_query_rank
         chosen_row = CHOSEN + b * NQ
-        rows = tl.arange(0, BLOCK_Q)
+        offs_m = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_K)
-        offs_d = tl.arange(0, BLOCK_D)
         valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
 
-        # Step 1: the plan's counts and chosen rows.
+        # Step 1: the plan's counts and the threshold of its chosen rows.
         n = tl.sum(valid.to(tl.int32), axis=0)  # the whole row is one block
         num_top, num_random, k_q = mask_counts(n, pool_row, valid_row, NQ, ratio_bits,
-                                               num_per_query, noise_bits, MASK_SELF, BLOCK_Q)
-        t, ties = chosen_threshold(pool_row, valid_row, query_rank_row, NQ, k_q, MASK_SELF, BLOCK_Q,
+                                               num_per_query, noise_bits, MASK_SELF, BLOCK_M)
+        t, ties = chosen_threshold(pool_row, valid_row, query_rank_row, NQ, k_q, MASK_SELF, BLOCK_M,
                                    RADIX_BITS)
-        chosen, _ = chosen_in_block(pool_row, valid_row, query_rank_row, rows, NQ, t, ties,
-                                    tl.zeros((), tl.int32), MASK_SELF)
-        tl.store(chosen_row + rows, chosen.to(tl.uint8), mask=rows < NQ)
-        row_head = tl.zeros([BLOCK_Q], tl.int32)
-        if GROUP_BY_HEAD:
-            row_head = plan_heads(HEAD + b * stride_head, rows, NQ, H)
 
-        # Step 2: the token scores, added head after head.
+        ties_before = tl.zeros((), tl.int32)
+        for start_m in range(0, NQ, BLOCK_M):
+            rows = start_m + offs_m
+            chosen, ties_before = chosen_in_block(pool_row, valid_row, query_rank_row, rows, NQ,
+                                                  t, ties, ties_before, MASK_SELF)
+            tl.store(chosen_row + rows, chosen.to(tl.uint8), mask=rows < NQ)
+        tl.debug_barrier()  # step 2 reads the chosen rows back
+
+        # Step 2: the token scores, head after head, block of rows after block of rows.
         scores = tl.zeros([BLOCK_K], tl.float32)
         # The heads' bases advance by their stride (no h * stride product, which could pass 2^31
         # in a head-major layout).
         q_head = Q + b * stride_qb
         k_head = K + b * stride_kb
         for h in range(H):
-            mine = chosen & (row_head == h) if GROUP_BY_HEAD else chosen
-            if tl.max(mine.to(tl.int32), axis=0) > 0:
-                q = load_tile(q_head, rows, mine, stride_qm, offs_d, stride_qd, D, DOT_F32)
-                k = load_tile(k_head, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                finite = tl.abs(s) < float("inf")  # False for NaN too
-                bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
-                s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
-                m = tl.max(s, axis=1)
-                m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
-                # One exponential per logit: P = exp(S - m) / row_sum. (The score kernel computes
-                # exp(S - lse) in a second pass, since its rows span many key tiles.) Every
-                # exponential is finite, so rows that add nothing are weighted by an exact 0.
-                p = tl.exp2((s - m[:, None]) * LOG2E_C)
-                row_sum = tl.sum(p, axis=1)
-                live = mine & (row_sum > 0.0) & ~bad
-                weight = tl.where(live, 1.0 / tl.where(live, row_sum, 1.0), 0.0)
-                scores += tl.sum(p * weight[:, None], axis=0)
+            for start_m in range(0, NQ, BLOCK_M):
+                rows = start_m + offs_m
+                mine = tl.load(chosen_row + rows, mask=rows < NQ, other=0) != 0
+                if GROUP_BY_HEAD:
+                    mine = mine & (plan_heads(HEAD + b * stride_head, rows, NQ, H) == h)
+                if tl.max(mine.to(tl.int32), axis=0) > 0:
+                    s = _logits(q_head, k_head, rows, mine, cols, valid, stride_qm, stride_qd,
+                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION, BLOCK_M,
+                                BLOCK_K) * scale
+                    finite = tl.abs(s) < float("inf")  # False for NaN too
+                    bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
+                    s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
+                    m = tl.max(s, axis=1)
+                    m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
+                    # One exponential per logit: P = exp(S - m) / row_sum. (The score kernel
+                    # computes exp(S - lse) in a second pass, since its rows span many key
+                    # tiles.) Every exponential is finite, so rows that add nothing are weighted
+                    # by an exact 0.
+                    p = tl.exp2((s - m[:, None]) * LOG2E_C)
+                    row_sum = tl.sum(p, axis=1)
+                    live = mine & (row_sum > 0.0) & ~bad
+                    weight = tl.where(live, 1.0 / tl.where(live, row_sum, 1.0), 0.0)
+                    scores += tl.sum(p * weight[:, None], axis=0)
             q_head += stride_qh
             k_head += stride_kh
         tl.store(SCORES + b * NK + cols, tl.where(valid, scores * head_weight, float("-inf")),
@@ -187,28 +246,38 @@ def _short_sequence_kernel(
         if ATTEND:  # step 4 reads the finished mask
             tl.debug_barrier()
             keep = valid & (tl.load(mask_row + cols, mask=cols < NK, other=1) == 0)
-            offs_dv = tl.arange(0, BLOCK_DV)
-            row_ok = rows < NQ
-            q_head = Q + b * stride_qb
-            k_head = K + b * stride_kb
-            v_head = V + b * stride_vb
-            out_head = OUT + b * stride_ob
-            for h in range(H):
-                q = load_tile(q_head, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
-                k = load_tile(k_head, cols, keep, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                s = tl.where(keep[None, :], s, float("-inf"))
-                m = tl.max(s, axis=1)
-                m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0, acc = 0
-                p = tl.exp2(s - m[:, None])
-                store_output(out_head, LSE + (b * H + h) * NQ,
-                             tl.dot(p.to(v.dtype), v, input_precision=PRECISION), m,
-                             tl.sum(p, axis=1), rows, row_ok, stride_om, offs_dv, stride_od, DV)
-                q_head += stride_qh
-                k_head += stride_kh
-                v_head += stride_vh
-                out_head += stride_oh
+            for start_m in range(0, NQ, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < NQ
+                q_head = Q + b * stride_qb
+                k_head = K + b * stride_kb
+                v_head = V + b * stride_vb
+                out_head = OUT + b * stride_ob
+                lse_head = LSE + b * H * NQ
+                for h in range(H):
+                    s = _logits(q_head, k_head, rows, row_ok, cols, keep, stride_qm, stride_qd,
+                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION, BLOCK_M,
+                                BLOCK_K) * qk_scale
+                    s = tl.where(keep[None, :], s, float("-inf"))
+                    m = tl.max(s, axis=1)
+                    m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0
+                    p = tl.exp2(s - m[:, None])
+                    row_sum = tl.sum(p, axis=1)
+                    # The output BLOCK_DV columns at a time, from the same P in V's type.
+                    if not DOT_F32:
+                        p = p.to(V.dtype.element_ty)
+                    for start_dv in range(0, DV, BLOCK_DV):
+                        offs_dv = start_dv + tl.arange(0, BLOCK_DV)
+                        v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV,
+                                      DOT_F32)
+                        store_output(out_head, lse_head, tl.dot(p, v, input_precision=PRECISION),
+                                     m, row_sum, rows, row_ok, row_ok & (start_dv == 0),
+                                     stride_om, offs_dv, stride_od, DV)
+                    q_head += stride_qh
+                    k_head += stride_kh
+                    v_head += stride_vh
+                    out_head += stride_oh
+                    lse_head += NQ
 
 
 @triton.jit
@@ -279,7 +348,7 @@ def short_sequence_attention(
         query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float, num_per_query: int,
         head_mix: str, mask_self: bool, noise: float, scale: float,
         order_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> ShortSequenceResult:
-    """The mask of ``self_guided_mask`` for a short sequence (:func:`fits_short_sequence`), and
+    """The mask of ``self_guided_mask`` for a short sequence (:func:`fits_short_forward`), and
     with ``v`` the attention over keep = valid & ~mask, in one launch. The arguments are the
     backend's (``query_pool`` intersected with ``valid`` in-kernel under ``mask_self``).
     ``order_out`` receives the kept-key order and count, as in
@@ -302,7 +371,7 @@ def short_sequence_attention(
     query_rank, head, token_rank = (row_strided(x) for x in (plan.query_rank, plan.head,
                                                              plan.token_rank))
     dim_v = values.shape[3]
-    block_q, block_k = block_dim(num_q), block_dim(num_k)
+    block_m, block_k, block_d, block_dv = forward_blocks(num_q, num_k, dim, dim_v)
     _short_sequence_kernel[tile_grid(batch, 1)](
         Q=q, K=k, V=values, VALID=valid.contiguous().view(torch.uint8),
         POOL=query_pool.contiguous().view(torch.uint8), QUERY_RANK=query_rank, HEAD=head,
@@ -315,11 +384,11 @@ def short_sequence_attention(
         B=batch, H=heads, NQ=num_q, NK=num_k, scale=scale, qk_scale=scale * LOG2E,
         head_weight=1.0 if head_mix == "random" else 1.0 / heads, ratio_bits=float_bits(ratio),
         num_per_query=num_per_query, noise_bits=float_bits(noise), D=dim, DV=dim_v,
-        BLOCK_D=block_dim(dim), BLOCK_DV=block_dim(dim_v), DOT_F32=INTERPRET,
-        PRECISION=dot_precision(q.dtype), MASK_SELF=mask_self,
-        GROUP_BY_HEAD=head_mix == "random", WRITE_ORDER=order_out is not None, ATTEND=attend,
-        RADIX_BITS=4, ORDER_CHUNK=order_chunk(num_k), BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=_warps(block_q, block_k), num_stages=1)
+        BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=INTERPRET, PRECISION=dot_precision(q.dtype),
+        MASK_SELF=mask_self, GROUP_BY_HEAD=head_mix == "random",
+        WRITE_ORDER=order_out is not None, ATTEND=attend, RADIX_BITS=4,
+        ORDER_CHUNK=order_chunk(num_k), BLOCK_M=block_m, BLOCK_K=block_k,
+        num_warps=_warps(block_m, block_k), num_stages=1)
     return ShortSequenceResult(mask, scores, out, lse)
 
 
@@ -328,7 +397,8 @@ def short_sequence_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             out: torch.Tensor, lse: torch.Tensor, *, scale: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK and dV of the attention over a kept-key ``order`` and count ``kept`` (the contract
-    of :func:`.attention.ordered_attention_backward`) for a short sequence, in one launch."""
+    of :func:`.attention.ordered_attention_backward`) for a short sequence
+    (:func:`fits_short_backward`), in one launch."""
     batch, heads, num_q, dim = q.shape
     num_k, dim_v = k.shape[2], v.shape[3]
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
