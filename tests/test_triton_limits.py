@@ -9,7 +9,7 @@ stand-in for the x limit, so that it reaches the y axis with a few programs.
 
 An offset that passes 2^31 elements needs a tensor of that size, too large for a test, so the
 offset helper of the kernels is run on its own with indices and strides whose products pass
-2^31.
+2^31. The fused op itself runs at the longest row the library promises, L = 131,072.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 from helpers import DEVICE, import_triton_backend
 
 import sma_kernels as sk
+from sma_kernels import ops
+from sma_kernels.testing import assert_close_to_fp64, assert_masks_match, padded_valid
 
 triton_backend = import_triton_backend()
 
@@ -203,3 +205,37 @@ def test_wide_head_dims_autotune_over_the_first_config_only(monkeypatch):
     assert prune(configs, {}, **sizes, BLOCK_D=_common.WIDE_HEAD_BLOCK, BLOCK_DV=64) == configs
     for blocks in ({"BLOCK_D": wide, "BLOCK_DV": 64}, {"BLOCK_D": 32, "BLOCK_DV": wide}):
         assert prune(configs, {}, **sizes, **blocks) == configs[:1]
+
+
+def test_fused_op_at_the_longest_row():
+    # L = 2^17 = 131,072 tokens, past every block of the kernels many times over, with K and V
+    # in a sequence-first layout (any strides): the mask is the reference's up to near-ties,
+    # the output and gradients meet the fp64 rule.
+    g = torch.Generator().manual_seed(17)
+    batch, heads, num_q, length, dim = 1, 2, 8, 2**17, 16
+    q = torch.randn(batch, heads, num_q, dim, generator=g)
+    k, v = (torch.randn(length, batch, heads, dim, generator=g).permute(1, 2, 0, 3)
+            for _ in range(2))
+    grad_out = torch.randn(batch, heads, num_q, dim, generator=g)
+    valid = padded_valid(batch, length, g)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
+    options = {"ratio": 0.3, "num_per_query": 2, "head_mix": "random", "mask_self": False,
+               "noise": 0.2, "plan": plan.to(DEVICE)}
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]
+    out, mask = sk.self_guided_attention(*leaves, valid.to(DEVICE), backend="triton", **options)
+    out.backward(grad_out.to(DEVICE))
+    reference_options = {**options, "plan": plan}
+    want_mask = sk.self_guided_mask(q, k, valid, backend="reference", **reference_options)
+    assert_masks_match(mask.cpu(), want_mask, q, k, valid, **reference_options)
+
+    keep = valid & ~mask.cpu()
+    results = {}
+    for name, dtype in (("fp64", torch.float64), ("plain", torch.float32)):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        expected = ops.masked_attention(*inputs, keep, scale=dim ** -0.5, backend="reference")
+        expected.backward(grad_out.to(dtype))
+        results[name] = (expected.detach(), *(x.grad for x in inputs))
+    for index, name in enumerate(("out", "dq", "dk", "dv")):
+        got = out.detach() if index == 0 else leaves[index - 1].grad
+        assert_close_to_fp64(got.cpu(), results["plain"][index], results["fp64"][index],
+                             atol=1e-6, name=name)

@@ -64,11 +64,35 @@ def test_which_shapes_take_the_short_path():
     ((256, 128, 32, 128), (128, 128, 32, 64)),  # 256 latents: two row blocks
     ((128, 128, 256, 256), (64, 128, 128, 128)),  # wide heads: smaller row blocks
     ((256, 16, 256, 256), (128, 16, 64, 64)),  # a (128, 64) fp32 accumulator at 4 warps
+    ((128, 128, 64, 256), (128, 128, 64, 64)),  # dv wider than d
 ])
 def test_forward_blocks_keep_the_tile_within_the_register_budget(shape, blocks):
     assert forward_blocks(*shape) == blocks
     block_m, block_k, block_d, block_dv = blocks
     assert block_m * block_k * max(block_d, block_dv) <= SHORT_TILE_VOLUME
+    # The scores' blocks do not depend on dv: the mask function has no V.
+    num_q, length, dim, _ = shape
+    assert forward_blocks(num_q, length, dim, dim)[:3] == blocks[:3]
+
+
+@pytest.mark.parametrize("shape", [(200, 100, 96, 160), (SHORT_LENGTH, 64, 64, 512)], ids=str)
+def test_with_and_without_v_the_scores_are_the_same_bits(shape):
+    # The mask function runs the kernel without V, the fused forward with it; where dv is wider
+    # than d they still sum the scores in the same order, so their masks agree at any near-tie.
+    num_q, length, dim, dim_v = shape
+    g = torch.Generator().manual_seed(6)
+    batch, heads = 2, 2
+    q, k, v = (torch.randn(batch, heads, n, width, generator=g).to(DEVICE) for n, width in
+               ((num_q, dim), (length, dim), (length, dim_v)))
+    valid = padded_valid(batch, length, g).to(DEVICE)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g).to(DEVICE)
+    options = {"ratio": 0.3, "num_per_query": 2, "head_mix": "random", "mask_self": False,
+               "noise": 0.2, "scale": dim ** -0.5}
+    args = backend_args(q, valid, False)
+    with_v = short_sequence_attention(q, k, v, *args, plan, **options)
+    without_v = short_sequence_attention(q, k, None, *args, plan, **options)
+    assert torch.equal(with_v.scores.view(torch.int32), without_v.scores.view(torch.int32))
+    assert torch.equal(with_v.mask, without_v.mask)
 
 
 def backend_args(q, valid, mask_self):

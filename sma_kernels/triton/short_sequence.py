@@ -14,17 +14,18 @@ dims BLOCK_D and BLOCK_DV columns at a time (one chunk while the tile fits, see 
    with the same functions as the score kernel (select.py: ``mask_counts``,
    ``chosen_threshold``, ``chosen_in_block``). The chosen rows are written out: they are the
    forced tokens of ``mask_self``.
-2. The token scores, block of rows by block of rows and head by head: S = scale * q.k for the
-   block's rows and the sample's tokens, each chosen row's softmax over the valid tokens,
-   P = exp(S - m) / sum(exp(S - m)) with m the row's maximum (one exponential per logit: the
-   whole row is in the tile), and the column sums of P over the rows the head mix gives this
-   head (every chosen row under "mean", those whose plan head mod H is h under "random"), added
-   into one (BLOCK_K,) fp32 vector in that fixed order, then weighted (1/H under "mean"). The
-   rule for non-finite inputs is the score kernel's: a row with a non-finite logit over the
-   valid tokens adds nothing, and padded keys are loaded as 0.
+2. The token scores, head by head and, within a head, block of rows by block of rows (the
+   chosen rows read back): S = scale * q.k for the block's rows and the sample's tokens, each
+   chosen row's softmax over the valid tokens, P = exp(S - m) / sum(exp(S - m)) with m the
+   row's maximum (one exponential per logit: the whole row is in the tile), and the column sums
+   of P over the rows the head mix gives this head (every chosen row under "mean", those whose
+   plan head mod H is h under "random"), added into one (BLOCK_K,) fp32 vector in that fixed
+   order, then weighted (1/H under "mean"). The rule for non-finite inputs is the score
+   kernel's: a row with a non-finite logit over the valid tokens adds nothing, and padded keys
+   are loaded as 0.
 3. The selection of select.py (``select_row``) over those scores, which writes the mask and
    the kept-key order (kept_keys.py) that the backward reuses.
-4. Under ATTEND, the attention, head by head and block of rows by block of rows: the tile's
+4. Under ATTEND, the attention, block of rows by block of rows and head by head: the tile's
    logits with every key outside keep = valid & ~mask at -inf, P = exp2(S - max), then
    out = P V / sum(P) chunk by chunk of V's columns, and the lse. The scoring pass already reads
    every valid key, and a sample's keys fit in one tile, so there is nothing to skip by
@@ -32,8 +33,8 @@ dims BLOCK_D and BLOCK_DV columns at a time (one chunk while the tile fits, see 
    they hold, NaN included, reaches no output. A sample with no kept key gets out = 0 and
    lse = +inf, as in attention.py.
 
-Steps 3 and 4 read what the previous step wrote to global memory (the scores, the mask), after a
-barrier; the rows stay in L1/L2.
+Steps 2, 3 and 4 read what the previous step wrote to global memory (the chosen rows, the
+scores, the mask), after a barrier; the rows stay in L1/L2.
 
 The backward (``_short_sequence_bwd_kernel``) is one program per (sample, head), over the kept-key
 order the forward wrote: the K and V rows of the kept keys gathered through it (a dropped key is
@@ -54,7 +55,9 @@ Determinism: the program's config is a fixed function of the shape (blocks from 
 warps from the tile area), never timed, and the scores are added in a fixed order, so the same
 inputs give the same mask bits in every process. The summation order differs from the general
 path's, so a near-tie can resolve differently there; this backend's mask function and its fused
-forward take this path at the same shapes (``fits_short_forward``), so they agree with each other.
+forward take this path at the same shapes (``fits_short_forward``) and with the same blocks and
+warps for the scores (``forward_blocks``: BLOCK_DV alone depends on V), so they agree bit for
+bit.
 """
 
 from __future__ import annotations
@@ -120,14 +123,15 @@ def fits_short_backward(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
 
 def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, int, int, int]:
     """The forward's (BLOCK_M, BLOCK_K, BLOCK_D, BLOCK_DV). BLOCK_K holds the whole token axis.
-    BLOCK_M is up to SHORT_ROW_BLOCK query rows, halved while the tile with the whole head dims
+    BLOCK_M is up to SHORT_ROW_BLOCK query rows, halved while the tile with the whole head dim
     exceeds twice SHORT_TILE_VOLUME. The head-dim chunks are the widest, up to SHORT_HEAD_BLOCK,
-    that keep the dots within SHORT_TILE_VOLUME and a (BLOCK_M, chunk) fp32 accumulator within
-    64 registers a thread (as the (128, 128) logits tile at 8 warps)."""
+    that keep the dots within SHORT_TILE_VOLUME and a (BLOCK_M, chunk) fp32 tile within 64
+    registers a thread (as the (128, 128) logits tile at 8 warps). BLOCK_M, BLOCK_D and the warps
+    set the scores' summation order, so they depend on (Q, L, d) only: the mask function (no V)
+    and the fused forward sum in the same order."""
     block_k = block_dim(num_k)
-    head = max(block_dim(dim), block_dim(dim_v))
     block_m = min(block_dim(num_q), SHORT_ROW_BLOCK)
-    while block_m > 16 and block_m * block_k * head > 2 * SHORT_TILE_VOLUME:
+    while block_m > 16 and block_m * block_k * block_dim(dim) > 2 * SHORT_TILE_VOLUME:
         block_m //= 2
     threads = 32 * _warps(block_m, block_k)
     widest = min(SHORT_HEAD_BLOCK, SHORT_TILE_VOLUME // (block_m * block_k),
@@ -144,7 +148,7 @@ def _warps(block_m: int, block_k: int) -> int:
 @triton.jit
 def _logits(q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn,
             stride_kd, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+            PRECISION: tl.constexpr):
     """q.k for the (rows, cols) tile of one head, the head dim taken BLOCK_D columns at a time,
     so the Q and K tiles stay within the register budget."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -215,8 +219,7 @@ def _short_sequence_kernel(
                     mine = mine & (plan_heads(HEAD + b * stride_head, rows, NQ, H) == h)
                 if tl.max(mine.to(tl.int32), axis=0) > 0:
                     s = _logits(q_head, k_head, rows, mine, cols, valid, stride_qm, stride_qd,
-                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION, BLOCK_M,
-                                BLOCK_K) * scale
+                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * scale
                     finite = tl.abs(s) < float("inf")  # False for NaN too
                     bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
                     s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
@@ -256,8 +259,7 @@ def _short_sequence_kernel(
                 lse_head = LSE + b * H * NQ
                 for h in range(H):
                     s = _logits(q_head, k_head, rows, row_ok, cols, keep, stride_qm, stride_qd,
-                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION, BLOCK_M,
-                                BLOCK_K) * qk_scale
+                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * qk_scale
                     s = tl.where(keep[None, :], s, float("-inf"))
                     m = tl.max(s, axis=1)
                     m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0
