@@ -206,7 +206,8 @@ def calls(case: bench_cases.Case, backend: str, device: torch.device,
     """Per call of :data:`CALLS`, a function that makes the call and returns its launches. For
     "backward" the forward runs first, uncounted."""
     x = bench_cases.make_inputs(case, device, torch.float32, seed)
-    options = {**x.options, "query_valid": x.query_pool, "backend": backend}
+    # As users call it: the query pool left at its default (every row, or valid under mask_self).
+    options = {**x.options, "backend": backend}
     generator = torch.Generator(device=device).manual_seed(seed)
     leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
 

@@ -108,7 +108,8 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask_self=call.mask_self, noise=call.noise, scale=call.scale,
                 backend=call.backend)
         mask = _mask(q, k, call)
-        keep = call.valid ^ mask  # = valid & ~mask in one op: padding is never masked
+        # keep = valid & ~mask in one op: padding is never masked
+        keep = ~mask if call.valid is None else call.valid ^ mask
         out = ops.masked_attention(q, k, v, keep, scale=call.scale, backend=call.backend)
     return out, mask
 

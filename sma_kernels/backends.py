@@ -28,7 +28,8 @@ def always_available() -> str | None:
 class Backend:
     """One backend's declaration.
 
-    The functions have the contracts of their namesakes in :mod:`sma_kernels.reference`:
+    The functions have the contracts of their namesakes in :mod:`sma_kernels.reference`
+    (``valid`` and ``query_pool`` may be None: every token, every query row):
 
     * ``self_guided_mask(q, k, valid, query_pool, plan, *, ratio, num_per_query, head_mix,
       mask_self, noise, scale) -> (B, L) bool``;

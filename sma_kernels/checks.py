@@ -24,13 +24,15 @@ INT64_MAX = 2**63 - 1
 class CheckedCall(NamedTuple):
     """A checked call: tensors on one device, every default filled in.
 
-    ``query_pool`` and ``plan`` are what the backends take, not yet reduced: under ``mask_self``
-    each backend intersects the pool with ``valid``, and it reads the plan's heads mod H (a plan
-    the call draws itself holds the raw draws there), so that neither costs an op here.
+    ``valid``, ``query_pool`` and ``plan`` are what the backends take, not yet reduced: None for
+    a ``valid`` or pool that is all set (the default without ``query_valid`` and ``mask_self``),
+    which a backend may use without materializing it; under ``mask_self`` each backend
+    intersects the pool with ``valid``, and it reads the plan's heads mod H (a plan the call
+    draws itself holds the raw draws there), so that none of these costs an op here.
     """
 
-    valid: torch.Tensor
-    query_pool: torch.Tensor
+    valid: torch.Tensor | None
+    query_pool: torch.Tensor | None
     plan: MaskPlan
     ratio: float
     num_per_query: int
@@ -103,9 +105,8 @@ def check_call(q: object, k: object, valid: object, *, ratio: object, num_per_qu
     if min(batch, heads, num_queries, num_tokens, dim) == 0:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have no empty dimension")
 
-    if valid is None:
-        valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=q.device)
-    valid = check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", q.device)
+    if valid is not None:
+        valid = check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", q.device)
 
     ratio = check_real("ratio", ratio)
     if not 0.0 < ratio < 1.0:
@@ -139,7 +140,7 @@ def check_call(q: object, k: object, valid: object, *, ratio: object, num_per_qu
     if query_valid is not None:
         query_valid = check_mask_tensor("query_valid", query_valid, (batch, num_queries), "(B, Q)",
                                         q.device)
-    query_pool = query_pool_argument(valid, num_queries, query_valid, mask_self)
+    query_pool = query_pool_argument(valid, query_valid, mask_self)
 
     if plan is None:
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -21,7 +21,7 @@ import importlib.util
 import torch
 
 from .backends import FLOAT_DTYPES, Backend
-from .plan import MaskPlan
+from .plan import MaskPlan, all_set_if_none
 
 
 def _load_extension() -> str | None:
@@ -57,12 +57,15 @@ if UNAVAILABLE is None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
-                     plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
-                     mask_self: bool, noise: float, scale: float) -> torch.Tensor:
+def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+                     query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float,
+                     num_per_query: int, head_mix: str, mask_self: bool, noise: float,
+                     scale: float) -> torch.Tensor:
     """Same contract as :func:`sma_kernels.reference.self_guided_mask`, for CPU tensors."""
+    batch = q.shape[0]
+    valid = all_set_if_none(valid, batch, k.shape[2], k.device)
     return torch.ops.sma_kernels_C.self_guided_mask(
-        q, k, valid, query_pool, plan.query_rank, plan.head, plan.token_rank, ratio, num_per_query,
+        q, k, valid, all_set_if_none(query_pool, batch, q.shape[2], q.device), plan.query_rank, plan.head, plan.token_rank, ratio, num_per_query,
         head_mix == "random", mask_self, noise, scale)
 
 

@@ -32,7 +32,8 @@ from . import backends
 from .plan import MaskPlan
 
 
-def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
+def _mask_impl(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+               query_pool: torch.Tensor | None,
                query_rank: torch.Tensor, head: torch.Tensor, token_rank: torch.Tensor, ratio: float,
                num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
                backend: str) -> torch.Tensor:
@@ -54,8 +55,8 @@ def _attention_backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                                                                  scale=scale)
 
 
-def _fused_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                query_pool: torch.Tensor, query_rank: torch.Tensor, head: torch.Tensor,
+def _fused_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                query_pool: torch.Tensor | None, query_rank: torch.Tensor, head: torch.Tensor,
                 token_rank: torch.Tensor, ratio: float, num_per_query: int, head_mix: str,
                 mask_self: bool, noise: float, scale: float, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,10 +91,15 @@ _ordered_backward_op = torch.library.custom_op("sma_kernels::ordered_attention_b
                                                _ordered_backward_impl, mutates_args=())
 
 
+def _token_flags_fake(k: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """A (B, L) tensor like the mask (``valid`` may be None)."""
+    return k.new_empty((k.shape[0], k.shape[2]), dtype=dtype)
+
+
 @_mask_op.register_fake
 def _(q, k, valid, query_pool, query_rank, head, token_rank, ratio, num_per_query, head_mix,
       mask_self, noise, scale, backend):
-    return valid.new_empty(valid.shape)
+    return _token_flags_fake(k)
 
 
 @_attention_op.register_fake
@@ -111,8 +117,8 @@ def _(grad_out, q, k, v, keep, out, lse, scale, backend):
 def _(q, k, v, valid, query_pool, query_rank, head, token_rank, ratio, num_per_query, head_mix,
       mask_self, noise, scale, backend):
     out, lse = _attention_fake(q, k, v, valid, scale, backend)
-    return (out, lse, valid.new_empty(valid.shape), valid.new_empty(valid.shape, dtype=torch.int32),
-            valid.new_empty(valid.shape[:1], dtype=torch.int32))
+    return (out, lse, _token_flags_fake(k), _token_flags_fake(k, torch.int32),
+            k.new_empty(k.shape[:1], dtype=torch.int32))
 
 
 @_ordered_backward_op.register_fake
@@ -201,23 +207,23 @@ class _EagerSelfGuidedAttention(torch.autograd.Function):
         return _attention_grads(ctx, grad_out, _ordered_backward_impl)
 
 
-def needs_registered_op(*tensors: torch.Tensor) -> bool:
+def needs_registered_op(*tensors: torch.Tensor | None) -> bool:
     """Whether a call must go through the registered ops: under torch.compile or torch.export,
     a dispatch mode (make_fx, FakeTensorMode), a functorch transform (vmap, torch.func.grad), or
     with a tensor subclass (DTensor). (The ops also check that no output aliases an input; the
     backends return fresh tensors.)"""
     return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
             or torch._C._functorch.peek_interpreter_stack() is not None
-            or any(type(x) is not torch.Tensor for x in tensors))
+            or any(type(x) is not torch.Tensor for x in tensors if x is not None))
 
 
-def _op_or_impl(op: Callable, impl: Callable, *tensors: torch.Tensor) -> Callable:
+def _op_or_impl(op: Callable, impl: Callable, *tensors: torch.Tensor | None) -> Callable:
     """The registered op if :func:`needs_registered_op`, else the plain function."""
     return op if needs_registered_op(*tensors) else impl
 
 
-def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, query_pool: torch.Tensor,
-                     plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
+def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+                     query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
                      mask_self: bool, noise: float, scale: float, backend: str) -> torch.Tensor:
     """The named backend's mask, through the op when it must be seen (q and k are detached)."""
     return _op_or_impl(_mask_op, _mask_impl, q, k, valid)(
@@ -238,8 +244,9 @@ def has_fused_attention(backend: str, dtype: torch.dtype) -> bool:
     return backends.serving(backend, dtype).self_guided_attention_forward is not None
 
 
-def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          valid: torch.Tensor | None, query_pool: torch.Tensor | None,
+                          plan: MaskPlan, *, ratio: float,
                           num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                           scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, mask) from the named backend's fused pair, through the op when it must be seen;

@@ -116,9 +116,10 @@ def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generato
                      generator=generator, device=q.device)
 
 
-def query_pool_argument(valid: torch.Tensor, num_queries: int, query_valid: torch.Tensor | None,
-                        mask_self: bool) -> torch.Tensor:
-    """(B, Q) bool: the ``query_pool`` argument of the backends' ``self_guided_mask``.
+def query_pool_argument(valid: torch.Tensor | None, query_valid: torch.Tensor | None,
+                        mask_self: bool) -> torch.Tensor | None:
+    """(B, Q) bool or None (every row): the ``query_pool`` argument of the backends'
+    ``self_guided_mask``.
 
     ``query_valid`` when given, else ``valid`` under ``mask_self``, else every row. It is not
     intersected with ``valid`` under ``mask_self``: each backend does that itself
@@ -126,9 +127,16 @@ def query_pool_argument(valid: torch.Tensor, num_queries: int, query_valid: torc
     """
     if query_valid is not None:
         return query_valid
-    if mask_self:
-        return valid
-    return torch.ones(valid.shape[0], num_queries, dtype=torch.bool, device=valid.device)
+    return valid if mask_self else None
+
+
+def all_set_if_none(flags: torch.Tensor | None, batch: int, size: int,
+                    device: torch.device) -> torch.Tensor:
+    """``flags`` (B, size) bool, or all True for None: the ``valid`` and ``query_pool`` a call
+    leaves at their all-set default, for a backend that reads them as tensors."""
+    if flags is not None:
+        return flags
+    return torch.ones(batch, size, dtype=torch.bool, device=device)
 
 
 def restrict_query_pool(valid: torch.Tensor, query_pool: torch.Tensor, mask_self: bool) -> torch.Tensor:
@@ -145,7 +153,8 @@ def default_query_pool(valid: torch.Tensor, num_queries: int, query_valid: torch
     ``query_valid`` when given, else every row; under ``mask_self`` only real tokens (a chosen
     query token is masked itself), so ``valid`` is the default and is intersected with.
     """
-    return restrict_query_pool(valid, query_pool_argument(valid, num_queries, query_valid, mask_self),
+    pool = query_pool_argument(valid, query_valid, mask_self)
+    return restrict_query_pool(valid, all_set_if_none(pool, valid.shape[0], num_queries, valid.device),
                                mask_self)
 
 

@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 
 from .backends import FLOAT_DTYPES, Backend
-from .plan import MaskCounts, MaskPlan, chosen_rows, mask_counts, restrict_query_pool, take_smallest
+from .plan import (
+    MaskCounts,
+    MaskPlan,
+    all_set_if_none,
+    chosen_rows,
+    mask_counts,
+    restrict_query_pool,
+    take_smallest,
+)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
@@ -62,18 +70,22 @@ def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tenso
     return forced | top | picked
 
 
-def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
-                     query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+                     query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float,
                      num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                      scale: float) -> torch.Tensor:
     """(B, L) bool, True = masked. Arguments are already checked and completed by the API.
 
     This is the contract of every backend's ``self_guided_mask`` (docs/design.md, "Backends"):
-    ``query_pool`` (B, Q) bool is the caller's ``query_valid`` or its default, which the backend
-    intersects with ``valid`` under ``mask_self`` itself; the plan's ranks are any int32 values,
-    ordered by (rank, index), and its heads any int32 values, read mod H.
+    ``valid`` (B, L) bool, None when every token is valid; ``query_pool`` (B, Q) bool is the
+    caller's ``query_valid`` or its default (None: every row), which the backend intersects with
+    ``valid`` under ``mask_self`` itself; the plan's ranks are any int32 values, ordered by
+    (rank, index), and its heads any int32 values, read mod H.
     """
-    query_pool = restrict_query_pool(valid, query_pool, mask_self)
+    batch, num_k, num_q = k.shape[0], k.shape[2], q.shape[2]
+    valid = all_set_if_none(valid, batch, num_k, k.device)
+    query_pool = restrict_query_pool(valid, all_set_if_none(query_pool, batch, num_q, q.device),
+                                     mask_self)
     counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
                          mask_self=mask_self, noise=noise)
     chosen = chosen_rows(plan, query_pool, counts.num_rows)
@@ -133,11 +145,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
 
 
-def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                          query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
-                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
+def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          valid: torch.Tensor | None, query_pool: torch.Tensor | None,
+                          plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
+                          mask_self: bool, noise: float,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Q, dv), mask (B, L)): the first SMA layer with its own mask applied."""
+    valid = all_set_if_none(valid, k.shape[0], k.shape[2], k.device)
     mask = self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio, num_per_query=num_per_query,
                             head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
     out, _ = attention_forward(q, k, v, valid & ~mask, scale=scale)

@@ -15,11 +15,11 @@ from sma_kernels import ops
 B, H, Q, L, D = 2, 2, 3, 6, 4
 
 
-def inputs(dtype=torch.float32):
+def inputs(dtype=torch.float32, length=L):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(B, H, Q, D, generator=g, dtype=dtype),
-            torch.randn(B, H, L, D, generator=g, dtype=dtype),
-            torch.randn(B, H, L, 5, generator=g, dtype=dtype))
+            torch.randn(B, H, length, D, generator=g, dtype=dtype),
+            torch.randn(B, H, length, 5, generator=g, dtype=dtype))
 
 
 def call_mask(**overrides):
@@ -154,6 +154,45 @@ def test_opcheck_mask(backend):
     args = (q, k, valid, torch.ones(B, Q, dtype=torch.bool), *plan, 0.3, 1, "random", False, 0.5, 0.5,
             backend)
     torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, args)
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_opcheck_with_default_valid_and_query_pool(backend):
+    # No valid and no query_valid reach the ops as None: every token, every query row.
+    q, k, v = (x.requires_grad_() for x in inputs())
+    plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(1))
+    args = (None, None, *plan, 0.3, 1, "mean", False, 0.5, 0.5, backend)
+    torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, (q.detach(), k.detach(), *args))
+    if ops.has_fused_attention(backend, q.dtype):
+        torch.library.opcheck(torch.ops.sma_kernels.self_guided_attention.default, (q, k, v, *args))
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+@pytest.mark.parametrize("mask_self", [False, True])
+def test_default_valid_and_query_pool_are_every_token_and_row(backend, mask_self):
+    # The defaults are passed on as None, not filled in; the mask, output and gradients are
+    # those of explicit all-True tensors, bit for bit, eagerly and under torch.compile.
+    q, k, v = inputs(length=Q) if mask_self else inputs()
+    num_k = k.shape[2]
+    plan = sk.make_plan(B, Q, num_k, H, generator=torch.Generator().manual_seed(6))
+    options = {**EAGER_OPTIONS, "mask_self": mask_self, "plan": plan, "backend": backend}
+    every_token = torch.ones(B, num_k, dtype=torch.bool)
+    every_row = torch.ones(B, Q, dtype=torch.bool)
+
+    def explicit(q, k, v):
+        return sk.self_guided_attention(q, k, v, every_token, query_valid=every_row, **options)
+
+    def defaults(q, k, v):
+        return sk.self_guided_attention(q, k, v, **options)
+
+    (want_out, want_mask), want_grads = with_square_loss_grads(explicit, q, k, v)
+    compiled = torch.compile(defaults, backend="aot_eager", fullgraph=True)
+    for attend in (defaults, compiled):
+        (out, mask), grads = with_square_loss_grads(attend, q, k, v)
+        assert torch.equal(mask, want_mask) and torch.equal(out, want_out)
+        for grad, want in zip(grads, want_grads):
+            assert torch.equal(grad, want)
+    assert torch.equal(sk.self_guided_mask(q, k, **options), want_mask)
 
 
 @pytest.mark.parametrize("backend", available_cpu_backends())

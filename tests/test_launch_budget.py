@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from helpers import DEVICE, import_triton_backend, use_triton_path
 
+import sma_kernels
 from bench import cases as bench_cases
 from bench.launches import calls, count_launches
 
@@ -64,6 +65,21 @@ def test_triton_calls_stay_within_their_launch_budget(workload, path, monkeypatc
             assert triton_kernels == [f"triton:{kernel}"], launches.summary()
         elif path == "short forward":  # the general backward over the short forward's order
             assert "triton:_short_sequence_bwd_kernel" not in triton_kernels, launches.summary()
+
+
+@pytest.mark.parametrize(("workload", "path"), [("higgs", "short"), ("pixels", "general")])
+def test_a_call_with_every_default_stays_within_the_budget(workload, path):
+    # No valid and no query_valid: every token and every row, passed to the kernels as such,
+    # so the call fills no (B, L) or (B, Q) tensor first.
+    case = CASES[workload]
+    x = bench_cases.make_inputs(case, torch.device(DEVICE), torch.float32)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    for _ in range(2):  # the first call may compile
+        with count_launches() as launches:
+            sma_kernels.self_guided_attention(x.q, x.k, x.v, **case.options(), generator=generator,
+                                              backend="triton")
+    budget = LAUNCH_BUDGETS["forward (generator)"][path]
+    assert len(launches) <= budget, launches.summary()
 
 
 @triton.jit

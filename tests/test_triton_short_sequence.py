@@ -60,11 +60,12 @@ def test_which_shapes_take_the_short_path():
 @pytest.mark.parametrize(("shape", "blocks"), [
     ((28, 28, 16, 16), (32, 32, 16, 16)),  # HIGGS: one block, one chunk
     ((128, 128, 64, 64), (128, 128, 64, 64)),  # the largest whole tile
-    ((128, 128, 128, 128), (128, 128, 64, 64)),  # two head-dim chunks
-    ((256, 128, 32, 128), (128, 128, 32, 64)),  # 256 latents: two row blocks
-    ((128, 128, 256, 256), (64, 128, 128, 128)),  # wide heads: smaller row blocks
+    ((128, 128, 128, 128), (64, 128, 128, 128)),  # wider heads: two row blocks
+    ((128, 128, 256, 256), (64, 128, 128, 128)),  # and two head-dim chunks
+    ((256, 128, 32, 128), (128, 128, 32, 64)),  # 256 latents: two row blocks, two dv chunks
     ((256, 16, 256, 256), (128, 16, 64, 64)),  # a (128, 64) fp32 accumulator at 4 warps
     ((128, 128, 64, 256), (128, 128, 64, 64)),  # dv wider than d
+    ((32, 128, 128, 128), (32, 128, 32, 32)),  # few rows over many tokens: narrow chunks
 ])
 def test_forward_blocks_keep_the_tile_within_the_register_budget(shape, blocks):
     assert forward_blocks(*shape) == blocks
@@ -100,11 +101,12 @@ def backend_args(q, valid, mask_self):
     return valid, default_query_pool(valid, num_q, valid if mask_self else None, mask_self)
 
 
-# (Q, L, d, dv): the largest whole tile; self-attention at d = 128 (two head-dim chunks, the
-# general backward); 200 queries over 100 tokens (two row blocks, the last partial, and partial
-# chunks of d = 96 and dv = 160).
+# (Q, L, d, dv): the largest whole tile; self-attention at d = 128 (two row blocks, the general
+# backward); 200 queries over 100 tokens at d = 96 and dv = 160 (four row blocks, the last
+# partial, and partial chunks); 32 queries over 128 tokens at d = 96 and dv = 80 (three chunks
+# of 32 each).
 LARGE_SHAPES = [(SHORT_LENGTH, SHORT_LENGTH, 64, 64), (SHORT_LENGTH, SHORT_LENGTH, 128, 128),
-                (200, 100, 96, 160)]
+                (200, 100, 96, 160), (32, SHORT_LENGTH, 96, 80)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -149,6 +149,8 @@ def _record_launches(monkeypatch) -> list[dict]:
                 q, k, v, valid, pool, plan, **options)
             triton_backend.ordered_attention_backward(torch.ones_like(out), q, k, v, order, kept,
                                                       out, lse, scale=0.1)
+            if not mask_self:  # every token and query row, as None (the call's defaults)
+                triton_backend.self_guided_attention_forward(q, k, v, None, None, plan, **options)
     return list(launches.values())
 
 

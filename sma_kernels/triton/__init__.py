@@ -63,8 +63,8 @@ if UNAVAILABLE is None:
         short_sequence_backward,
     )
 
-    def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
-                         query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+    def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+                         query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float,
                          num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                          scale: float,
                          order_out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -86,15 +86,16 @@ if UNAVAILABLE is None:
         return mask
 
     def self_guided_attention_forward(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-            query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float, num_per_query: int,
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+            query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float, num_per_query: int,
             head_mix: str, mask_self: bool, noise: float, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, lse, mask, order, kept): the mask of :func:`self_guided_mask` and the attention
         of :func:`attention_forward` with keep = valid & ~mask, in three launches (one for short
         sequences, short_sequence.py); the selection writes the kept-key order (kept_keys.py)
         with the mask, for the attention and for :func:`ordered_attention_backward`."""
-        batch, num_k = valid.shape
+        batch, _, _, _ = q.shape
+        num_k = k.shape[2]
         order = torch.empty((batch, num_k), dtype=torch.int32, device=q.device)
         kept = torch.empty((batch,), dtype=torch.int32, device=q.device)
         if fits_short_forward(q.shape[2], num_k):

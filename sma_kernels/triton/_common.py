@@ -213,6 +213,31 @@ def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.con
     return tile
 
 
+# Flag rows (the valid tokens, the query pool) that are all set are not materialized: the host
+# passes None, which Triton compiles as a constant, so such a call fills no (B, L) tensor first.
+def flags_arg(flags: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, n) bool flags tensor as the kernels read it (uint8, contiguous), or None (all set)."""
+    return None if flags is None else flags.contiguous().view(torch.uint8)
+
+
+@triton.jit
+def flags_row(FLAGS, offset):
+    """The row of a flags tensor at ``offset``: FLAGS + offset, or None for all-set flags."""
+    if FLAGS is None:
+        return None
+    else:
+        return FLAGS + offset
+
+
+@triton.jit
+def load_flags(FLAGS, offs, ok):
+    """The flags at ``offs`` where ``ok`` (False elsewhere); all set for a None row."""
+    if FLAGS is None:
+        return ok
+    else:
+        return tl.load(FLAGS + offs, mask=ok, other=0) != 0
+
+
 # Per-sample int32 metadata of the mask kernels, a (B, META_WIDTH) tensor: num_top, num_random,
 # and the first valid token index and one past the last.
 META_TOP, META_RANDOM, META_FIRST, META_LAST = 0, 1, 2, 3

@@ -30,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_power_of_2
+from ._common import load_flags, next_power_of_2
 
 
 @triton.jit
 def _kept_in_chunk(keep_row, drop_row, cols, in_row, HAS_DROP: tl.constexpr):
-    """1 where the key is kept, 0 elsewhere (int32): ``keep_row`` set and, under HAS_DROP,
-    ``drop_row`` clear."""
-    kept = tl.load(keep_row + cols, mask=in_row, other=0) != 0
+    """1 where the key is kept, 0 elsewhere (int32): ``keep_row`` set (every key of a None row)
+    and, under HAS_DROP, ``drop_row`` clear."""
+    kept = load_flags(keep_row, cols, in_row)
     if HAS_DROP:
         kept = kept & (tl.load(drop_row + cols, mask=in_row, other=1) == 0)
     return kept.to(tl.int32)

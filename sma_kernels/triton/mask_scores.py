@@ -74,7 +74,10 @@ from ._common import (
     block_dim,
     cdiv,
     dot_precision,
+    flags_arg,
+    flags_row,
     head_tile,
+    load_flags,
     load_tile,
     next_power_of_2,
     strides,
@@ -112,6 +115,14 @@ def score_config(rows_per_head: int) -> TileConfig:
 
 
 @triton.jit
+def non_finite_rows(finite, valid):
+    """1.0 for the rows of a logit tile with a ``valid`` token whose logit is not ``finite``,
+    else 0.0. A float max: the max of a boolean tile compiles, on sm_90, to packing its bits
+    through local memory."""
+    return tl.max(tl.where(valid[None, :] & ~finite, 1.0, 0.0), axis=1)
+
+
+@triton.jit
 def _chosen_row_scores_kernel(
     Q, K, VALID, POOL, QUERY_RANK, HEAD, CHOSEN, META, PARTIALS, BLOCK_ROWS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -129,8 +140,8 @@ def _chosen_row_scores_kernel(
     # One program per (sample, head, row block); (sample, head) is int64.
     b, h, bh, r = head_tile(H, ROW_BLOCKS)
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
-        valid_row = VALID + b * NK
-        pool_row = POOL + b * NQ
+        valid_row = flags_row(VALID, b * NK)
+        pool_row = flags_row(POOL, b * NQ)
         rank_row = QUERY_RANK + b * stride_rank
         head_row = HEAD + b * stride_head
         chosen_row = CHOSEN + b * NQ
@@ -190,14 +201,14 @@ def _chosen_row_scores_kernel(
             # Loop 1: lse of the rows.
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            bad = tl.zeros([BLOCK_M], tl.int32)  # 1 once the row has a non-finite valid logit
+            bad = tl.zeros([BLOCK_M], tl.float32)  # 1 once the row has a non-finite valid logit
             for start_n in range(key_start, last, BLOCK_N):
                 cols = start_n + offs_n
-                valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+                valid = load_flags(valid_row, cols, cols < NK)
                 k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
                 finite = tl.abs(s) < float("inf")  # False for NaN too
-                bad = tl.maximum(bad, tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1))
+                bad = tl.maximum(bad, non_finite_rows(finite, valid))
                 # A non-finite valid logit counts as 0 here (its row's lse becomes NaN below),
                 # so m is finite from the first tile on (it holds the first valid token) and
                 # the loop computes no NaN.
@@ -224,7 +235,7 @@ def _chosen_row_scores_kernel(
             for start_n in range(key_start + (key_tiles - 1) * BLOCK_N, key_start - BLOCK_N,
                                  -BLOCK_N):
                 cols = start_n + offs_n
-                valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+                valid = load_flags(valid_row, cols, cols < NK)
                 k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
                 p = tl.exp2((s - lse[:, None]) * LOG2E_C)
@@ -245,7 +256,8 @@ class RowScores(NamedTuple):
     meta: torch.Tensor  # (B, META_WIDTH) int32 counts and valid range (the same)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, pool: torch.Tensor,
+def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+            pool: torch.Tensor | None,
             query_rank: torch.Tensor, head: torch.Tensor, chosen: torch.Tensor, *, max_rows: int,
             head_mix: str, scale: float, config: TileConfig | None, plan_args: dict) -> RowScores:
     batch, heads, num_q, dim = q.shape
@@ -261,7 +273,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, pool: torch.T
     query_rank, head = row_strided(query_rank), row_strided(head)
     sweep = min(512, next_power_of_2(max(num_q, num_k)))
     _chosen_row_scores_kernel[tile_grid(batch * heads, row_blocks)](
-        Q=q, K=k, VALID=valid.contiguous().view(torch.uint8), POOL=pool.contiguous().view(torch.uint8),
+        Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool),
         QUERY_RANK=query_rank, HEAD=head, CHOSEN=chosen.view(torch.uint8), META=meta,
         PARTIALS=partials, BLOCK_ROWS=block_rows, **strides("q", q, "bhmd"),
         **strides("k", k, "bhnd"), stride_rank=query_rank.stride(0), stride_head=head.stride(0),
@@ -273,15 +285,15 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, pool: torch.T
     return RowScores(partials, block_rows, 1.0 if group_by_head else 1.0 / heads, chosen, meta)
 
 
-def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
-                      query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float,
+def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+                      query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float,
                       num_per_query: int, mask_self: bool, noise: float, head_mix: str,
                       scale: float, config: TileConfig | None = None) -> RowScores:
     """The mask's first launch: the counts and chosen rows of the plan, and the column partials
     of the token scores. ``query_pool`` is the backends' argument (intersected with ``valid``
     in-kernel under ``mask_self``), ``plan.head`` any int32 (read mod H). ``config`` replaces
     :func:`score_config`'s (tests)."""
-    chosen = torch.empty(query_pool.shape, dtype=torch.bool, device=q.device)
+    chosen = torch.empty((q.shape[0], q.shape[2]), dtype=torch.bool, device=q.device)
     return _launch(
         q, k, valid, query_pool, plan.query_rank, plan.head, chosen,
         max_rows=max_chosen_rows(q.shape[2], k.shape[2], ratio, num_per_query),

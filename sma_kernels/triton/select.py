@@ -65,6 +65,9 @@ from ._common import (
     META_WIDTH,
     META_WIDTH_C,
     autotune,
+    flags_arg,
+    flags_row,
+    load_flags,
     next_power_of_2,
 )
 from .kept_keys import kept_key_order, order_chunk
@@ -101,7 +104,7 @@ def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, offs, N, STAGE: tl.constexpr
     random picks among the valid tokens not taken yet, by smallest rank.
     """
     in_row = offs < N
-    eligible = tl.load(VALID + offs, mask=in_row, other=0) != 0
+    eligible = load_flags(VALID, offs, in_row)
     if STAGE == 1:
         if HAS_FORCED:
             eligible = eligible & (tl.load(FORCED + offs, mask=in_row, other=0) == 0)
@@ -111,7 +114,7 @@ def _block_keys(SCORES, VALID, FORCED, TAKEN, RANK, offs, N, STAGE: tl.constexpr
         if STAGE == 2:
             eligible = eligible & (tl.load(TAKEN + offs, mask=in_row, other=1) == 0)
         elif HAS_FORCED:  # STAGE 0 under mask_self: the pool rows whose token is valid
-            eligible = eligible & (tl.load(FORCED + offs, mask=in_row, other=0) != 0)
+            eligible = eligible & load_flags(FORCED, offs, in_row)
         key = ~tl.load(RANK + offs, mask=in_row, other=0)
     return key, eligible
 
@@ -185,7 +188,7 @@ def token_range(VALID, NK, BLOCK: tl.constexpr):
     last = tl.zeros((), tl.int32)
     for start in range(0, NK, BLOCK):
         cols = start + offs
-        valid = tl.load(VALID + cols, mask=cols < NK, other=0) != 0
+        valid = load_flags(VALID, cols, cols < NK)
         n += tl.sum(valid.to(tl.int32), axis=0)
         first = tl.minimum(first, tl.min(tl.where(valid, cols, NK), axis=0))
         last = tl.maximum(last, tl.max(tl.where(valid, cols + 1, 0), axis=0))
@@ -203,9 +206,9 @@ def mask_counts(n, POOL, VALID, NQ, ratio_bits, num_per_query, noise_bits,
     pool = tl.zeros((), tl.int32)
     for start in range(0, NQ, BLOCK):
         rows = start + offs
-        in_pool = tl.load(POOL + rows, mask=rows < NQ, other=0) != 0
+        in_pool = load_flags(POOL, rows, rows < NQ)
         if MASK_SELF:
-            in_pool = in_pool & (tl.load(VALID + rows, mask=rows < NQ, other=0) != 0)
+            in_pool = in_pool & load_flags(VALID, rows, rows < NQ)
         pool += tl.sum(in_pool.to(tl.int32), axis=0)
     ratio = (ratio_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
     noise = (noise_bits + tl.zeros((), tl.int64)).to(tl.float64, bitcast=True)
@@ -317,15 +320,15 @@ def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT,
     base = b * NK
     offs = tl.arange(0, BLOCK)
     scores_row = SCORES + base
-    valid_row = VALID + base
-    forced_row = FORCED + base
+    valid_row = flags_row(VALID, base)
+    forced_row = flags_row(FORCED, base)
     out_row = OUT + base
     rank_row = RANK + b * stride_rank
 
     # Step 0: the scores, each token's partials added in row order (see the module docstring).
     for start in range(0, NK, BLOCK):
         cols = start + offs
-        valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+        valid = load_flags(valid_row, cols, cols < NK)
         acc = tl.zeros([BLOCK], tl.float32)
         for row in range(NUM_PARTIALS):
             if tl.load(BLOCK_ROWS + b * NUM_PARTIALS + row) > 0:
@@ -352,7 +355,8 @@ def row_strided(x: torch.Tensor) -> torch.Tensor:
 
 
 def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_weight: float,
-                         valid: torch.Tensor, forced: torch.Tensor | None, meta: torch.Tensor,
+                         valid: torch.Tensor | None, forced: torch.Tensor | None,
+                         meta: torch.Tensor,
                          token_rank: torch.Tensor, *, config: SelectConfig | None = None,
                          order_out: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,8 +374,8 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     batch, num_partials, num_k = partials.shape
     out = torch.empty((batch, num_k), dtype=torch.bool, device=partials.device)
     scores = torch.empty((batch, num_k), dtype=torch.float32, device=partials.device)
-    valid_u8 = valid.contiguous().view(torch.uint8)
-    forced_u8 = valid_u8 if forced is None else forced.contiguous().view(torch.uint8)
+    valid_u8 = flags_arg(valid)
+    forced_u8 = flags_arg(forced)
     token_rank = row_strided(token_rank)
     # Without order_out the order pointers are never read (WRITE_ORDER is off): any tensor does.
     order, kept = (scores, scores) if order_out is None else order_out

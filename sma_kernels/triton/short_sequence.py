@@ -75,7 +75,10 @@ from ._common import (
     LOG2E_C,
     block_dim,
     dot_precision,
+    flags_arg,
+    flags_row,
     head_tile,
+    load_flags,
     load_tile,
     program_tile,
     strides,
@@ -84,6 +87,7 @@ from ._common import (
 )
 from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
 from .kept_keys import order_chunk
+from .mask_scores import non_finite_rows
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -123,19 +127,23 @@ def fits_short_backward(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
 
 def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, int, int, int]:
     """The forward's (BLOCK_M, BLOCK_K, BLOCK_D, BLOCK_DV). BLOCK_K holds the whole token axis.
-    BLOCK_M is up to SHORT_ROW_BLOCK query rows, halved while the tile with the whole head dim
-    exceeds twice SHORT_TILE_VOLUME. The head-dim chunks are the widest, up to SHORT_HEAD_BLOCK,
-    that keep the dots within SHORT_TILE_VOLUME and a (BLOCK_M, chunk) fp32 tile within 64
-    registers a thread (as the (128, 128) logits tile at 8 warps). BLOCK_M, BLOCK_D and the warps
-    set the scores' summation order, so they depend on (Q, L, d) only: the mask function (no V)
-    and the fused forward sum in the same order."""
+    BLOCK_M is up to SHORT_ROW_BLOCK query rows, halved (down to 64) while the tile with the
+    whole head dim exceeds SHORT_TILE_VOLUME. The head-dim chunks are the widest, up to
+    SHORT_HEAD_BLOCK, that keep the dots within SHORT_TILE_VOLUME and the (BLOCK_M, chunk) and
+    (BLOCK_K, chunk) tiles within 64 elements a thread (as the (128, 128) logits tile at 8
+    warps), and at most 32 for fewer than 64 rows (whose dot layout holds more of the K chunk
+    in each warp; wider chunks spill on sm_90). BLOCK_M, BLOCK_D and the warps set the scores'
+    summation order, so they depend on (Q, L, d) only: the mask function (no V) and the fused
+    forward sum in the same order."""
     block_k = block_dim(num_k)
     block_m = min(block_dim(num_q), SHORT_ROW_BLOCK)
-    while block_m > 16 and block_m * block_k * block_dim(dim) > 2 * SHORT_TILE_VOLUME:
+    while block_m > 64 and block_m * block_k * block_dim(dim) > SHORT_TILE_VOLUME:
         block_m //= 2
     threads = 32 * _warps(block_m, block_k)
     widest = min(SHORT_HEAD_BLOCK, SHORT_TILE_VOLUME // (block_m * block_k),
-                 64 * threads // block_m)
+                 64 * threads // max(block_m, block_k))
+    if block_m < 64:
+        widest = min(widest, 32)
     return block_m, block_k, min(block_dim(dim), widest), min(block_dim(dim_v), widest)
 
 
@@ -182,13 +190,13 @@ def _short_sequence_kernel(
 ):
     b, _ = program_tile(1)  # one program per sample
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
-        valid_row = VALID + b * NK
-        pool_row = POOL + b * NQ
+        valid_row = flags_row(VALID, b * NK)
+        pool_row = flags_row(POOL, b * NQ)
         query_rank_row = QUERY_RANK + b * stride_query_rank
         chosen_row = CHOSEN + b * NQ
         offs_m = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_K)
-        valid = tl.load(valid_row + cols, mask=cols < NK, other=0) != 0
+        valid = load_flags(valid_row, cols, cols < NK)
 
         # Step 1: the plan's counts and the threshold of its chosen rows.
         n = tl.sum(valid.to(tl.int32), axis=0)  # the whole row is one block
@@ -221,7 +229,7 @@ def _short_sequence_kernel(
                     s = _logits(q_head, k_head, rows, mine, cols, valid, stride_qm, stride_qd,
                                 stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * scale
                     finite = tl.abs(s) < float("inf")  # False for NaN too
-                    bad = tl.max((valid[None, :] & ~finite).to(tl.int32), axis=1) != 0
+                    bad = non_finite_rows(finite, valid) != 0.0
                     s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
                     m = tl.max(s, axis=1)
                     m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
@@ -346,8 +354,8 @@ class ShortSequenceResult(NamedTuple):
 
 
 def short_sequence_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, valid: torch.Tensor,
-        query_pool: torch.Tensor, plan: MaskPlan, *, ratio: float, num_per_query: int,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, valid: torch.Tensor | None,
+        query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float, num_per_query: int,
         head_mix: str, mask_self: bool, noise: float, scale: float,
         order_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> ShortSequenceResult:
     """The mask of ``self_guided_mask`` for a short sequence (:func:`fits_short_forward`), and
@@ -375,8 +383,8 @@ def short_sequence_attention(
     dim_v = values.shape[3]
     block_m, block_k, block_d, block_dv = forward_blocks(num_q, num_k, dim, dim_v)
     _short_sequence_kernel[tile_grid(batch, 1)](
-        Q=q, K=k, V=values, VALID=valid.contiguous().view(torch.uint8),
-        POOL=query_pool.contiguous().view(torch.uint8), QUERY_RANK=query_rank, HEAD=head,
+        Q=q, K=k, V=values, VALID=flags_arg(valid), POOL=flags_arg(query_pool),
+        QUERY_RANK=query_rank, HEAD=head,
         TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores, MASK=mask.view(torch.uint8),
         ORDER=order, KEPT=kept, OUT=out if attend else scores, LSE=lse if attend else scores,
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", values, "bhnd"),
