@@ -64,8 +64,9 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
     """Same contract as :func:`sma_kernels.reference.self_guided_mask`, for CPU tensors."""
     batch = q.shape[0]
     valid = all_set_if_none(valid, batch, k.shape[2], k.device)
+    query_pool = all_set_if_none(query_pool, batch, q.shape[2], q.device)
     return torch.ops.sma_kernels_C.self_guided_mask(
-        q, k, valid, all_set_if_none(query_pool, batch, q.shape[2], q.device), plan.query_rank, plan.head, plan.token_rank, ratio, num_per_query,
+        q, k, valid, query_pool, plan.query_rank, plan.head, plan.token_rank, ratio, num_per_query,
         head_mix == "random", mask_self, noise, scale)
 
 

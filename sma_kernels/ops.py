@@ -223,10 +223,11 @@ def _op_or_impl(op: Callable, impl: Callable, *tensors: torch.Tensor | None) -> 
 
 
 def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
-                     query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float, num_per_query: int, head_mix: str,
-                     mask_self: bool, noise: float, scale: float, backend: str) -> torch.Tensor:
+                     query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float,
+                     num_per_query: int, head_mix: str, mask_self: bool, noise: float, scale: float,
+                     backend: str) -> torch.Tensor:
     """The named backend's mask, through the op when it must be seen (q and k are detached)."""
-    return _op_or_impl(_mask_op, _mask_impl, q, k, valid)(
+    return _op_or_impl(_mask_op, _mask_impl, q, k, valid, query_pool)(
         q.detach(), k.detach(), valid, query_pool, *plan, ratio, num_per_query, head_mix, mask_self,
         noise, scale, backend)
 

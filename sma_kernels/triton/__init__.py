@@ -11,8 +11,8 @@ partials of their token scores), ``select.py`` (the scores, then forced, top and
 without a sort, and the kept-key order of ``kept_keys.py``), ``attention.py`` (FlashAttention
 forward and backward over the kept keys only), and ``short_sequence.py``, which does the mask
 and the attention of a sample with few tokens (:func:`fits_short_forward`) in one launch, and
-the backward of a short sequence (:func:`fits_short_backward`) in one. They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
-(slow; for tests).
+the backward of a short sequence (:func:`fits_short_backward`) in one. They run on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
 """
 
 from __future__ import annotations

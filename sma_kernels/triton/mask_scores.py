@@ -290,8 +290,9 @@ def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
                       num_per_query: int, mask_self: bool, noise: float, head_mix: str,
                       scale: float, config: TileConfig | None = None) -> RowScores:
     """The mask's first launch: the counts and chosen rows of the plan, and the column partials
-    of the token scores. ``query_pool`` is the backends' argument (intersected with ``valid``
-    in-kernel under ``mask_self``), ``plan.head`` any int32 (read mod H). ``config`` replaces
+    of the token scores. ``valid`` and ``query_pool`` are the backends' arguments (None: every
+    token, every row; the pool intersected with ``valid`` in-kernel under ``mask_self``),
+    ``plan.head`` any int32 (read mod H). ``config`` replaces
     :func:`score_config`'s (tests)."""
     chosen = torch.empty((q.shape[0], q.shape[2]), dtype=torch.bool, device=q.device)
     return _launch(

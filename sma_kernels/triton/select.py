@@ -356,16 +356,16 @@ def row_strided(x: torch.Tensor) -> torch.Tensor:
 
 def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_weight: float,
                          valid: torch.Tensor | None, forced: torch.Tensor | None,
-                         meta: torch.Tensor,
-                         token_rank: torch.Tensor, *, config: SelectConfig | None = None,
+                         meta: torch.Tensor, token_rank: torch.Tensor, *, config: SelectConfig | None = None,
                          order_out: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, L) bool mask and the (B, L) fp32 scores it was chosen by, in one launch.
 
     ``partials`` (B, R, L) fp32 are the score kernel's column partials, ``block_rows`` (B, R)
     int32 how many chosen rows each partial row summed (rows of 0 are skipped, unwritten), and
-    the scores are ``head_weight`` times their sum in row order. ``forced`` (B, L) bool is
-    always masked (None: nothing is), ``meta`` holds the counts (see ``_common.META_*``).
+    the scores are ``head_weight`` times their sum in row order. ``valid`` (B, L) bool, None
+    when every token is valid. ``forced`` (B, L) bool is always masked (None: nothing is),
+    ``meta`` holds the counts (see ``_common.META_*``).
     ``config`` launches that config of the kernel instead of the autotuned one (tests).
     ``order_out``, a contiguous (B, L) int32 tensor and a (B,) int32 one, receives the kept-key
     order and count of keep = valid & ~mask (:func:`kept_keys.kept_keys`'s outputs) from the
