@@ -13,7 +13,7 @@ import torch
 
 from . import ops
 from .checks import CheckedCall, check_call, check_v
-from .plan import MaskPlan
+from .plan import MaskPlan, kept_tokens
 
 
 def autocast_inputs(*tensors: object) -> tuple[tuple[object, ...], contextlib.AbstractContextManager]:
@@ -108,9 +108,8 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask_self=call.mask_self, noise=call.noise, scale=call.scale,
                 backend=call.backend)
         mask = _mask(q, k, call)
-        # keep = valid & ~mask in one op: padding is never masked
-        keep = ~mask if call.valid is None else call.valid ^ mask
-        out = ops.masked_attention(q, k, v, keep, scale=call.scale, backend=call.backend)
+        out = ops.masked_attention(q, k, v, kept_tokens(call.valid, mask), scale=call.scale,
+                                   backend=call.backend)
     return out, mask
 
 

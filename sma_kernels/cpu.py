@@ -21,7 +21,7 @@ import importlib.util
 import torch
 
 from .backends import FLOAT_DTYPES, Backend
-from .plan import MaskPlan, all_set_if_none
+from .plan import MaskPlan, materialized_flags
 
 
 def _load_extension() -> str | None:
@@ -62,9 +62,7 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
                      num_per_query: int, head_mix: str, mask_self: bool, noise: float,
                      scale: float) -> torch.Tensor:
     """Same contract as :func:`sma_kernels.reference.self_guided_mask`, for CPU tensors."""
-    batch = q.shape[0]
-    valid = all_set_if_none(valid, batch, k.shape[2], k.device)
-    query_pool = all_set_if_none(query_pool, batch, q.shape[2], q.device)
+    valid, query_pool = materialized_flags(q, k, valid, query_pool)
     return torch.ops.sma_kernels_C.self_guided_mask(
         q, k, valid, query_pool, plan.query_rank, plan.head, plan.token_rank, ratio, num_per_query,
         head_mix == "random", mask_self, noise, scale)

@@ -132,11 +132,26 @@ def query_pool_argument(valid: torch.Tensor | None, query_valid: torch.Tensor | 
 
 def all_set_if_none(flags: torch.Tensor | None, batch: int, size: int,
                     device: torch.device) -> torch.Tensor:
-    """``flags`` (B, size) bool, or all True for None: the ``valid`` and ``query_pool`` a call
-    leaves at their all-set default, for a backend that reads them as tensors."""
+    """``flags`` (B, size) bool, or all True for None: a ``valid`` or ``query_pool`` a call
+    leaves at its all-set default."""
     if flags is not None:
         return flags
     return torch.ones(batch, size, dtype=torch.bool, device=device)
+
+
+def materialized_flags(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
+                       query_pool: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backend's ``valid`` (B, L) and ``query_pool`` (B, Q) as tensors (None: all True), for
+    a backend that reads them as tensors."""
+    batch = q.shape[0]
+    return (all_set_if_none(valid, batch, k.shape[2], k.device),
+            all_set_if_none(query_pool, batch, q.shape[2], q.device))
+
+
+def kept_tokens(valid: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """keep = valid & ~mask (None: every token valid) in one op: the mask never marks padding,
+    so valid ^ mask is the same."""
+    return ~mask if valid is None else valid ^ mask
 
 
 def restrict_query_pool(valid: torch.Tensor, query_pool: torch.Tensor, mask_self: bool) -> torch.Tensor:

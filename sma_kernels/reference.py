@@ -25,9 +25,10 @@ from .backends import FLOAT_DTYPES, Backend
 from .plan import (
     MaskCounts,
     MaskPlan,
-    all_set_if_none,
     chosen_rows,
+    kept_tokens,
     mask_counts,
+    materialized_flags,
     restrict_query_pool,
     take_smallest,
 )
@@ -82,10 +83,8 @@ def self_guided_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
     ``valid`` under ``mask_self`` itself; the plan's ranks are any int32 values, ordered by
     (rank, index), and its heads any int32 values, read mod H.
     """
-    batch, num_k, num_q = k.shape[0], k.shape[2], q.shape[2]
-    valid = all_set_if_none(valid, batch, num_k, k.device)
-    query_pool = restrict_query_pool(valid, all_set_if_none(query_pool, batch, num_q, q.device),
-                                     mask_self)
+    valid, query_pool = materialized_flags(q, k, valid, query_pool)
+    query_pool = restrict_query_pool(valid, query_pool, mask_self)
     counts = mask_counts(valid, query_pool, ratio=ratio, num_per_query=num_per_query,
                          mask_self=mask_self, noise=noise)
     chosen = chosen_rows(plan, query_pool, counts.num_rows)
@@ -151,10 +150,9 @@ def self_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask_self: bool, noise: float,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Q, dv), mask (B, L)): the first SMA layer with its own mask applied."""
-    valid = all_set_if_none(valid, k.shape[0], k.shape[2], k.device)
     mask = self_guided_mask(q, k, valid, query_pool, plan, ratio=ratio, num_per_query=num_per_query,
                             head_mix=head_mix, mask_self=mask_self, noise=noise, scale=scale)
-    out, _ = attention_forward(q, k, v, valid & ~mask, scale=scale)
+    out, _ = attention_forward(q, k, v, kept_tokens(valid, mask), scale=scale)
     return out, mask
 
 

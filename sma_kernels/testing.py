@@ -11,7 +11,8 @@ public functions of the package only (see docs/design.md, "Testing"):
   the plan's random picks recomputed for that choice.
 * :func:`assert_close_to_fp64`: the FlashAttention accuracy rule for a float result: its error
   against a float64 oracle is at most ``factor`` times the error of plain PyTorch computed in the
-  result's own dtype, plus a small ``atol``.
+  result's own dtype, plus a small ``atol``; :func:`assert_attention_close_to_fp64` applies it
+  to an attention's output and gradients, against the reference's.
 * :func:`brute_force_mask`: the self-guided mask as a per-sample Python loop, written from
   docs/design.md, "The computation", alone: the oracle of the vectorized reference.
 
@@ -39,9 +40,10 @@ from .plan import (
     take_smallest,
 )
 
-__all__ = ["LAYOUTS", "MAX_CHOICES", "MaskComparison", "Selection", "assert_close_to_fp64",
-           "assert_masks_match", "brute_force_mask", "compare_masks", "padded_valid",
-           "reference_selection", "selection_from_scores"]
+__all__ = ["LAYOUTS", "MAX_CHOICES", "MaskComparison", "Selection",
+           "assert_attention_close_to_fp64", "assert_close_to_fp64", "assert_masks_match",
+           "brute_force_mask", "compare_masks", "padded_valid", "reference_selection",
+           "selection_from_scores"]
 
 LAYOUTS = ("none", "right", "left", "middle", "single", "empty", "scattered")
 """The padding layouts of :func:`padded_valid`, in the order it cycles through them."""
@@ -297,6 +299,23 @@ def assert_close_to_fp64(got: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp
     err, plain_err = _max_abs_error(got, ref_fp64), _max_abs_error(ref_same_dtype, ref_fp64)
     assert err <= factor * plain_err + atol, \
         f"{name}: error {err:.3g} vs PyTorch {plain_err:.3g} (allowed {factor:g}x + {atol:.3g})"
+
+
+def assert_attention_close_to_fp64(got: Sequence[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                                   v: torch.Tensor, grad_out: torch.Tensor, keep: torch.Tensor, *,
+                                   scale: float, atol: float = 0.0) -> None:
+    """:func:`assert_close_to_fp64` for ``got`` = (out, dq, dk, dv): the output of attention of
+    ``q``, ``k``, ``v`` over the ``keep`` (B, L) keys and its gradients for ``grad_out``. The
+    oracles are the reference's, in float64 and in q's dtype."""
+    oracles = {}
+    for dtype in (torch.float64, q.dtype):
+        inputs = [x.detach().to(dtype) for x in (q, k, v)]
+        out, lse = reference.attention_forward(*inputs, keep, scale=scale)
+        oracles[dtype] = (out, *reference.attention_backward(grad_out.to(dtype), *inputs, keep,
+                                                             out, lse, scale=scale))
+    for name, value, plain, exact in zip(("out", "dq", "dk", "dv"), got, oracles[q.dtype],
+                                         oracles[torch.float64]):
+        assert_close_to_fp64(value, plain, exact, atol=atol, name=name)
 
 
 def _max_abs_error(x: torch.Tensor, oracle: torch.Tensor) -> float:

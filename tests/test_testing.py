@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import sma_kernels as sk
+from sma_kernels import reference
 from sma_kernels.testing import (
     LAYOUTS,
+    assert_attention_close_to_fp64,
     assert_close_to_fp64,
     assert_masks_match,
     brute_force_mask,
@@ -117,6 +119,21 @@ def test_error_rule_rejects_three_times_the_pytorch_error() -> None:
     assert_close_to_fp64(oracle + 3 * error, plain, oracle, atol=float(error.abs().max()))
     with pytest.raises(AssertionError):
         assert_close_to_fp64(oracle.clone().fill_(float("nan")), plain, oracle, atol=1.0)
+
+
+def test_attention_rule_checks_the_output_and_each_gradient() -> None:
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(4))
+    keep = padded_valid(2, 6, g)
+    scale = 0.5
+    out, lse = reference.attention_forward(q, k, v, keep, scale=scale)
+    got = [out, *reference.attention_backward(grad_out, q, k, v, keep, out, lse, scale=scale)]
+    assert_attention_close_to_fp64(got, q, k, v, grad_out, keep, scale=scale)
+    for index, name in enumerate(("out", "dq", "dk", "dv")):
+        wrong = [x.clone() for x in got]
+        wrong[index] += 1e-3
+        with pytest.raises(AssertionError, match=name):
+            assert_attention_close_to_fp64(wrong, q, k, v, grad_out, keep, scale=scale)
 
 
 # ----------------------------------------------------------------------------- padding

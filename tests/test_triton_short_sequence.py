@@ -20,9 +20,9 @@ from helpers import CUDA, DEVICE, element_addresses, import_triton_backend, reco
 
 import sma_kernels as sk
 from bench.launches import count_launches
-from sma_kernels import ops, reference
+from sma_kernels import reference
 from sma_kernels.plan import chosen_rows, default_query_pool, mask_counts
-from sma_kernels.testing import assert_close_to_fp64, assert_masks_match, padded_valid
+from sma_kernels.testing import assert_attention_close_to_fp64, assert_masks_match, padded_valid
 
 triton_backend = import_triton_backend()
 
@@ -137,17 +137,9 @@ def test_large_shapes_match_the_reference(shape, head_mix, mask_self, noise, dty
     assert torch.equal(mask, sk.self_guided_mask(q, k, valid, backend="triton", **options))
 
     keep = valid & ~mask
-    results = {}
-    for name, dtype_used in (("fp64", torch.float64), ("plain", dtype)):
-        inputs = [x.detach().to(dtype_used).requires_grad_() for x in (q, k, v)]
-        expected = ops.masked_attention(*inputs, keep, scale=dim ** -0.5, backend="reference")
-        expected.backward(grad_out.to(dtype_used))
-        results[name] = (expected.detach(), *(x.grad for x in inputs))
-    atol = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
-    for index, name in enumerate(("out", "dq", "dk", "dv")):
-        got = out.detach() if index == 0 else leaves[index - 1].grad
-        assert_close_to_fp64(got, results["plain"][index], results["fp64"][index], atol=atol,
-                             name=name)
+    assert_attention_close_to_fp64([out.detach(), *(x.grad for x in leaves)], q, k, v, grad_out,
+                                    keep, scale=dim ** -0.5,
+                                    atol={torch.float32: 1e-6, torch.float16: 1e-3}[dtype])
     dropped = ~keep[:, None, :, None]  # exact zero gradients, written by the backward itself
     assert not leaves[1].grad.masked_select(dropped).any()
     assert not leaves[2].grad.masked_select(dropped).any()

@@ -94,8 +94,7 @@ if UNAVAILABLE is None:
         of :func:`attention_forward` with keep = valid & ~mask, in three launches (one for short
         sequences, short_sequence.py); the selection writes the kept-key order (kept_keys.py)
         with the mask, for the attention and for :func:`ordered_attention_backward`."""
-        batch, _, _, _ = q.shape
-        num_k = k.shape[2]
+        batch, num_k = q.shape[0], k.shape[2]
         order = torch.empty((batch, num_k), dtype=torch.int32, device=q.device)
         kept = torch.empty((batch,), dtype=torch.int32, device=q.device)
         if fits_short_forward(q.shape[2], num_k):

@@ -115,11 +115,14 @@ def score_config(rows_per_head: int) -> TileConfig:
 
 
 @triton.jit
-def non_finite_rows(finite, valid):
-    """1.0 for the rows of a logit tile with a ``valid`` token whose logit is not ``finite``,
-    else 0.0. A float max: the max of a boolean tile compiles, on sm_90, to packing its bits
-    through local memory."""
-    return tl.max(tl.where(valid[None, :] & ~finite, 1.0, 0.0), axis=1)
+def finite_logits(s, valid):
+    """A logit tile as the scores read it, and its rows' non-finite flags: ``s`` at the
+    ``valid`` tokens with each non-finite logit (infinite or NaN) counted as 0, -inf at the
+    others; and 1.0 for a row with a non-finite valid logit, else 0.0. (A float max: the max of
+    a boolean tile compiles, on sm_90, to packing its bits through local memory.)"""
+    finite = tl.abs(s) < float("inf")  # False for NaN too
+    bad = tl.max(tl.where(valid[None, :] & ~finite, 1.0, 0.0), axis=1)
+    return tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf")), bad
 
 
 @triton.jit
@@ -206,13 +209,12 @@ def _chosen_row_scores_kernel(
                 cols = start_n + offs_n
                 valid = load_flags(valid_row, cols, cols < NK)
                 k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                finite = tl.abs(s) < float("inf")  # False for NaN too
-                bad = tl.maximum(bad, non_finite_rows(finite, valid))
                 # A non-finite valid logit counts as 0 here (its row's lse becomes NaN below),
                 # so m is finite from the first tile on (it holds the first valid token) and
                 # the loop computes no NaN.
-                s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
+                s, tile_bad = finite_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                                            * scale, valid)
+                bad = tl.maximum(bad, tile_bad)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
                 l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)

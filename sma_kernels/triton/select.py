@@ -356,7 +356,8 @@ def row_strided(x: torch.Tensor) -> torch.Tensor:
 
 def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_weight: float,
                          valid: torch.Tensor | None, forced: torch.Tensor | None,
-                         meta: torch.Tensor, token_rank: torch.Tensor, *, config: SelectConfig | None = None,
+                         meta: torch.Tensor, token_rank: torch.Tensor, *,
+                         config: SelectConfig | None = None,
                          order_out: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, L) bool mask and the (B, L) fp32 scores it was chosen by, in one launch.

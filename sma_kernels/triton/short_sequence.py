@@ -87,7 +87,7 @@ from ._common import (
 )
 from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
 from .kept_keys import order_chunk
-from .mask_scores import non_finite_rows
+from .mask_scores import finite_logits
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -226,11 +226,10 @@ def _short_sequence_kernel(
                 if GROUP_BY_HEAD:
                     mine = mine & (plan_heads(HEAD + b * stride_head, rows, NQ, H) == h)
                 if tl.max(mine.to(tl.int32), axis=0) > 0:
-                    s = _logits(q_head, k_head, rows, mine, cols, valid, stride_qm, stride_qd,
-                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * scale
-                    finite = tl.abs(s) < float("inf")  # False for NaN too
-                    bad = non_finite_rows(finite, valid) != 0.0
-                    s = tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf"))
+                    s, bad = finite_logits(
+                        _logits(q_head, k_head, rows, mine, cols, valid, stride_qm, stride_qd,
+                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * scale,
+                        valid)
                     m = tl.max(s, axis=1)
                     m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
                     # One exponential per logit: P = exp(S - m) / row_sum. (The score kernel
@@ -239,7 +238,7 @@ def _short_sequence_kernel(
                     # by an exact 0.
                     p = tl.exp2((s - m[:, None]) * LOG2E_C)
                     row_sum = tl.sum(p, axis=1)
-                    live = mine & (row_sum > 0.0) & ~bad
+                    live = mine & (row_sum > 0.0) & (bad == 0.0)
                     weight = tl.where(live, 1.0 / tl.where(live, row_sum, 1.0), 0.0)
                     scores += tl.sum(p * weight[:, None], axis=0)
             q_head += stride_qh
