@@ -11,9 +11,12 @@ launches; the launches themselves (a few microseconds each in Triton's launcher)
 
 Per workload, at its tiny shape (``bench.cases.tiny_cases``: the host work depends on the
 Triton path, which each tiny case shares with its full size, not on the sizes), it times the
-mask, the forward (mask + attention) and forward+backward of the public functions, twice: on
-their eager path, and through the registered custom ops (the path of torch.compile and the other
-tracers; ``ops.needs_registered_op`` is patched to choose).
+mask, the forward (mask + attention) and forward+backward of the public functions as users call
+them (a generator, no plan, the query pool at its default), and the forward with a ready plan,
+twice: on their eager path, and through the registered custom ops (the path of torch.compile and
+the other tracers; ``ops.needs_registered_op`` is patched to choose). The plan's random draw is
+an aten op, so it runs (on tiny tensors) and is timed. Each record lists the Triton kernels a
+call launches and, apart, its aten ops (``bench.launches.count_launches``).
 Each figure is the minimum over blocks of calls (on a shared machine: the least disturbed).
 Writes ``host-overhead-<cpu>-<UTC date>.json`` under ``--out`` (default ``runs/bench/``,
 git-ignored; ``--save`` writes to the committed ``bench/results/``).
@@ -42,6 +45,7 @@ from sma_kernels import ops
 
 from . import cases as bench_cases
 from . import measure, report
+from .launches import count_launches
 
 
 @contextlib.contextmanager
@@ -80,18 +84,27 @@ def host_us(fn: Callable[[], object], blocks: int, calls: int) -> float:
     return best * 1e6
 
 
+METRICS = ("mask", "fwd", "fwdbwd", "fwd_plan")
+
+
 def calls(case: bench_cases.Case) -> dict[str, Callable[[], object]]:
-    """The mask, forward and forward+backward calls of the public functions on ``case``."""
+    """The calls of :data:`METRICS` on ``case``: the mask, forward and forward+backward of the
+    public functions as users call them (a generator, the query pool left at its default), and
+    the forward with a ready plan."""
     x = bench_cases.make_inputs(case, torch.device("cpu"), torch.float32)
-    options = {**x.options, "query_valid": x.query_pool, "plan": x.plan, "backend": "triton"}
+    options = {**x.options, "backend": "triton"}
+    generator = torch.Generator().manual_seed(0)
     leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
 
-    def forward():
-        return sma_kernels.self_guided_attention(*leaves, x.valid, **options)[0]
+    def forward(**how: object) -> torch.Tensor:
+        return sma_kernels.self_guided_attention(*leaves, x.valid, **options, **how)[0]
 
     grad = torch.ones(case.batch, case.heads, case.queries, case.dim_v)
-    return {"mask": lambda: sma_kernels.self_guided_mask(x.q, x.k, x.valid, **options),
-            "fwd": forward, "fwdbwd": lambda: forward().backward(grad)}
+    return {"mask": lambda: sma_kernels.self_guided_mask(x.q, x.k, x.valid, generator=generator,
+                                                         **options),
+            "fwd": lambda: forward(generator=generator),
+            "fwdbwd": lambda: forward(generator=generator).backward(grad),
+            "fwd_plan": lambda: forward(plan=x.plan)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             record = {"case": case.name, "options": case.options(), "shape": case.shape}
             for metric, fn in calls(case).items():
                 launched.clear()
-                fn()
+                with count_launches() as seen:  # sees the aten ops (the stubs launch nothing)
+                    fn()
                 record.setdefault("launches", {})[metric] = list(launched)
+                record.setdefault("aten_ops", {})[metric] = list(seen.names)
                 for route, through_ops in (("eager", False), ("ops", True)):
                     # "ops": the path torch.compile takes, through the registered custom ops.
                     with mock.patch.object(ops, "needs_registered_op", lambda *_, flag=through_ops: flag):
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             print(f"{case.name:10s}" + "".join(
                 f"  {metric} {record[f'eager_{metric}_us']:6.1f} us (ops {record[f'ops_{metric}_us']:6.1f})"
-                for metric in ("mask", "fwd", "fwdbwd")), flush=True)
+                for metric in METRICS), flush=True)
 
     env = measure.environment(torch.device("cpu"))
     result = {"schema": "sma-kernels-host-overhead/1",

@@ -126,9 +126,8 @@ class SelfGuidedAttention(nn.Module):
         """
         x = check_tensor("x", x, 3, "(B, L, embed_dim)")
         batch, num_tokens, _ = x.shape
-        if valid is None:
-            valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=x.device)
-        valid = check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", x.device)
+        if valid is not None:  # None reaches the op as it is: every token, and no fill
+            valid = check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", x.device)
         if queries is None:
             queries = x if self.self_attention else self.latents.expand(batch, -1, -1)
         else:
@@ -144,8 +143,10 @@ class SelfGuidedAttention(nn.Module):
                 head_mix=self.head_mix, query_valid=valid if self.self_attention else None,
                 mask_self=self.mask_self, noise=self.noise if noise is None else noise,
                 generator=generator, plan=plan, backend=self.backend)
-            keep = valid ^ mask  # padding is never masked
+            keep = ~mask if valid is None else valid ^ mask  # padding is never masked
         else:
+            if valid is None:
+                valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=x.device)
             mask, keep = torch.zeros_like(valid), valid
             attended = _padded_attention(q, k, v, valid, self.backend)
         out = self.to_out(attended.transpose(1, 2).reshape(batch, attended.shape[2], -1))

@@ -337,9 +337,13 @@ def test_host_overhead_counts_every_launch(tmp_path):
         else:  # the fused forward: the selection writes the kept-key order the attention reads
             mask, forward = general, general + ["_attention_fwd_kernel"]
             backward = general_backward
-        assert record["launches"] == {"mask": mask, "fwd": forward, "fwdbwd": forward + backward}
-        assert all(record[f"{route}_{metric}_us"] > 0 for route in ("eager", "ops")
+        assert record["launches"] == {"mask": mask, "fwd": forward, "fwdbwd": forward + backward,
+                                      "fwd_plan": forward}
+        # As users call: the plan's one random draw is the only aten op.
+        assert all(record["aten_ops"][metric] == ["randint.low_generator"]
                    for metric in ("mask", "fwd", "fwdbwd"))
+        assert all(record[f"{route}_{metric}_us"] > 0 for route in ("eager", "ops")
+                   for metric in ("mask", "fwd", "fwdbwd", "fwd_plan"))
 
 
 def test_plots_are_written(tmp_path):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sma_kernels as sk
+from bench.launches import count_launches
 from sma_kernels.nn import SelfGuidedAttention
 
 B, L, E, HEADS = 3, 12, 16, 4
@@ -66,6 +67,27 @@ def test_module_equals_the_hand_written_layer(variant):
         torch.testing.assert_close(got_part, hand_part, rtol=0, atol=0)
     for got_grad, hand_grad in zip(module_grads, hand_grads):
         torch.testing.assert_close(got_grad, hand_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("variant", ["self", "self-mask_self", "cross"])
+def test_without_valid_every_token_is_real(variant, backend):
+    cross, mask_self = variant == "cross", variant == "self-mask_self"
+    torch.manual_seed(4)
+    layer = SelfGuidedAttention(E, HEADS, num_latents=5 if cross else None, mask_self=mask_self,
+                                noise=0.25, backend=backend, **OPTIONS)
+    x, _ = tokens(5)
+    plan = sk.make_plan(batch_size=B, num_queries=5 if cross else L, num_tokens=L,
+                        num_heads=HEADS, generator=torch.Generator().manual_seed(6))
+    with count_launches() as launches:
+        default = layer(x, plan=plan, return_packed=True)
+    explicit = layer(x, torch.ones(B, L, dtype=torch.bool), plan=plan, return_packed=True)
+    if backend == "triton":  # its kernels read a missing valid as all set: nothing is filled
+        assert not {"ones", "fill"} & set(launches.names), launches.names
+    assert default.mask.any()
+    for got, expected in [(default.out, explicit.out), (default.mask, explicit.mask),
+                          (default.keep, explicit.keep), *zip(default.packed, explicit.packed)]:
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("cross", [False, True])
