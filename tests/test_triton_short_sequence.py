@@ -65,7 +65,10 @@ def test_which_shapes_take_the_short_path():
     ((256, 128, 32, 128), (128, 128, 32, 64)),  # 256 latents: two row blocks, two dv chunks
     ((256, 16, 256, 256), (128, 16, 64, 64)),  # a (128, 64) fp32 accumulator at 4 warps
     ((128, 128, 64, 256), (128, 128, 64, 64)),  # dv wider than d
-    ((32, 128, 128, 128), (32, 128, 32, 32)),  # few rows over many tokens: narrow chunks
+    # Few queries: 64-row blocks (padded), unless the keys' tile is as small as HIGGS's.
+    ((32, 128, 128, 128), (64, 128, 128, 128)),
+    ((16, 16, 64, 64), (64, 16, 64, 64)),
+    ((28, 28, 16, 128), (32, 32, 16, 64)),  # V in chunks of 64 under 64 rows
 ])
 def test_forward_blocks_keep_the_tile_within_the_register_budget(shape, blocks):
     assert forward_blocks(*shape) == blocks

@@ -116,14 +116,16 @@ def _record_launches(monkeypatch) -> list[dict]:
     # (d, dv, dtype, Q, L): proteins and pixels, molecules, HIGGS, the widest head dim at which
     # every config runs, a wider one (first config only), fp32 (exact products), the largest
     # short-sequence tile whole, the short forward's head-dim chunks at that tile (self-attention
-    # at d = 128; 256 latents over 128 tokens), and a long row (the largest blocks of the kernels
+    # at d = 128; 256 latents over 128 tokens), few queries (32 over 64 tokens, padded to 64-row
+    # blocks; the HIGGS tile with V in chunks), and a long row (the largest blocks of the kernels
     # not autotuned).
     for dim, dim_v, dtype, num_q, length in [
             (32, 128, torch.bfloat16, 64, 64), (64, 64, torch.bfloat16, 64, 64),
             (16, 16, torch.bfloat16, 64, 64), (128, 128, torch.bfloat16, 64, 64),
             (256, 256, torch.bfloat16, 64, 64), (128, 128, torch.float32, 64, 64),
             (64, 64, torch.bfloat16, 128, 128), (128, 128, torch.bfloat16, 128, 128),
-            (32, 128, torch.bfloat16, 256, 128), (16, 16, torch.bfloat16, 16, 5000)]:
+            (32, 128, torch.bfloat16, 256, 128), (64, 64, torch.bfloat16, 32, 64),
+            (16, 128, torch.bfloat16, 28, 28), (16, 16, torch.bfloat16, 16, 5000)]:
         batch, heads = 2, 2
         q = torch.randn(batch, heads, num_q, dim, generator=g, dtype=dtype)
         k = torch.randn(batch, heads, length, dim, generator=g, dtype=dtype)

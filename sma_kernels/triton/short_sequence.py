@@ -48,8 +48,11 @@ Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at
 (up to 250 registers of 255 in the forward), hence SHORT_TILE_VOLUME. The forward keeps every
 dot within it by its head-dim chunks (``forward_blocks``), so it takes any head dims; the
 backward holds whole rows and takes only the shapes that fit (``fits_short_backward``; the
-others take attention.py's three-launch backward over the same order). The heads' base pointers
-advance by their strides, so no head offset is an int32 product.
+others take attention.py's three-launch backward over the same order). Blocks of 16 or 32 query
+rows set up an 8-24 B stack frame at most shapes (ptxas under Triton's register-allocation
+option, at 56-168 registers), so a sample of few queries takes 64-row blocks (the padded rows are
+computed and not stored) unless its keys' tile is as small as HIGGS's (``SHORT_SMALL_TILE``).
+The heads' base pointers advance by their strides, so no head offset is an int32 product.
 
 Determinism: the program's config is a fixed function of the shape (blocks from the sizes,
 warps from the tile area), never timed, and the scores are added in a fixed order, so the same
@@ -110,6 +113,11 @@ SHORT_ROW_BLOCK = 128
 # of Q, K, V, dO and their gradients, takes only shapes whose whole tile fits.
 SHORT_TILE_VOLUME = 128 * 128 * 64
 SHORT_HEAD_BLOCK = 128
+# Below 64 query rows the forward's blocks are the queries' own only when the keys' tile
+# (tokens x head dim) is at most this (HIGGS: 32 x 16): at larger tiles, ptxas under Triton's
+# register-allocation option (--regAllocOptLevel=2) spilled a few long-lived values of 16- and
+# 32-row programs to an 8-24 B stack, at 56-168 registers, while 64 rows compile without one.
+SHORT_SMALL_TILE = 32 * 16
 
 
 def fits_short_forward(num_q: int, num_k: int) -> bool:
@@ -127,23 +135,26 @@ def fits_short_backward(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
 
 def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, int, int, int]:
     """The forward's (BLOCK_M, BLOCK_K, BLOCK_D, BLOCK_DV). BLOCK_K holds the whole token axis.
-    BLOCK_M is up to SHORT_ROW_BLOCK query rows, halved (down to 64) while the tile with the
-    whole head dim exceeds SHORT_TILE_VOLUME. The head-dim chunks are the widest, up to
-    SHORT_HEAD_BLOCK, that keep the dots within SHORT_TILE_VOLUME and the (BLOCK_M, chunk) and
-    (BLOCK_K, chunk) tiles within 64 elements a thread (as the (128, 128) logits tile at 8
-    warps), and at most 32 for fewer than 64 rows (whose dot layout holds more of the K chunk
-    in each warp; wider chunks spill on sm_90). BLOCK_M, BLOCK_D and the warps set the scores'
+    BLOCK_M is up to SHORT_ROW_BLOCK query rows, at least 64 unless the keys' tile is at most
+    SHORT_SMALL_TILE (padded rows instead of a stack frame on sm_90), halved (down to 64) while
+    the tile with the whole head dim exceeds SHORT_TILE_VOLUME. The head-dim chunks are the
+    widest, up to SHORT_HEAD_BLOCK, that keep the dots within SHORT_TILE_VOLUME and the
+    (BLOCK_M, chunk) and (BLOCK_K, chunk) tiles within 64 elements a thread (as the (128, 128)
+    logits tile at 8 warps), and at most 64 for fewer than 64 rows (measured on sm_90: V in two
+    chunks of 32 there set up a stack frame, in chunks of 64 it does not). BLOCK_M, BLOCK_D and the warps set the scores'
     summation order, so they depend on (Q, L, d) only: the mask function (no V) and the fused
     forward sum in the same order."""
     block_k = block_dim(num_k)
     block_m = min(block_dim(num_q), SHORT_ROW_BLOCK)
+    if block_k * block_dim(dim) > SHORT_SMALL_TILE:
+        block_m = max(block_m, 64)
     while block_m > 64 and block_m * block_k * block_dim(dim) > SHORT_TILE_VOLUME:
         block_m //= 2
     threads = 32 * _warps(block_m, block_k)
     widest = min(SHORT_HEAD_BLOCK, SHORT_TILE_VOLUME // (block_m * block_k),
                  64 * threads // max(block_m, block_k))
     if block_m < 64:
-        widest = min(widest, 32)
+        widest = min(widest, 64)
     return block_m, block_k, min(block_dim(dim), widest), min(block_dim(dim_v), widest)
 
 
