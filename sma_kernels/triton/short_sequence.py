@@ -47,8 +47,8 @@ get exact zeros), and it is one launch instead of three.
 Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at 64 it does not
 (up to 250 registers of 255 in the forward), hence SHORT_TILE_VOLUME. The forward keeps every
 dot within it by its head-dim chunks (``forward_blocks``), so it takes any head dims; the
-backward holds whole rows and takes only the shapes that fit (``fits_short_backward``; the
-others take attention.py's three-launch backward over the same order). Blocks of 16 or 32 query
+backward holds whole rows and takes only the square tiles that fit (``fits_short_backward``;
+the others take attention.py's three-launch backward over the same order). Blocks of 16 or 32 query
 rows set up an 8-24 B stack frame at most shapes (ptxas under Triton's register-allocation
 option, at 56-168 registers), so a sample of few queries takes 64-row blocks (the padded rows are
 computed and not stored) unless its keys' tile is as small as HIGGS's (``SHORT_SMALL_TILE``).
@@ -127,10 +127,14 @@ def fits_short_forward(num_q: int, num_k: int) -> bool:
 
 
 def fits_short_backward(num_q: int, num_k: int, dim: int, dim_v: int) -> bool:
-    """Whether the one-program-per-(sample, head) backward takes this shape."""
+    """Whether the one-program-per-(sample, head) backward takes this shape: a square tile
+    (queries and tokens in blocks of one size; the self-attention of a short sequence) within
+    SHORT_TILE_VOLUME. Oblong tiles (16 or 32 queries over 128 tokens, 128 queries over 32
+    tokens at head dim 128, ...) spilled registers on sm_90 at 4 and at 8 warps."""
     head_block = max(block_dim(dim), block_dim(dim_v))
-    return (max(num_q, num_k) <= SHORT_LENGTH and head_block <= SHORT_HEAD_BLOCK
-            and block_dim(num_q) * block_dim(num_k) * head_block <= SHORT_TILE_VOLUME)
+    block_q, block_k = block_dim(num_q), block_dim(num_k)
+    return (block_q == block_k <= SHORT_LENGTH and head_block <= SHORT_HEAD_BLOCK
+            and block_q * block_k * head_block <= SHORT_TILE_VOLUME)
 
 
 def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, int, int, int]:
