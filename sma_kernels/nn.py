@@ -23,7 +23,7 @@ from torch import nn
 from . import api, backends, ops
 from .checks import check_mask_tensor, check_tensor
 from .packing import drop_masked
-from .plan import MaskPlan
+from .plan import MaskPlan, kept_tokens
 
 
 class SelfGuidedAttentionOutput(NamedTuple):
@@ -143,7 +143,7 @@ class SelfGuidedAttention(nn.Module):
                 head_mix=self.head_mix, query_valid=valid if self.self_attention else None,
                 mask_self=self.mask_self, noise=self.noise if noise is None else noise,
                 generator=generator, plan=plan, backend=self.backend)
-            keep = ~mask if valid is None else valid ^ mask  # padding is never masked
+            keep = kept_tokens(valid, mask)
         else:
             if valid is None:
                 valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=x.device)

@@ -48,11 +48,10 @@ Registers: a (128, 128) tile at head dim 128 spills on sm_90 in both kernels, at
 (up to 250 registers of 255 in the forward), hence SHORT_TILE_VOLUME. The forward keeps every
 dot within it by its head-dim chunks (``forward_blocks``), so it takes any head dims; the
 backward holds whole rows and takes only the square tiles that fit (``fits_short_backward``;
-the others take attention.py's three-launch backward over the same order). Blocks of 16 or 32 query
-rows set up an 8-24 B stack frame at most shapes (ptxas under Triton's register-allocation
-option, at 56-168 registers), so a sample of few queries takes 64-row blocks (the padded rows are
-computed and not stored) unless its keys' tile is as small as HIGGS's (``SHORT_SMALL_TILE``).
-The heads' base pointers advance by their strides, so no head offset is an int32 product.
+the others take attention.py's three-launch backward over the same order). A sample of few
+queries takes 64-row blocks, its padded rows computed and not stored, unless its keys' tile is
+as small as HIGGS's (``SHORT_SMALL_TILE`` says why). The heads' base pointers advance by their
+strides, so no head offset is an int32 product.
 
 Determinism: the program's config is a fixed function of the shape (blocks from the sizes,
 warps from the tile area), never timed, and the scores are added in a fixed order, so the same
@@ -145,9 +144,9 @@ def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, i
     widest, up to SHORT_HEAD_BLOCK, that keep the dots within SHORT_TILE_VOLUME and the
     (BLOCK_M, chunk) and (BLOCK_K, chunk) tiles within 64 elements a thread (as the (128, 128)
     logits tile at 8 warps), and at most 64 for fewer than 64 rows (measured on sm_90: V in two
-    chunks of 32 there set up a stack frame, in chunks of 64 it does not). BLOCK_M, BLOCK_D and the warps set the scores'
-    summation order, so they depend on (Q, L, d) only: the mask function (no V) and the fused
-    forward sum in the same order."""
+    chunks of 32 there set up a stack frame, in chunks of 64 it does not). BLOCK_M, BLOCK_D and
+    the warps set the scores' summation order, so they depend on (Q, L, d) only: the mask
+    function (no V) and the fused forward sum in the same order."""
     block_k = block_dim(num_k)
     block_m = min(block_dim(num_q), SHORT_ROW_BLOCK)
     if block_k * block_dim(dim) > SHORT_SMALL_TILE:
