@@ -151,7 +151,8 @@ def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, he
     assert torch.equal(meta[:, META_FIRST], torch.where(valid, index, length).amin(dim=1))
     assert torch.equal(meta[:, META_LAST], torch.where(valid, index + 1, 0).amax(dim=1))
     # Each head's rows (its own under "random", all chosen rows under "mean") fill its row
-    # blocks in order: full blocks, then the rest.
+    # blocks in order: full blocks, then the rest. Each block counts the rows that add to the
+    # scores: all of them (finite inputs), none in a sample without valid tokens.
     per_head = (want_chosen[:, None, :] & (plan.head[:, None, :] == torch.arange(heads)[:, None])
                 if head_mix == "random" else want_chosen[:, None, :].expand(-1, heads, -1))
     max_rows = max_chosen_rows(length, length, ratio, npq)
@@ -159,6 +160,7 @@ def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, he
     block_rows = rows.block_rows.cpu().view(length, heads, -1)
     starts = torch.arange(block_rows.shape[2]) * block
     want_rows = (per_head.sum(dim=2, keepdim=True) - starts).clamp(0, block)
+    want_rows *= valid.any(dim=1)[:, None, None]
     assert torch.equal(block_rows, want_rows.int())
 
 

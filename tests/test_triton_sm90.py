@@ -3,10 +3,9 @@ fits its shared memory, and their streaming loops are software-pipelined. No GPU
 
 The interpreter tests check what the kernels compute, not that they compile: a GPU-only error
 (a type that does not lower, too much shared memory) would first show on a GPU. Here each
-kernel launch of an interpreter run is recorded with its real arguments, turned into the
-specialization a GPU launch would use (integers equal to 1 become constants, multiples of 16 and
-aligned pointers are marked divisible by 16), and compiled by Triton's NVIDIA backend for sm_90
-in a separate process (tests/compile_sm90.py), once per GPU autotune config.
+kernel launch of an interpreter run is recorded with its real arguments and compiled by Triton's
+NVIDIA backend for sm_90 in a separate process, once per GPU autotune config
+(``bench/compile_sm90.py``).
 
 No register spills in the attention and mask kernels: every compilation of a 16-bit launch (the
 tensor-core path, which the workloads take) uses no local memory, the figure Triton reports on
@@ -21,10 +20,8 @@ installed Triton's (the version CI installs), which may differ from a GPU host's
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,10 +43,9 @@ import triton
 
 if "nvidia" not in triton.backends.backends:
     pytest.skip("needs Triton's NVIDIA backend", allow_module_level=True)
-from triton.backends.compiler import BaseBackend
-from triton.runtime.jit import mangle_type, native_specialize_impl
 
-from sma_kernels.triton import short_sequence
+from bench.compile_sm90 import compile_launches, recorded_launches
+from sma_kernels.triton import mask_scores, short_sequence
 from sma_kernels.triton._common import HEAD_BLOCKS, WIDE_HEAD_BLOCK
 from sma_kernels.triton.short_sequence import SHORT_LENGTH
 
@@ -63,55 +59,12 @@ NO_SPILLS = {"_kept_keys_kernel", "_attention_bwd_prologue_kernel", "_attention_
              "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
              "_chosen_row_scores_kernel", "_select_kernel", "_short_sequence_kernel",
              "_short_sequence_bwd_kernel"}
-# Options of a launch that are not kernel arguments; the ones the compiler takes are kept.
-COMPILE_OPTIONS = ("num_warps", "num_stages")
 
 
-def _launch_spec(function, args: tuple, kwargs: dict) -> dict:
-    """What a GPU launch of ``function`` with these arguments would compile."""
-    signature, constexprs, divisible = {}, {}, []
-    params = inspect.signature(function.fn).parameters
-    bound = {**dict(zip(function.arg_names, args)),
-             **{name: value for name, value in kwargs.items() if name in params}}
-    generic = set(function.kwargs.get("do_not_specialize") or ())  # the autotuning buckets
-    for name in function.arg_names:
-        value = bound[name]
-        if "constexpr" in str(params[name].annotation):
-            constexprs[name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = mangle_type(value)
-            if value.data_ptr() % 16 == 0:
-                divisible.append(name)
-        else:
-            kind, specialization = native_specialize_impl(BaseBackend, value, False,
-                                                          name not in generic, True)
-            if kind == "constexpr":  # an integer 1
-                constexprs[name] = specialization
-            else:
-                signature[name] = kind
-                if specialization == "D":
-                    divisible.append(name)
-    if "DOT_F32" in constexprs:
-        constexprs["DOT_F32"] = False  # the fp32 cast is for the interpreter only
-    return {"module": function.fn.__module__, "kernel": function.fn.__name__,
-            "signature": signature, "constexprs": constexprs, "divisible": divisible,
-            "options": {name: kwargs[name] for name in COMPILE_OPTIONS if name in kwargs}}
-
-
-def _record_launches(monkeypatch) -> list[dict]:
+def _run_backend(monkeypatch) -> None:
     """Runs the backend's functions (the mask, the attention, the fused pair) at workload-like
-    head dims, the mask and the fused pair on both the short-sequence and the general path;
-    returns the distinct launches."""
-    from triton.runtime.interpreter import InterpretedFunction
-    launches: dict[str, dict] = {}
-    run = InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        spec = _launch_spec(self, args, kwargs)
-        launches.setdefault(json.dumps(spec, sort_keys=True), spec)
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    head dims, the mask and the fused pair on both the short-sequence and the general path, and
+    the score kernel at each of its configs."""
     g = torch.Generator().manual_seed(0)
     # (d, dv, dtype, Q, L): proteins and pixels, molecules, HIGGS, the widest head dim at which
     # every config runs, a wider one (first config only), fp32 (exact products), the largest
@@ -153,18 +106,29 @@ def _record_launches(monkeypatch) -> list[dict]:
                                                       out, lse, scale=0.1)
             if not mask_self:  # every token and query row, as None (the call's defaults)
                 triton_backend.self_guided_attention_forward(q, k, v, None, None, plan, **options)
-    return list(launches.values())
+    for dim in (32, 256):  # proteins' and pixels' head dim, and the widest
+        _run_score_configs(dim)
+
+
+def _run_score_configs(dim: int) -> None:
+    """The score kernel at each of its configs (its config follows from the shape, and these
+    small shapes would not reach BLOCK_M = 64)."""
+    g = torch.Generator().manual_seed(dim)
+    batch, heads, num_q, length = 1, 2, 64, 100
+    q, k = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.bfloat16)
+            for n in (num_q, length))
+    valid = padded_valid(batch, length, g)
+    plan = sk.make_plan(batch, num_q, length, heads, generator=g)
+    for config in mask_scores.CANDIDATE_CONFIGS:
+        mask_scores.chosen_row_scores(q, k, valid, None, plan, ratio=0.9, num_per_query=1,
+                                      mask_self=False, noise=0.0, head_mix="mean", scale=0.1,
+                                      config=config)
 
 
 def test_kernels_compile_for_sm90(monkeypatch):
-    launches = _record_launches(monkeypatch)
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("TRITON_INTERPRET", "SMA_KERNELS_AUTOTUNE")}
-    worker = Path(__file__).with_name("compile_sm90.py")
-    done = subprocess.run([sys.executable, str(worker)], input=json.dumps(launches), env=env,
-                          capture_output=True, text=True, timeout=1200, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout)
+    with recorded_launches() as launches:
+        _run_backend(monkeypatch)
+    results = compile_launches(launches)
     compiled = {result["kernel"] for result in results}
     assert set(PIPELINED) | NO_SPILLS <= compiled, f"not recorded: {set(PIPELINED) - compiled}"
     for result in results:
@@ -185,3 +149,46 @@ def test_kernels_compile_for_sm90(monkeypatch):
         if result["kernel"] in PIPELINED and result["options"].get("num_stages", 1) >= 2:
             assert result["loop_async_copies"] >= PIPELINED[result["kernel"]], \
                 f"{where}: {result['loop_async_copies']} tile loads prefetched in the loop"
+
+
+def test_score_kernel_sums_columns_within_warps():
+    # The column sums of the score kernel's second loop reduce over the query rows of each key
+    # tile, computed as K Q^T so that those rows lie within a warp: the loop takes no more
+    # barriers and shuffles per tile than the row loop's max and sum (the tile in Q K^T order
+    # took 10 barriers and 80 shuffles per warp and tile at BLOCK_M = 64, the row loop 2 and 12).
+    with recorded_launches() as launches:
+        _run_score_configs(32)
+    results = compile_launches(launches, sass=True)
+    assert {result["constexprs"]["BLOCK_M"] for result in results} == \
+        {config.block_m for config in mask_scores.CANDIDATE_CONFIGS}
+    for result in results:
+        where = f"BLOCK_M = {result['constexprs']['BLOCK_M']}"
+        assert "error" not in result, f"{where}: {result.get('error')}"
+        rows, columns = result["loops"]  # the lse loop, then the column sums
+        assert columns["BAR"] <= rows["BAR"] and columns["SHFL"] <= rows["SHFL"], \
+            f"{where}: row loop {rows}, column loop {columns}"
+
+
+def test_sass_loops_reports_each_streaming_loop(tmp_path):
+    # A fresh process: the script must set TRITON_INTERPRET before Triton is imported.
+    done = subprocess.run([sys.executable, "-m", "bench.sass_loops", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "sass-loops-sm90.json").read_text())
+    # HIGGS takes the short-sequence kernel, which has no streaming loop.
+    assert [record["case"] for record in result["records"]] == ["proteins", "molecules", "pixels"]
+    for record in result["records"]:
+        kernels = {kernel["kernel"] for kernel in record["kernels"]}
+        assert kernels == {"_chosen_row_scores_kernel", "_attention_fwd_kernel"}, record["case"]
+        for kernel in record["kernels"]:
+            names = [loop["loop"] for loop in kernel["loops"]]
+            assert names == (["lse", "column sums"] if kernel["kernel"] == "_chosen_row_scores_kernel"
+                             else ["attention"])
+            assert kernel["local_bytes"] == 0
+            for loop in kernel["loops"]:
+                # Every logit of the tile is exponentiated (the attention's 8-warp configs of 64
+                # rows compute their tile twice, once per warp group).
+                assert 1.0 <= loop["per_logit"]["exponentials"] <= 2.1, (record["case"], loop)
+                cycles = loop["sm_cycles_per_logit"]
+                assert cycles["floor"] == max(cycles["issue"], cycles["exp"]) > 0

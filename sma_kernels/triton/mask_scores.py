@@ -19,9 +19,14 @@ One program per (sample, head, block of BLOCK_M chosen rows) does all of it:
    program of head 0 and block 0 also writes what the selection needs: the counts, and the
    chosen rows (the forced tokens of ``mask_self``).
 2. Loop 1 over the keys: the running maximum m and running sum l = sum exp(S - m) of its rows,
-   so lse = m + log(l), as in the FlashAttention forward (no V, no output).
+   so lse = m + log(l), as in the FlashAttention forward (no V, no output), and which rows have
+   a non-finite logit (below).
 3. Loop 2 over the keys: P = exp(S - lse), summed over its rows into one (L,) row of column
    partials, a (B, H * ROW_BLOCKS, L) fp32 buffer: each program writes its own row, no atomics.
+   The tile is computed transposed, S^T = K Q^T. A tensor-core tile's rows are split over the
+   warps and its columns lie within each warp, so the sum over query rows of a Q K^T tile
+   would cross warps, through shared memory and a barrier on every tile; over the columns of
+   S^T it runs in registers and a few shuffles.
 
 The selection kernel (select.py) adds a sample's partial rows in row order and weights the sum
 (1/H for "mean", 1 for "random"). One program per (sample, head) would be simpler, but the
@@ -37,10 +42,16 @@ in every process, on one GPU model and Triton version.
 
 Non-finite inputs. A (sample, head, chosen row) whose fp32 logits scale * q.k over the sample's
 valid tokens are not all finite (a NaN or infinite q or valid k, or a product that overflows)
-contributes nothing: loop 1 keeps a per-row flag and sets such a row's lse to NaN, and loop 2
-selects its probabilities, and those of padding columns, to 0 with tl.where (never a product
-with 0: their S may be NaN or infinite). Padded keys are loaded as 0, whatever k holds there.
-So the scores are finite at every valid token.
+contributes nothing. Padded keys are loaded as 0, whatever k holds there, so S is 0 at padding
+unless q is not finite, and then every valid logit of the row is not finite either. Loop 1 sums
+S * 0 over its tiles, element by element (one multiply-add per logit, reduced once after the
+loop): 0 for a finite logit, NaN for any other, so a NaN sum flags the row. Such a row, and a
+row of a sample without valid tokens, is dead: loop 2 gives it q = 0 and lse = +inf, so its
+probabilities are exactly 0, since its S = 0 * k is finite (a non-finite valid k makes every
+row's logit there non-finite, so the whole block is dead and skips loop 2). BLOCK_ROWS counts
+a block's live rows, and the selection adds only blocks with some, at valid columns only (the
+padding columns of a partial row hold values nobody reads). So the scores are finite at every
+valid token.
 
 Work: k_q * L * d multiply-adds per sample and loop under "random", H times that under "mean",
 a fraction k_q / Q of one attention pass; memory is the partials, H * ROW_BLOCKS rows of L fp32
@@ -115,17 +126,6 @@ def score_config(rows_per_head: int) -> TileConfig:
 
 
 @triton.jit
-def finite_logits(s, valid):
-    """A logit tile as the scores read it, and its rows' non-finite flags: ``s`` at the
-    ``valid`` tokens with each non-finite logit (infinite or NaN) counted as 0, -inf at the
-    others; and 1.0 for a row with a non-finite valid logit, else 0.0. (A float max: the max of
-    a boolean tile compiles, on sm_90, to packing its bits through local memory.)"""
-    finite = tl.abs(s) < float("inf")  # False for NaN too
-    bad = tl.max(tl.where(valid[None, :] & ~finite, 1.0, 0.0), axis=1)
-    return tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf")), bad
-
-
-@triton.jit
 def _chosen_row_scores_kernel(
     Q, K, VALID, POOL, QUERY_RANK, HEAD, CHOSEN, META, PARTIALS, BLOCK_ROWS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -138,7 +138,7 @@ def _chosen_row_scores_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """PARTIALS[b, h * ROW_BLOCKS + r] = the column sums of the probabilities of block r of head
-    h's chosen rows, and BLOCK_ROWS[b, h * ROW_BLOCKS + r] its row count (0: row not written).
+    h's chosen rows, and BLOCK_ROWS[b, h * ROW_BLOCKS + r] its live rows (0: row not written).
     Rows from the plan (ROWS_FROM_PLAN; CHOSEN and META are then written), else from CHOSEN."""
     # One program per (sample, head, row block); (sample, head) is int64.
     b, h, bh, r = head_tile(H, ROW_BLOCKS)
@@ -188,8 +188,8 @@ def _chosen_row_scores_kernel(
             rows += tl.sum(tl.where(hit, candidates[:, None], 0), axis=0)
             listed += tl.sum(count, axis=0)
         num_rows = tl.minimum(tl.maximum(listed, 0), BLOCK_M)
-        tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_rows)
 
+        num_live = tl.zeros((), tl.int32)  # rows that add to the scores
         if num_rows > 0:
             offs_n = tl.arange(0, BLOCK_N)
             offs_d = tl.arange(0, BLOCK_D)
@@ -204,55 +204,55 @@ def _chosen_row_scores_kernel(
             # Loop 1: lse of the rows.
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            bad = tl.zeros([BLOCK_M], tl.float32)  # 1 once the row has a non-finite valid logit
+            # S * 0 per logit, reduced after the loop: NaN for a row with a non-finite logit.
+            non_finite = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for start_n in range(key_start, last, BLOCK_N):
                 cols = start_n + offs_n
                 valid = load_flags(valid_row, cols, cols < NK)
                 k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                # A non-finite valid logit counts as 0 here (its row's lse becomes NaN below),
-                # so m is finite from the first tile on (it holds the first valid token) and
-                # the loop computes no NaN.
-                s, tile_bad = finite_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                                            * scale, valid)
-                bad = tl.maximum(bad, tile_bad)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                non_finite += s * 0.0
+                s = tl.where(valid[None, :], s, float("-inf"))
+                # A row with a non-finite logit may compute NaN here: it is dead below.
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
                 l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
                 m_i = m_new
-            # A sample without valid tokens: +inf makes every probability of loop 2 exactly 0,
-            # and so do the block's slots past its rows.
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)) / LOG2E_C,
-                           float("inf"))
-            lse = tl.where(row_ok, tl.where(bad != 0, float("nan"), lse), float("inf"))
-            live = lse < float("inf")  # False for the NaN of a row with a non-finite logit
+            # Live rows: in the block, with finite logits (!= is true for NaN), and with valid
+            # tokens.
+            live = row_ok & (l_i > 0.0) & ~(tl.sum(non_finite, axis=1) != 0.0)
+            num_live = tl.sum(live.to(tl.int32), axis=0)
 
-            # Loop 2: the column sums of P = exp(S - lse) over the rows, on the same tiles from
-            # the last to the first. Each column is written once, so the order changes no bit.
-            # In loop 1's order the compiler shares loop 2's prefetch of the first tiles (their
-            # pointers and masks) with loop 1's, which keeps them live across all of loop 1:
-            # more registers (140 instead of 76 at d = 128 on sm_90), and ptxas spilled some of
-            # them. Backwards, loop 2 also starts on the tiles loop 1 read last, in L2.
-            partial_row = PARTIALS + (bh * ROW_BLOCKS + r) * NK
-            key_tiles = tl.cdiv(tl.maximum(last - key_start, 0), BLOCK_N)
-            for start_n in range(key_start + (key_tiles - 1) * BLOCK_N, key_start - BLOCK_N,
-                                 -BLOCK_N):
-                cols = start_n + offs_n
-                valid = load_flags(valid_row, cols, cols < NK)
-                k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                p = tl.exp2((s - lse[:, None]) * LOG2E_C)
-                # Padding columns (S is q.0 there, which a NaN q makes NaN) and dead rows are
-                # selected away, not multiplied by 0.
-                take = valid[None, :] & live[:, None]
-                tl.store(partial_row + cols, tl.sum(tl.where(take, p, 0.0), axis=0),
-                         mask=cols < NK)
+            if num_live > 0:
+                # Loop 2: the column sums of P = exp(S - lse) over the rows, as S^T = K Q^T (see
+                # the module docstring), on the same tiles from the last to the first. Dead rows
+                # get q = 0 and lse = +inf: their P is exactly 0. Each column is written once,
+                # so the order changes no bit. In loop 1's order the compiler shares loop 2's
+                # prefetch of the first tiles (their pointers and masks) with loop 1's, which
+                # keeps them live across all of loop 1: more registers (140 instead of 76 at
+                # d = 128 on sm_90), and ptxas spilled some of them. Backwards, loop 2 also
+                # starts on the tiles loop 1 read last, in L2.
+                lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)) / LOG2E_C,
+                               float("inf"))
+                q_t = tl.trans(tl.where(live[:, None], q, 0.0))
+                partial_row = PARTIALS + (bh * ROW_BLOCKS + r) * NK
+                key_tiles = tl.cdiv(tl.maximum(last - key_start, 0), BLOCK_N)
+                for start_n in range(key_start + (key_tiles - 1) * BLOCK_N, key_start - BLOCK_N,
+                                     -BLOCK_N):
+                    cols = start_n + offs_n
+                    valid = load_flags(valid_row, cols, cols < NK)
+                    k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                    s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale
+                    p_t = tl.exp2((s_t - lse[None, :]) * LOG2E_C)
+                    tl.store(partial_row + cols, tl.sum(p_t, axis=1), mask=cols < NK)
+        tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_live)
 
 
 class RowScores(NamedTuple):
     """What the score kernel hands to the selection (:func:`.select.select_from_partials`)."""
 
     partials: torch.Tensor  # (B, H * row blocks, L) fp32 column partials
-    block_rows: torch.Tensor  # (B, H * row blocks) int32 rows per partial (0: not written)
+    block_rows: torch.Tensor  # (B, H * row blocks) int32 live rows per partial (0: not written)
     head_weight: float  # 1/H under "mean", 1 under "random"
     chosen: torch.Tensor  # (B, Q) bool chosen rows (written only when they come from a plan)
     meta: torch.Tensor  # (B, META_WIDTH) int32 counts and valid range (the same)

@@ -89,7 +89,6 @@ from ._common import (
 )
 from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
 from .kept_keys import order_chunk
-from .mask_scores import finite_logits
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -165,6 +164,17 @@ def _warps(block_m: int, block_k: int) -> int:
     """The kernels' warps: a fixed function of the tile (it sets the reduction trees, so the
     bits), 8 for the larger tiles, whose fp32 logits would not fit in the registers of 4."""
     return 4 if block_m * block_k <= 64 * 64 else 8
+
+
+@triton.jit
+def finite_logits(s, valid):
+    """A logit tile as the scores read it, and its rows' non-finite flags: ``s`` at the
+    ``valid`` tokens with each non-finite logit (infinite or NaN) counted as 0, -inf at the
+    others; and 1.0 for a row with a non-finite valid logit, else 0.0. (A float max: the max of
+    a boolean tile compiles, on sm_90, to packing its bits through local memory.)"""
+    finite = tl.abs(s) < float("inf")  # False for NaN too
+    bad = tl.max(tl.where(valid[None, :] & ~finite, 1.0, 0.0), axis=1)
+    return tl.where(valid[None, :], tl.where(finite, s, 0.0), float("-inf")), bad
 
 
 @triton.jit

@@ -1,0 +1,179 @@
+"""``python -m bench.sass_loops``: what each logit costs in the Triton kernels' streaming loops, read
+from their sm_90 machine code. No GPU needed.
+
+At the workloads' small head dims (16-64) a FlashAttention-style loop is not bound by its
+tensor-core products: per logit an SM issues several warp instructions (4 a cycle, one per
+scheduler) and computes one exponential (16 a cycle on its special-function units), against a
+few dozen multiply-adds on the tensor cores. So the instructions a loop issues per logit, and
+its exponentials, bound its speed, and the compiled code shows both.
+
+For each workload of bench/README.md, "Workloads" whose mask takes the general path (HIGGS takes
+the one-kernel short-sequence path, which has no streaming loop), this records under the
+interpreter, at a small size with the workload's head dims and options:
+
+* the score kernel (``mask_scores.py``) at the config the full-size workload takes (it is a
+  function of the shape, see ``score_config``): loop 1, the row log-sum-exp; loop 2, the
+  column sums of the probabilities;
+* the attention forward (``attention.py``) at every autotune config: its one loop over the kept
+  keys.
+
+It compiles them for sm_90 (``bench/compile_sm90.py``) and reads each loop from
+``cuobjdump -sass``. Per loop and tile of BLOCK_M x BLOCK_N logits: the instructions each warp
+issues per iteration; per logit, the warp instructions, the exponentials (MUFU.EX2), and the
+cycles an SM needs for each at the rates above, the larger of the two being the loop's floor.
+These are static counts, not times: memory stalls, latencies and occupancy are not in them.
+Writes ``sass-loops-sm90.json`` under ``--out`` (default ``runs/bench/``, git-ignored;
+``--save`` writes to the committed ``bench/results/``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by Triton when sma_kernels defines its kernels, so it is set before the imports below.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sma_kernels as sk
+from sma_kernels.plan import default_query_pool
+from sma_kernels.triton import mask_scores
+from sma_kernels.triton.attention import attention_forward
+from sma_kernels.triton.short_sequence import SHORT_LENGTH
+
+from . import cases as bench_cases
+from . import measure, report
+from .compile_sm90 import compile_launches, recorded_launches
+
+ISSUE_PER_CYCLE = 4  # warp instructions an sm_90 SM issues per cycle (4 schedulers)
+EXP_PER_CYCLE = 16  # MUFU.EX2 results an sm_90 SM computes per cycle
+WARP = 32
+KERNELS = {"_chosen_row_scores_kernel": ("lse", "column sums"), "_attention_fwd_kernel": ("attention",)}
+# The recording's small size: enough keys for several tiles, and the full-size score config.
+BATCH, HEADS, TOKENS = 1, 2, 256
+
+
+def score_config(case: bench_cases.Case) -> mask_scores.TileConfig:
+    """The score kernel's config at the case's full size."""
+    rows = mask_scores.max_chosen_rows(case.queries, case.tokens, case.ratio, case.num_per_query)
+    return mask_scores.score_config(-(-rows // case.heads) if case.head_mix == "random" else rows)
+
+
+def record_launches(case: bench_cases.Case) -> list[dict]:
+    """The score kernel's and the attention forward's launches at a small size of ``case``."""
+    g = torch.Generator().manual_seed(0)
+    queries = TOKENS if case.mask_self else min(case.queries, 64)
+    q, k, v = (torch.randn(BATCH, HEADS, n, dim, generator=g, dtype=torch.bfloat16)
+               for n, dim in ((queries, case.dim), (TOKENS, case.dim), (TOKENS, case.dim_v)))
+    valid = torch.arange(TOKENS)[None, :] < TOKENS - 40  # padding at the end
+    plan = sk.make_plan(BATCH, queries, TOKENS, HEADS, generator=g)
+    pool = default_query_pool(valid, queries, valid if case.mask_self else None, case.mask_self)
+    with recorded_launches() as launches:
+        mask_scores.chosen_row_scores(q, k, valid, pool, plan, ratio=case.ratio,
+                                      num_per_query=case.num_per_query,
+                                      mask_self=case.mask_self, noise=0.0,
+                                      head_mix=case.head_mix, scale=case.dim ** -0.5,
+                                      config=score_config(case))
+        attention_forward(q, k, v, valid, scale=case.dim ** -0.5)
+    return [launch for launch in launches if launch["kernel"] in KERNELS]
+
+
+def loop_costs(result: dict) -> list[dict]:
+    """Per streaming loop of one compilation: its counts per warp and iteration, and its costs
+    per logit (see the module docstring)."""
+    constexprs, warps = result["constexprs"], result["options"]["num_warps"]
+    logits = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
+    names = KERNELS[result["kernel"]]
+    if len(result["loops"]) != len(names):
+        raise RuntimeError(f"{result['kernel']}: {len(result['loops'])} streaming loops in the "
+                           f"machine code, expected {len(names)}")
+    rows = []
+    for name, loop in zip(names, result["loops"]):
+        per_logit = {"warp_instructions": loop["instructions"] * warps / logits,
+                     "exponentials": loop["MUFU.EX2"] * warps * WARP / logits}
+        issue = per_logit["warp_instructions"] / ISSUE_PER_CYCLE
+        exp = per_logit["exponentials"] / EXP_PER_CYCLE
+        rows.append({"loop": name, "block_m": constexprs["BLOCK_M"],
+                     "block_n": constexprs["BLOCK_N"], "warps": warps,
+                     "per_warp_and_tile": {key: value for key, value in loop.items()
+                                           if key not in ("start", "end")},
+                     "per_logit": per_logit,
+                     "sm_cycles_per_logit": {"issue": issue, "exp": exp, "floor": max(issue, exp)},
+                     "bound": "issue" if issue >= exp else "exp"})
+    return rows
+
+
+def measure_loops() -> list[dict]:
+    """One record per workload on the general path: its loops' costs."""
+    records = []
+    for case in bench_cases.WORKLOADS:
+        if case.tokens <= SHORT_LENGTH:
+            continue
+        results = compile_launches(record_launches(case), sass=True)
+        for result in results:
+            if "error" in result:
+                raise RuntimeError(f"{case.name}: {result['kernel']}: {result['error']}")
+        records.append({"case": case.name, "shape": case.shape, "options": case.options(),
+                        "kernels": [{"kernel": result["kernel"], "config": result["config"],
+                                     "registers": result["registers"],
+                                     "local_bytes": result["local_bytes"],
+                                     "loops": loop_costs(result)} for result in results]})
+    return records
+
+
+def table(records: list[dict]) -> str:
+    header = ("| workload | loop | BLOCK_M x BLOCK_N, warps | instructions per warp and tile | "
+              "warp instructions per logit | exponentials per logit | SM cycles per logit "
+              "(issue / exp) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for record in records:
+        for kernel in record["kernels"]:
+            for loop in kernel["loops"]:
+                cycles = loop["sm_cycles_per_logit"]
+                lines.append(
+                    f"| {record['case']} | {loop['loop']} | {loop['block_m']} x "
+                    f"{loop['block_n']}, {loop['warps']} | "
+                    f"{loop['per_warp_and_tile']['instructions']} | "
+                    f"{loop['per_logit']['warp_instructions']:.3f} | "
+                    f"{loop['per_logit']['exponentials']:.2f} | "
+                    f"{cycles['issue']:.3f} / {cycles['exp']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sass_loops",
+                                     description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=report.LOCAL,
+                       help="directory for the JSON (default: runs/bench/, git-ignored)")
+    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
+                       help="write to the committed results, bench/results/")
+    args = parser.parse_args(argv)
+
+    records = measure_loops()
+    print(table(records))
+    env = measure.environment(torch.device("cpu"))
+    result: dict[str, Any] = {
+        "schema": "sma-kernels-sass-loops/1",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
+        "target": "sm_90, compiled without a GPU by the installed Triton",
+        "method": "static counts of cuobjdump -sass loop bodies; issue at "
+                  f"{ISSUE_PER_CYCLE} warp instructions and {EXP_PER_CYCLE} exponentials per SM "
+                  "and cycle",
+        "records": records}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "sass-loops-sm90.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
