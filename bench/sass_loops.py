@@ -14,8 +14,9 @@ interpreter, at a small size with the workload's head dims and options:
 * the score kernel (``mask_scores.py``) at the config the full-size workload takes (it is a
   function of the shape, see ``score_config``): loop 1, the row log-sum-exp; loop 2, the
   column sums of the probabilities;
-* the attention forward (``attention.py``) at every autotune config: its one loop over the kept
-  keys.
+* the attention (``attention.py``) at every autotune config: the forward's loop over the kept
+  keys, and the backward's over the query tiles (dK and dV of a block of kept keys) and over the
+  kept keys (dQ of a query tile).
 
 It compiles them for sm_90 (``bench/compile_sm90.py``) and reads each loop from
 ``cuobjdump -sass``. Per loop and tile of BLOCK_M x BLOCK_N logits: the instructions each warp
@@ -45,7 +46,7 @@ import torch
 import sma_kernels as sk
 from sma_kernels.plan import default_query_pool
 from sma_kernels.triton import mask_scores
-from sma_kernels.triton.attention import attention_forward
+from sma_kernels.triton.attention import attention_backward, attention_forward
 from sma_kernels.triton.short_sequence import SHORT_LENGTH
 
 from . import cases as bench_cases
@@ -55,7 +56,10 @@ from .compile_sm90 import compile_launches, recorded_launches
 ISSUE_PER_CYCLE = 4  # warp instructions an sm_90 SM issues per cycle (4 schedulers)
 EXP_PER_CYCLE = 16  # MUFU.EX2 results an sm_90 SM computes per cycle
 WARP = 32
-KERNELS = {"_chosen_row_scores_kernel": ("lse", "column sums"), "_attention_fwd_kernel": ("attention",)}
+# Each kernel's streaming loops, in program order.
+KERNELS = {"_chosen_row_scores_kernel": ("lse", "column sums"),
+           "_attention_fwd_kernel": ("attention",), "_attention_bwd_dkdv_kernel": ("dK dV",),
+           "_attention_bwd_dq_kernel": ("dQ",)}
 # The recording's small size: enough keys for several tiles, and the full-size score config.
 BATCH, HEADS, TOKENS = 1, 2, 256
 
@@ -67,7 +71,7 @@ def score_config(case: bench_cases.Case) -> mask_scores.TileConfig:
 
 
 def record_launches(case: bench_cases.Case) -> list[dict]:
-    """The score kernel's and the attention forward's launches at a small size of ``case``."""
+    """The score kernel's and the attention's launches at a small size of ``case``."""
     g = torch.Generator().manual_seed(0)
     queries = TOKENS if case.mask_self else min(case.queries, 64)
     q, k, v = (torch.randn(BATCH, HEADS, n, dim, generator=g, dtype=torch.bfloat16)
@@ -81,7 +85,9 @@ def record_launches(case: bench_cases.Case) -> list[dict]:
                                       mask_self=case.mask_self, noise=0.0,
                                       head_mix=case.head_mix, scale=case.dim ** -0.5,
                                       config=score_config(case))
-        attention_forward(q, k, v, valid, scale=case.dim ** -0.5)
+        out, lse = attention_forward(q, k, v, valid, scale=case.dim ** -0.5)
+        attention_backward(torch.ones_like(out), q, k, v, valid, out, lse,
+                           scale=case.dim ** -0.5)
     return [launch for launch in launches if launch["kernel"] in KERNELS]
 
 

@@ -212,15 +212,24 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
-                           PRECISION: tl.constexpr):
+def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION: tl.constexpr,
+                          KEYS_AS_ROWS: tl.constexpr = False):
     """P = exp(S - lse) (0 off the listed keys and on rows without keys) and
-    dS = P * (dO V^T - delta) for one (query tile, block of kept keys)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.exp2(s - lse2[:, None])  # lse2 = +inf (no kept key, or a padding row) gives 0
-    p = tl.where(listed[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return p, p * (dp - delta[:, None])
+    dS = P * (dO V^T - delta) for one (query tile, block of kept keys); under KEYS_AS_ROWS their
+    transposes (keys x queries), computed as K Q^T and V dO^T. The dK/dV kernel takes those: they
+    are the A operands of its products (dV += P^T dO, dK += dS^T Q) as the tensor cores return
+    them, where P's transpose would go through shared memory on every tile."""
+    if KEYS_AS_ROWS:
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        lse2, delta, listed = lse2[None, :], delta[None, :], listed[:, None]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        lse2, delta, listed = lse2[:, None], delta[:, None], listed[None, :]
+    # lse2 = +inf (no kept key, or a padding row) gives 0.
+    p = tl.where(listed, tl.exp2(s * qk_scale - lse2), 0.0)
+    return p, p * (dp - delta)
 
 
 @triton.jit
@@ -312,10 +321,10 @@ def _attention_bwd_dkdv_kernel(
                                                  start_m + offs_m, stride_qm, stride_qd,
                                                  stride_dom, stride_dod, offs_d, offs_dv, NQ, D,
                                                  DV, DOT_F32)
-                p, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
-                                               PRECISION)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
+                                                   PRECISION, True)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
         store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
                             DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
                             stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D,
