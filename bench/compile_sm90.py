@@ -112,8 +112,9 @@ def recorded_launches() -> Iterator[list[dict]]:
 
 def compile_launches(launches: list[dict], *, sass: bool = False,
                      timeout: float = 1200) -> list[dict]:
-    """Compiles the launches for sm_90 in a fresh process, once per GPU config; with ``sass``,
-    each result also has its ``loops`` (:func:`streaming_loops`)."""
+    """Compiles the launches for sm_90 in a fresh process, once per GPU config; each result names
+    its launch by its index in ``launches``, and with ``sass`` also has its ``loops``
+    (:func:`streaming_loops`)."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("TRITON_INTERPRET", "SMA_KERNELS_AUTOTUNE")}
     jobs = [{**launch, "sass": sass} for launch in launches]
@@ -206,7 +207,7 @@ def _compile(job: dict) -> dict:
     source = ASTSource(fn, signature,
                        constexprs={index[name]: value for name, value in job["constexprs"].items()},
                        attrs={index[name]: [["tt.divisibility", 16]] for name in job["divisible"]})
-    result = {key: job[key] for key in ("kernel", "constexprs", "options", "config")}
+    result = {key: job[key] for key in ("launch", "kernel", "constexprs", "options", "config")}
     try:
         compiled = triton.compile(source, target=TARGET, options=job["options"])
     except (CompilationError, RuntimeError) as error:  # the caller reports the message
@@ -220,7 +221,8 @@ def _compile(job: dict) -> dict:
 
 
 def main() -> None:
-    jobs = [job for launch in json.load(sys.stdin) for job in _jobs(launch)]
+    jobs = [{**job, "launch": index} for index, launch in enumerate(json.load(sys.stdin))
+            for job in _jobs(launch)]
     with ProcessPoolExecutor(max_workers=2) as pool:
         json.dump(list(pool.map(_compile, jobs)), sys.stdout)
 

@@ -117,21 +117,24 @@ def loop_costs(result: dict) -> list[dict]:
 
 
 def measure_loops() -> list[dict]:
-    """One record per workload on the general path: its loops' costs."""
-    records = []
-    for case in bench_cases.WORKLOADS:
-        if case.tokens <= SHORT_LENGTH:
-            continue
-        results = compile_launches(record_launches(case), sass=True)
-        for result in results:
-            if "error" in result:
-                raise RuntimeError(f"{case.name}: {result['kernel']}: {result['error']}")
-        records.append({"case": case.name, "shape": case.shape, "options": case.options(),
-                        "kernels": [{"kernel": result["kernel"], "config": result["config"],
-                                     "registers": result["registers"],
-                                     "local_bytes": result["local_bytes"],
-                                     "loops": loop_costs(result)} for result in results]})
-    return records
+    """One record per workload on the general path: its loops' costs. Launches that workloads
+    share (the same head dims) are compiled once."""
+    cases = [case for case in bench_cases.WORKLOADS if case.tokens > SHORT_LENGTH]
+    unique: dict[str, int] = {}
+    case_launches = {}
+    for case in cases:
+        keys = [json.dumps(launch, sort_keys=True) for launch in record_launches(case)]
+        case_launches[case.name] = [unique.setdefault(key, len(unique)) for key in keys]
+    results = compile_launches([json.loads(key) for key in unique], sass=True)
+    for result in results:
+        if "error" in result:
+            raise RuntimeError(f"{result['kernel']}: {result['error']}")
+    return [{"case": case.name, "shape": case.shape, "options": case.options(),
+             "kernels": [{"kernel": result["kernel"], "config": result["config"],
+                          "registers": result["registers"], "local_bytes": result["local_bytes"],
+                          "loops": loop_costs(result)}
+                         for result in results if result["launch"] in case_launches[case.name]]}
+            for case in cases]
 
 
 def table(records: list[dict]) -> str:

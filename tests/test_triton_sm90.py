@@ -1,5 +1,7 @@
 """The Triton kernels compile for an H100 (sm_90) with every autotune config, the first config
-fits its shared memory, and their streaming loops are software-pipelined. No GPU needed.
+fits its shared memory, and their streaming loops are software-pipelined; the score kernel's
+column sums stay within warps, and ``python -m bench.sass_loops`` reads every streaming loop.
+No GPU needed.
 
 The interpreter tests check what the kernels compute, not that they compile: a GPU-only error
 (a type that does not lower, too much shared memory) would first show on a GPU. Here each

@@ -218,9 +218,9 @@ def _chosen_row_scores_kernel(
                 p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
                 l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
                 m_i = m_new
-            # Live rows: in the block, with finite logits (!= is true for NaN), and with valid
-            # tokens.
-            live = row_ok & (l_i > 0.0) & ~(tl.sum(non_finite, axis=1) != 0.0)
+            # Live rows: in the block, with finite logits (an ordered == is false for NaN, under
+            # any fast-math flags), and with valid tokens.
+            live = row_ok & (l_i > 0.0) & (tl.sum(non_finite, axis=1) == 0.0)
             num_live = tl.sum(live.to(tl.int32), axis=0)
 
             if num_live > 0:
@@ -243,7 +243,9 @@ def _chosen_row_scores_kernel(
                     valid = load_flags(valid_row, cols, cols < NK)
                     k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
                     s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale
-                    p_t = tl.exp2((s_t - lse[None, :]) * LOG2E_C)
+                    # At most 0: loop 2's product is not loop 1's instruction, so a logit within
+                    # rounding of FLT_MAX may round differently; P <= 1 keeps the sums finite.
+                    p_t = tl.exp2(tl.minimum(s_t - lse[None, :], 0.0) * LOG2E_C)
                     tl.store(partial_row + cols, tl.sum(p_t, axis=1), mask=cols < NK)
         tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_live)
 

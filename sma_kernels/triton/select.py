@@ -6,8 +6,8 @@ score kernel's column partials to the sample's (L,) token scores: per token, the
 (one per (head, chosen-row block)) are added one after the other in row order, then weighted
 (1/H for ``head_mix="mean"``). That order is fixed by the partials' layout, not by BLOCK: each
 token's sum is the same fp32 sequence under every config of this kernel, so its configs stay
-autotuned without changing a bit. Rows of blocks that held no chosen row were never written
-and are skipped (adding them would add +0.0, which changes nothing either). Then it builds the
+autotuned without changing a bit. Rows of blocks without a live chosen row (none held, or all
+had a non-finite logit) were never written and are skipped. Then it builds the
 mask in three steps, in the reference's order:
 
 1. Forced tokens: under ``mask_self`` the chosen query tokens are always masked.
@@ -363,7 +363,7 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     """The (B, L) bool mask and the (B, L) fp32 scores it was chosen by, in one launch.
 
     ``partials`` (B, R, L) fp32 are the score kernel's column partials, ``block_rows`` (B, R)
-    int32 how many chosen rows each partial row summed (rows of 0 are skipped, unwritten), and
+    int32 how many live chosen rows each partial row summed (rows of 0 are skipped, unwritten), and
     the scores are ``head_weight`` times their sum in row order. ``valid`` (B, L) bool, None
     when every token is valid. ``forced`` (B, L) bool is always masked (None: nothing is),
     ``meta`` holds the counts (see ``_common.META_*``).
