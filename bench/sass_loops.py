@@ -16,7 +16,8 @@ interpreter, at a small size with the workload's head dims and options:
   column sums of the probabilities;
 * the attention (``attention.py``) at every autotune config: the forward's loop over the kept
   keys, and the backward's over the query tiles (dK and dV of a block of kept keys) and over the
-  kept keys (dQ of a query tile).
+  kept keys (dQ of a query tile). The forward and dQ run a sample's last block of keys, which
+  masks its tail, after the loop.
 
 It compiles them for sm_90 (``bench/compile_sm90.py``) and reads each loop from
 ``cuobjdump -sass``. Per loop and tile of BLOCK_M x BLOCK_N logits: the instructions each warp

@@ -39,6 +39,7 @@ LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same number inside the kernel
 # The head-dim blocks of the attention kernels, and the widest at which every config is tried.
 HEAD_BLOCKS = ("BLOCK_D", "BLOCK_DV")
 WIDE_HEAD_BLOCK = 128
+WIDE_HEAD_BLOCK_C: tl.constexpr = tl.constexpr(WIDE_HEAD_BLOCK)
 
 
 def autotune(configs: Sequence[triton.Config], interpret_config: triton.Config, key: list[str],

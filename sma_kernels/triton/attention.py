@@ -13,9 +13,11 @@ one, which ``self_guided_attention``'s fused forward gets from the selection ker
 Forward (one program per (sample, head, query tile)). For a tile of BLOCK_M query rows we stream
 the ceil(kept / BLOCK_N) blocks of kept keys and keep, per row, the running maximum m and the
 running sum l = sum exp(S - m), rescaling the output accumulator by exp(m_old - m_new) whenever
-the maximum grows (the online softmax of FlashAttention). The tail's columns get S = -inf and
-their K and V are loaded as zeros. The loop body has no branch, so Triton prefetches the next
-block's indices, K and V while computing. At the end out = acc / l and lse = m + log(l) per row.
+the maximum grows (the online softmax of FlashAttention). The loop runs over the full blocks
+with no mask and no branch, so Triton prefetches the next block's indices, K and V while
+computing; the last block, if partial, follows the loop, its tail's columns at S = -inf and
+their K and V loaded as zeros. The dQ kernel walks the blocks the same way. At the end
+out = acc / l and lse = m + log(l) per row.
 ``keep`` is per (sample, token), the same for every row and head, so a row has no kept key only
 when its whole sample has none: then the loop does not run, out = 0 and lse = +inf, which makes
 exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
@@ -57,6 +59,7 @@ from ._common import (
     INTERPRET,
     LOG2E,
     LOG2E_C,
+    WIDE_HEAD_BLOCK_C,
     TileConfig,
     autotune,
     block_dim,
@@ -101,11 +104,15 @@ _DELTA_ELEMENTS = 8192
 @triton.jit
 def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn, stride_kd,
                     stride_vn, stride_vd, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+                    DOT_F32: tl.constexpr, FULL: tl.constexpr = False):
     """Which of the ``order`` positions start + offs_n hold a kept key (all but the tail of the
-    last block), and the K and V rows of those keys; zeros elsewhere, nothing else is read."""
+    last block), and the K and V rows of those keys; zeros elsewhere, nothing else is read.
+    FULL: the caller knows every position holds one (a constant mask, so unmasked loads)."""
     positions = start + offs_n
-    listed = positions < num_kept
+    if FULL:
+        listed = tl.full(offs_n.shape, 1, tl.int1)
+    else:
+        listed = positions < num_kept
     keys = tl.load(order_row + positions, mask=listed, other=0)
     k = load_tile(k_base, keys, listed, stride_kn, offs_d, stride_kd, D, DOT_F32)
     v = load_tile(v_base, keys, listed, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
@@ -155,6 +162,43 @@ def store_key_gradients(dk_base, dv_base, keys, in_row, dk, dv, stride_dkn, stri
              dv.to(dv_base.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
 
 
+@triton.jit
+def peel_last_block(BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Whether a loop over blocks of kept keys takes the full blocks only, with no mask, the
+    last block following it (if partial, its tail masked); else the loop takes every block,
+    masked. Not above head blocks of WIDE_HEAD_BLOCK: there the second copy of the block's code
+    makes the first config spill registers on sm_90 (tests/test_triton_sm90.py)."""
+    return (BLOCK_D <= WIDE_HEAD_BLOCK_C) & (BLOCK_DV <= WIDE_HEAD_BLOCK_C)
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n, k_base, v_base,
+                  stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, qk_scale,
+                  D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
+                  PRECISION: tl.constexpr, FULL: tl.constexpr):
+    """The online softmax over one block of kept keys: the new output accumulator, running
+    maximum m (base 2) and running sum l. The maximum is taken over the unscaled products and
+    scaled once per row (qk_scale > 0, and rounding is monotone, so it is the maximum of the
+    scaled logits), which leaves one multiply-add per logit for the exponent."""
+    listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
+                                  stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV,
+                                  DOT_F32, FULL)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if not FULL:
+        s = tl.where(listed[None, :], s, float("-inf"))
+    # Every block starts with a kept key, so m_new is finite from the first block on, unless
+    # every kept logit so far is -inf (an infinite input): the exponentials are then taken
+    # against 0, so they are 0 (not -inf - -inf = NaN) and the row ends with out = 0 and
+    # lse = +inf, as the reference's.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    m_base = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s * qk_scale - m_base[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
 @autotune(_FWD_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_fwd_kernel(
@@ -189,23 +233,18 @@ def _attention_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         num_kept = tl.load(KEPT + b)
-        for start in range(0, num_kept, BLOCK_N):
-            listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base,
-                                           stride_kn, stride_kd, stride_vn, stride_vd, offs_d,
-                                           offs_dv, D, DV, DOT_F32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(listed[None, :], s, float("-inf"))
-            # Every block starts with a kept key, so m_new is finite from the first block on,
-            # unless every kept logit so far is -inf (an infinite input): the exponentials are
-            # then taken against 0, so they are 0 (not -inf - -inf = NaN) and the row ends with
-            # out = 0 and lse = +inf, as the reference's.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_base = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp2(m_i - m_base)
-            p = tl.exp2(s - m_base[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        peel = peel_last_block(BLOCK_D, BLOCK_DV)
+        full_end = num_kept - num_kept % BLOCK_N if peel else num_kept
+        for start in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n,
+                                          k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, offs_d, offs_dv, qk_scale, D, DV, DOT_F32,
+                                          PRECISION, peel)
+        if full_end < num_kept:
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, order_row, full_end, num_kept,
+                                          offs_n, k_base, v_base, stride_kn, stride_kd,
+                                          stride_vn, stride_vd, offs_d, offs_dv, qk_scale, D, DV,
+                                          DOT_F32, PRECISION, False)
 
         store_output(OUT + b * stride_ob + h * stride_oh, LSE + bh * NQ, acc, m_i, l_i, rows,
                      row_ok, row_ok, stride_om, offs_dv, stride_od, DV)
@@ -213,12 +252,13 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION: tl.constexpr,
-                          KEYS_AS_ROWS: tl.constexpr = False):
+                          KEYS_AS_ROWS: tl.constexpr = False, FULL: tl.constexpr = False):
     """P = exp(S - lse) (0 off the listed keys and on rows without keys) and
     dS = P * (dO V^T - delta) for one (query tile, block of kept keys); under KEYS_AS_ROWS their
     transposes (keys x queries), computed as K Q^T and V dO^T. The dK/dV kernel takes those: they
     are the A operands of its products (dV += P^T dO, dK += dS^T Q) as the tensor cores return
-    them, where P's transpose would go through shared memory on every tile."""
+    them, where P's transpose would go through shared memory on every tile. FULL: every key of
+    the block is listed (no mask)."""
     if KEYS_AS_ROWS:
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -228,7 +268,9 @@ def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION:
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         lse2, delta, listed = lse2[:, None], delta[:, None], listed[None, :]
     # lse2 = +inf (no kept key, or a padding row) gives 0.
-    p = tl.where(listed, tl.exp2(s * qk_scale - lse2), 0.0)
+    p = tl.exp2(s * qk_scale - lse2)
+    if not FULL:
+        p = tl.where(listed, p, 0.0)
     return p, p * (dp - delta)
 
 
@@ -331,6 +373,20 @@ def _attention_bwd_dkdv_kernel(
                             DV)
 
 
+@triton.jit
+def _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
+              stride_kd, stride_vn, stride_vd, offs_d, offs_dv, qk_scale, D: tl.constexpr,
+              DV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+              FULL: tl.constexpr):
+    """dS K of a query tile over one block of kept keys (unscaled)."""
+    listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
+                                  stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV,
+                                  DOT_F32, FULL)
+    _, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION,
+                                  FULL=FULL)
+    return tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
 @autotune(_DQ_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dq_kernel(
@@ -364,13 +420,16 @@ def _attention_bwd_dq_kernel(
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         num_kept = tl.load(KEPT + b)
-        for start in range(0, num_kept, BLOCK_N):
-            listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base,
-                                           stride_kn, stride_kd, stride_vn, stride_vd, offs_d,
-                                           offs_dv, D, DV, DOT_F32)
-            _, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
-                                           PRECISION)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        peel = peel_last_block(BLOCK_D, BLOCK_DV)
+        full_end = num_kept - num_kept % BLOCK_N if peel else num_kept
+        for start in range(0, full_end, BLOCK_N):
+            dq += _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base,
+                            v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv,
+                            qk_scale, D, DV, DOT_F32, PRECISION, peel)
+        if full_end < num_kept:
+            dq += _dq_block(q, do, lse2, delta, order_row, full_end, num_kept, offs_n, k_base,
+                            v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv,
+                            qk_scale, D, DV, DOT_F32, PRECISION, False)
         tl.store(DQ + b * stride_dqb + h * stride_dqh
                  + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
                  (dq * scale).to(DQ.dtype.element_ty),
