@@ -16,7 +16,8 @@ running sum l = sum exp(S - m), rescaling the output accumulator by exp(m_old - 
 the maximum grows (the online softmax of FlashAttention). The loop runs over the full blocks
 with no mask and no branch, so Triton prefetches the next block's indices, K and V while
 computing; the last block, if partial, follows the loop, its tail's columns at S = -inf and
-their K and V loaded as zeros. The dQ kernel walks the blocks the same way. At the end
+their K and V loaded as zeros. The dQ kernel walks the blocks the same way. (Above head blocks
+of 128 the loop takes every block, masked: see :func:`peel_last_block`.) At the end
 out = acc / l and lse = m + log(l) per row.
 ``keep`` is per (sample, token), the same for every row and head, so a row has no kept key only
 when its whole sample has none: then the loop does not run, out = 0 and lse = +inf, which makes
@@ -177,23 +178,23 @@ def _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n, k_base, 
                   D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
                   PRECISION: tl.constexpr, FULL: tl.constexpr):
     """The online softmax over one block of kept keys: the new output accumulator, running
-    maximum m (base 2) and running sum l. The maximum is taken over the unscaled products and
-    scaled once per row (qk_scale > 0, and rounding is monotone, so it is the maximum of the
-    scaled logits), which leaves one multiply-add per logit for the exponent."""
+    maximum m (base 2) and running sum l. The logits are scaled before the maximum, so the
+    largest one's exponent is exactly 0: as one multiply-add, S * qk_scale - m would carry the
+    product's rounding error into the exponent, which overflows exp2 for logits near 2^31."""
     listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
                                   stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV,
                                   DOT_F32, FULL)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if not FULL:
         s = tl.where(listed[None, :], s, float("-inf"))
     # Every block starts with a kept key, so m_new is finite from the first block on, unless
     # every kept logit so far is -inf (an infinite input): the exponentials are then taken
     # against 0, so they are 0 (not -inf - -inf = NaN) and the row ends with out = 0 and
     # lse = +inf, as the reference's.
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_base = tl.where(m_new > float("-inf"), m_new, 0.0)
     alpha = tl.exp2(m_i - m_base)
-    p = tl.exp2(s * qk_scale - m_base[:, None])
+    p = tl.exp2(s - m_base[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
