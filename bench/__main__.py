@@ -34,11 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="bigger CPU sizes and all sweeps")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes only (smoke tests)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=report.LOCAL,
-                       help="directory for JSON and plots (default: runs/bench/, git-ignored)")
-    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
-                       help="write to the committed results, bench/results/")
+    report.add_output_options(parser, "JSON and plots")
     parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="input dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (e.g. higgs L=4096)")

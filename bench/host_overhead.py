@@ -35,7 +35,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from unittest import mock
 
 import torch
@@ -110,11 +109,7 @@ def calls(case: bench_cases.Case) -> dict[str, Callable[[], object]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead",
                                      description=__doc__.splitlines()[0])
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=report.LOCAL,
-                       help="directory for the JSON (default: runs/bench/, git-ignored)")
-    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
-                       help="write to the committed results, bench/results/")
+    report.add_output_options(parser)
     parser.add_argument("--blocks", type=int, default=60)
     parser.add_argument("--calls", type=int, default=100)
     args = parser.parse_args(argv)

@@ -51,7 +51,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -291,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=report.LOCAL,
-                       help="directory for the JSON (default: runs/bench/, git-ignored)")
-    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
-                       help="write to the committed results, bench/results/")
+    report.add_output_options(parser)
     parser.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends")
     parser.add_argument("--fail-on-spills", action="store_true",
                         help="exit 1 if a compiled Triton kernel spills registers (GPU only)")

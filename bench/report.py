@@ -39,6 +39,16 @@ HISTORY_FIELDS = ("created_utc", "device", "device_name", "cpu_cores", "commit",
                   "mask_speedup_over_vectorized")
 
 
+def add_output_options(parser: argparse.ArgumentParser, written: str = "the JSON") -> None:
+    """The commands' ``--out DIR`` (default: runs/bench/, git-ignored) and ``--save`` (the
+    committed bench/results/ instead), as ``args.out``."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=LOCAL,
+                       help=f"directory for {written} (default: runs/bench/, git-ignored)")
+    where.add_argument("--save", action="store_const", dest="out", const=RESULTS,
+                       help="write to the committed results, bench/results/")
+
+
 def _ms(record: dict[str, Any], metric: str, key: str = "median_ms") -> str:
     value = record.get("times", {}).get(metric, {}).get(key)
     return f"{value:.3f}" if value is not None else "-"

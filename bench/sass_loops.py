@@ -39,7 +39,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,7 +67,7 @@ BATCH, HEADS, TOKENS = 1, 2, 256
 def score_config(case: bench_cases.Case) -> mask_scores.TileConfig:
     """The score kernel's config at the case's full size."""
     rows = mask_scores.max_chosen_rows(case.queries, case.tokens, case.ratio, case.num_per_query)
-    return mask_scores.score_config(-(-rows // case.heads) if case.head_mix == "random" else rows)
+    return mask_scores.default_score_config(rows, case.heads, case.head_mix)
 
 
 def record_launches(case: bench_cases.Case) -> list[dict]:
@@ -160,11 +159,7 @@ def table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass_loops",
                                      description=__doc__.splitlines()[0])
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=report.LOCAL,
-                       help="directory for the JSON (default: runs/bench/, git-ignored)")
-    where.add_argument("--save", action="store_const", dest="out", const=report.RESULTS,
-                       help="write to the committed results, bench/results/")
+    report.add_output_options(parser)
     args = parser.parse_args(argv)
 
     records = measure_loops()

@@ -125,6 +125,12 @@ def score_config(rows_per_head: int) -> TileConfig:
     return next(config for config in CANDIDATE_CONFIGS if config.block_m == block_m)
 
 
+def default_score_config(max_rows: int, heads: int, head_mix: str) -> TileConfig:
+    """The config the score kernel takes for at most ``max_rows`` chosen rows per sample (see
+    :func:`max_chosen_rows`): each head's share of them under "random"."""
+    return score_config(cdiv(max_rows, heads) if head_mix == "random" else max_rows)
+
+
 @triton.jit
 def _chosen_row_scores_kernel(
     Q, K, VALID, POOL, QUERY_RANK, HEAD, CHOSEN, META, PARTIALS, BLOCK_ROWS,
@@ -268,7 +274,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
     num_k = k.shape[2]
     group_by_head = head_mix == "random"
     if config is None:
-        config = score_config(cdiv(max_rows, heads) if group_by_head else max_rows)
+        config = default_score_config(max_rows, heads, head_mix)
     row_blocks = max(1, cdiv(max_rows, config.block_m))
     partials = torch.empty((batch, heads * row_blocks, num_k), dtype=torch.float32,
                            device=q.device)
