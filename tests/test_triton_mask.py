@@ -71,6 +71,23 @@ def test_mask_matches_reference(case, triton_path):
         assert (got | ~chosen).all(), "a chosen query token is not masked"
 
 
+def test_counts_round_exact_halves_to_even(triton_path):
+    # n * ratio is exactly half an integer in fp64 for these n (e.g. 5 * 0.3 = 1.5, rounded to 2):
+    # the kernels' count must round that product, not the exact one just below it (a multiply
+    # fused with the rounding's subtraction into one FMA rounded 1.5 down to 1 on sm_90).
+    ratio, lengths = 0.3, [5, 15, 25, 35, 45, 55, 65]
+    assert all((n * ratio) % 1 == 0.5 for n in lengths)
+    g = torch.Generator().manual_seed(5)
+    length = 70
+    valid = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    q = torch.randn(len(lengths), 1, 4, 16, generator=g)
+    k = torch.randn(len(lengths), 1, length, 16, generator=g)
+    plan = sk.make_plan(len(lengths), 4, length, 1, generator=g)
+    got = sk.self_guided_mask(q.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), ratio=ratio,
+                              num_per_query=2, plan=plan.to(DEVICE), backend="triton")
+    assert got.sum(dim=1).tolist() == [round(n * ratio) for n in lengths]  # Python: half to even
+
+
 def test_ties_go_to_the_lower_index(triton_path):
     # q = 0 gives uniform attention: every valid token has the same score.
     q, k, valid, plan = make_inputs(7, 2, 3, 37, 16, torch.float32, seed=3, zero_q=True)

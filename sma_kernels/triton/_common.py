@@ -216,18 +216,11 @@ def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.con
 
 # Flag rows (the valid tokens, the query pool) that are all set are not materialized: the host
 # passes None, which Triton compiles as a constant, so such a call fills no (B, L) tensor first.
+# A kernel offsets such a pointer to its row under `if FLAGS is not None` in its own body: a
+# jit function cannot return None on every Triton version (3.6 cannot).
 def flags_arg(flags: torch.Tensor | None) -> torch.Tensor | None:
     """A (B, n) bool flags tensor as the kernels read it (uint8, contiguous), or None (all set)."""
     return None if flags is None else flags.contiguous().view(torch.uint8)
-
-
-@triton.jit
-def flags_row(FLAGS, offset):
-    """The row of a flags tensor at ``offset``: FLAGS + offset, or None for all-set flags."""
-    if FLAGS is None:
-        return None
-    else:
-        return FLAGS + offset
 
 
 @triton.jit

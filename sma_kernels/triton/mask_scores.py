@@ -86,7 +86,6 @@ from ._common import (
     cdiv,
     dot_precision,
     flags_arg,
-    flags_row,
     head_tile,
     load_flags,
     load_tile,
@@ -149,8 +148,11 @@ def _chosen_row_scores_kernel(
     # One program per (sample, head, row block); (sample, head) is int64.
     b, h, bh, r = head_tile(H, ROW_BLOCKS)
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
-        valid_row = flags_row(VALID, b * NK)
-        pool_row = flags_row(POOL, b * NQ)
+        valid_row, pool_row = VALID, POOL  # None: every token valid, every row in the pool
+        if VALID is not None:
+            valid_row += b * NK
+        if POOL is not None:
+            pool_row += b * NQ
         rank_row = QUERY_RANK + b * stride_rank
         head_row = HEAD + b * stride_head
         chosen_row = CHOSEN + b * NQ

@@ -66,7 +66,6 @@ from ._common import (
     META_WIDTH_C,
     autotune,
     flags_arg,
-    flags_row,
     load_flags,
     next_power_of_2,
 )
@@ -79,8 +78,21 @@ class SelectConfig(NamedTuple):
     block: int
     warps: int
 
+    @property
+    def max_registers(self) -> int | None:
+        """The register cap given to ptxas: 255 wherever a block of this many warps can hold
+        them all (up to 8 warps). Without a cap ptxas aimed at 64-80 registers and, compiled by
+        Triton 3.6, spilled the row offset that step 4 reads at the end (8-16 B at 4 and 8
+        warps); with it, it takes 104-186 and spills nothing."""
+        return 255 if self.warps <= 8 else None
+
+    def options(self) -> dict:
+        """The config as launch options of the kernel."""
+        return {"BLOCK": self.block, "num_warps": self.warps, "maxnreg": self.max_registers}
+
     def to_triton(self) -> triton.Config:
-        return triton.Config({"BLOCK": self.block}, num_warps=self.warps)
+        return triton.Config({"BLOCK": self.block}, num_warps=self.warps,
+                             maxnreg=self.max_registers)
 
 
 # Their choice changes no bit of the scores or the mask (see the module docstring).
@@ -171,10 +183,14 @@ def _kth_largest_key(SCORES, VALID, FORCED, TAKEN, RANK, N, need, STAGE: tl.cons
 
 @triton.jit
 def _round_half_even(x):
-    """Round a non-negative fp64 scalar half-to-even (torch.round's rule), as int64."""
+    """Round a non-negative fp64 scalar half-to-even (torch.round's rule), as int64.
+
+    By comparing x with whole + 1/2, not by x - whole: the compiler may fuse that subtraction
+    with the product that made x into one FMA, which subtracts from the unrounded product, so
+    405 * 0.3 (121.5 in fp64) would round down (Triton 3.6 on sm_90 does)."""
     whole = x.to(tl.int64)  # truncation is floor for x >= 0
-    frac = x - whole.to(tl.float64)
-    up = (frac > 0.5) | ((frac == 0.5) & ((whole % 2) == 1))
+    half = whole.to(tl.float64) + 0.5  # exact below 2^52
+    up = (x > half) | ((x == half) & ((whole % 2) == 1))
     return whole + up.to(tl.int64)
 
 
@@ -320,8 +336,11 @@ def _select_kernel(PARTIALS, BLOCK_ROWS, SCORES, VALID, FORCED, RANK, META, OUT,
     base = b * NK
     offs = tl.arange(0, BLOCK)
     scores_row = SCORES + base
-    valid_row = flags_row(VALID, base)
-    forced_row = flags_row(FORCED, base)
+    valid_row, forced_row = VALID, FORCED  # None: every token valid, none forced
+    if VALID is not None:
+        valid_row += base
+    if FORCED is not None:
+        forced_row += base
     out_row = OUT + base
     rank_row = RANK + b * stride_rank
 
@@ -381,7 +400,7 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     # Without order_out the order pointers are never read (WRITE_ORDER is off): any tensor does.
     order, kept = (scores, scores) if order_out is None else order_out
     kernel = _select_kernel if config is None else _select_kernel.fn
-    options = {} if config is None else {"BLOCK": config.block, "num_warps": config.warps}
+    options = {} if config is None else config.options()
     kernel[(batch,)](  # one program per sample
         PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=valid_u8,
         FORCED=forced_u8, RANK=token_rank, META=meta, OUT=out.view(torch.uint8), ORDER=order,

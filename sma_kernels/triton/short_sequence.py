@@ -78,7 +78,6 @@ from ._common import (
     block_dim,
     dot_precision,
     flags_arg,
-    flags_row,
     head_tile,
     load_flags,
     load_tile,
@@ -214,8 +213,11 @@ def _short_sequence_kernel(
 ):
     b, _ = program_tile(1)  # one program per sample
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
-        valid_row = flags_row(VALID, b * NK)
-        pool_row = flags_row(POOL, b * NQ)
+        valid_row, pool_row = VALID, POOL  # None: every token valid, every row in the pool
+        if VALID is not None:
+            valid_row += b * NK
+        if POOL is not None:
+            pool_row += b * NQ
         query_rank_row = QUERY_RANK + b * stride_query_rank
         chosen_row = CHOSEN + b * NQ
         offs_m = tl.arange(0, BLOCK_M)
