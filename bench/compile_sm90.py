@@ -17,7 +17,11 @@ with its NVIDIA backend): on a GPU Triton reads the same figures from the driver
 ``n_regs`` and ``n_spills`` (the local memory in 4-byte words, the stack frame included: what
 ptxas spills registers to). Asked for, a result also lists the machine code's streaming loops
 (:func:`streaming_loops`, from ``cuobjdump -sass``). The compiler is the installed Triton's,
-which may differ from a GPU host's.
+which may differ from a GPU host's; to compile with the host's version, install it apart and
+name its folder in ``SMA_KERNELS_SM90_TRITON`` (recording still uses the installed one)::
+
+    pip install --no-deps --target /tmp/triton-3.6 triton==3.6.0
+    SMA_KERNELS_SM90_TRITON=/tmp/triton-3.6 python -m pytest tests/test_triton_sm90.py
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.errors import CompilationError
-from triton.runtime.jit import mangle_type, native_specialize_impl
+from triton.runtime.jit import mangle_type
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # Options of a launch that are not kernel arguments; the ones the compiler takes are kept.
-COMPILE_OPTIONS = ("num_warps", "num_stages")
+COMPILE_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 # Opcodes that :func:`streaming_loops` counts apart, each with any further modifiers: the
 # tensor-core products, the exponentials, warp shuffles, barriers, shared-memory stores and loads.
 COUNTED_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "SHFL", "BAR", "STS", "LDS")
@@ -57,6 +61,9 @@ COUNTED_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "SHFL", "BAR", "STS", "LDS")
 def launch_spec(function: Any, args: tuple, kwargs: dict) -> dict:
     """What a GPU launch of the interpreted kernel ``function`` with these arguments would
     compile."""
+    # Recording only: the compiling process may run another Triton, which may lack it.
+    from triton.runtime.jit import native_specialize_impl
+
     signature, constexprs, divisible = {}, {}, []
     params = inspect.signature(function.fn).parameters
     bound = {**dict(zip(function.arg_names, args)),
@@ -117,6 +124,9 @@ def compile_launches(launches: list[dict], *, sass: bool = False,
     (:func:`streaming_loops`)."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("TRITON_INTERPRET", "SMA_KERNELS_AUTOTUNE")}
+    if os.environ.get("SMA_KERNELS_SM90_TRITON"):  # another Triton, installed apart
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [os.environ["SMA_KERNELS_SM90_TRITON"], env.get("PYTHONPATH")]))
     jobs = [{**launch, "sass": sass} for launch in launches]
     done = subprocess.run([sys.executable, "-m", "bench.compile_sm90"], input=json.dumps(jobs),
                           env=env, capture_output=True, text=True, timeout=timeout, check=False,
@@ -165,7 +175,8 @@ def _jobs(launch: dict) -> list[dict]:
     if configs is None:
         return [{**launch, "config": 0}]
     return [{**launch, "constexprs": {**launch["constexprs"], **config.kwargs},
-             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
+             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                         **({"maxnreg": config.maxnreg} if config.maxnreg else {})},
              "config": index}
             for index, config in enumerate(configs)]
 
