@@ -72,27 +72,29 @@ from ._common import (
 from .kept_keys import kept_key_order, order_chunk
 
 
+def max_registers(num_warps: int) -> int | None:
+    """The register cap given to ptxas for a block of ``num_warps`` warps: 255, all a thread may
+    have, up to 8 warps; None above (the block's size bounds it). Uncapped, ptxas aimed at 64-80
+    registers and, compiled by Triton 3.6, spilled the row offset that step 4 reads at the end
+    (8-16 B at 4 and 8 warps); capped, it takes 104-186 and spills nothing. One program per
+    sample: occupancy does not matter here."""
+    return 255 if num_warps <= 8 else None
+
+
 class SelectConfig(NamedTuple):
     """An autotune config of the selection: BLOCK tokens per sweep step, and the warps."""
 
     block: int
     warps: int
 
-    @property
-    def max_registers(self) -> int | None:
-        """The register cap given to ptxas: 255 wherever a block of this many warps can hold
-        them all (up to 8 warps). Without a cap ptxas aimed at 64-80 registers and, compiled by
-        Triton 3.6, spilled the row offset that step 4 reads at the end (8-16 B at 4 and 8
-        warps); with it, it takes 104-186 and spills nothing."""
-        return 255 if self.warps <= 8 else None
-
     def options(self) -> dict:
         """The config as launch options of the kernel."""
-        return {"BLOCK": self.block, "num_warps": self.warps, "maxnreg": self.max_registers}
+        return {"BLOCK": self.block, "num_warps": self.warps,
+                "maxnreg": max_registers(self.warps)}
 
     def to_triton(self) -> triton.Config:
         return triton.Config({"BLOCK": self.block}, num_warps=self.warps,
-                             maxnreg=self.max_registers)
+                             maxnreg=max_registers(self.warps))
 
 
 # Their choice changes no bit of the scores or the mask (see the module docstring).
