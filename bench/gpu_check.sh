@@ -6,7 +6,8 @@
 #   OUT=/some/dir bash bench/gpu_check.sh
 #   OUT=bench/results bash bench/gpu_check.sh   # into the committed results (then
 #                                               # python -m bench.report --readme README.md)
-#   SMA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh   # names the commit when the copy has no .git
+#   SMA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh   # names the commit of a copy (its .git,
+#                                                      # if any, may be another commit's)
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
 # 2. runs a short selection of the GPU tests, most important first, each group with its own

@@ -152,6 +152,15 @@ def ceilings(device: torch.device, min_run_time: float) -> dict[str, Any]:
             "copy_gbps": 2 * src.numel() * src.element_size() / (copy * 1e-3) / 1e9}
 
 
+def _git_state() -> dict[str, Any]:
+    """The commit measured: SMA_KERNELS_COMMIT when set (whether the copy is dirty is then
+    unknown), else the checkout's HEAD and whether its tree differs."""
+    named = os.environ.get("SMA_KERNELS_COMMIT")
+    if named:
+        return {"commit": named, "dirty": None}
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": _dirty()}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -188,9 +197,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "triton": triton_version,
                      "python": platform.python_version(), "sma_kernels": sma_kernels.__version__,
                      "cuda": torch.version.cuda},
-        # A copy of the tree without .git (a remote GPU host) can name its commit in the env.
-        "git": {"commit": _git("rev-parse", "HEAD") or os.environ.get("SMA_KERNELS_COMMIT"),
-                "dirty": _dirty()},
+        # A copy of the tree (a remote GPU host) names its commit in the env: it may have no
+        # .git, or one from another commit, against which the tree looks dirty.
+        "git": _git_state(),
         "backends": sma_kernels.backends(),
     }
     if device.type == "cuda":

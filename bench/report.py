@@ -296,7 +296,7 @@ def history_rows(result: dict[str, Any], device: str) -> list[dict[str, str]]:
             "created_utc": result["created_utc"], "device": device,
             "device_name": result["device"]["name"], "cpu_cores": str(result["device"]["cpu_cores"]),
             "commit": (result["git"]["commit"] or "")[:10],
-            "dirty": "yes" if result["git"].get("dirty") else "no",
+            "dirty": {True: "yes", False: "no"}.get(result["git"].get("dirty"), "unknown"),
             "torch": result["versions"]["torch"], "triton": str(result["versions"].get("triton") or ""),
             "dtype": case["dtype"], "workload": case["name"],
             "shape": "x".join(str(c[key]) for key in ("batch", "heads", "queries", "tokens", "dim",

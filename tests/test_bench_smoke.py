@@ -17,7 +17,7 @@ import torch
 
 import sma_kernels
 from bench import __main__ as bench_main
-from bench import e2e, report, suite
+from bench import e2e, measure, report, suite
 from bench.cases import WORKLOADS, make_inputs, tiny_cases
 from bench.providers import (
     Compiled,
@@ -154,6 +154,16 @@ def test_default_runs_leave_the_checkout_clean(checkout_copy):
     assert "bench/results/latest-cpu.json" in changed
     assert all(path.startswith("bench/results/") for path in changed), changed
     assert str(copy / "bench" / "results" / "latest-cpu.json") in out
+
+
+def test_a_named_commit_wins_over_the_checkouts(monkeypatch):
+    # A GPU host's copy of the tree may carry a .git of another commit.
+    monkeypatch.setenv("SMA_KERNELS_COMMIT", "0123456789")
+    assert measure.environment(CPU)["git"] == {"commit": "0123456789", "dirty": None}
+    monkeypatch.delenv("SMA_KERNELS_COMMIT")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=False).stdout.strip()
+    assert measure.environment(CPU)["git"]["commit"] == (head or None)
 
 
 def test_readme_table_comes_from_committed_results_only(tmp_path):
