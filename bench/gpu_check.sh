@@ -20,12 +20,17 @@
 # 4. runs the benchmark on the GPU: every backend and baseline at the four workloads of
 #    bench/README.md ("Workloads") at full size (forward, forward+backward, peak extra memory,
 #    host time and launches per call), an L sweep and the end-to-end training steps, in the
-#    time left,
+#    time left but the profile's,
+# 5. profiles one forward and forward+backward per workload, SDPA's and the Triton path's: host
+#    time, and each kernel's device time (python -m bench.profile),
 # and prints a short table last. Every step has a time limit so that the whole check ends in
 # under 5 minutes on an H100; a failing step does not stop the later ones, but the exit status is
 # non-zero if any step failed. Output: $OUT (default runs/bench, git-ignored, so that the check
 # leaves the checkout clean) gets the benchmark JSON (dated + latest-<gpu>.json), the launch
-# counts (launches-<gpu>.json), the plots, gpu_check.log and the test reports (at most 12 files).
+# counts (launches-<gpu>.json), the profile (profile-<gpu>.json), the plots, gpu_check.log and
+# the test reports (at most 13 files).
+# In 5 minutes the later steps are cut short (the tests alone took about 4 minutes on the H200
+# host); GPU_CHECK_BUDGET=420 GPU_CHECK_BENCH_SHARE=150 ran every step on it, in 377 s.
 # DRY_RUN=1 prints the steps without running them (any machine).
 set -u
 export PYTHONUNBUFFERED=1
@@ -97,9 +102,12 @@ END=$((BUDGET - 15))
 # The benchmark saves its JSON after every case, starts no case after 90% of --time-limit and
 # no end-to-end step after it. On a fresh machine Triton's JIT and autotuning take 15-40 s per
 # workload and each torch.compile ~20 s (H100, measured), hence the compile budget.
-bench_limit=$((END - SECONDS))
+# The profile follows with the kernels the benchmark compiled (Triton's cache on disk).
+PROFILE_SHARE="${GPU_CHECK_PROFILE_SHARE:-30}"
+bench_limit=$((END - SECONDS - PROFILE_SHARE))
 step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" --compile-budget 40 \
     --min-run-time 0.05 --time-limit "$((bench_limit - 20))"
+step profile "$PROFILE_SHARE" "$PY" -m bench.profile --device cuda --out "$OUT_DIR" --repeats 10
 
 echo | tee -a "$LOG"
 if ls "$OUT_DIR"/latest-*.json > /dev/null 2>&1; then

@@ -18,6 +18,7 @@ import torch
 import sma_kernels
 from bench import __main__ as bench_main
 from bench import e2e, measure, report, suite
+from bench import profile as bench_profile
 from bench.cases import WORKLOADS, make_inputs, tiny_cases
 from bench.providers import (
     Compiled,
@@ -354,6 +355,21 @@ def test_host_overhead_counts_every_launch(tmp_path):
                    for metric in ("mask", "fwd", "fwdbwd"))
         assert all(record[f"{route}_{metric}_us"] > 0 for route in ("eager", "ops")
                    for metric in ("mask", "fwd", "fwdbwd", "fwd_plan"))
+
+
+def test_profile_lists_each_calls_ops(tmp_path):
+    assert bench_profile.main(["--device", "cpu", "--cases", "higgs", "--repeats", "1",
+                               "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile-cpu.json").read_text())
+    records = {(record["provider"], record["call"]): record for record in result["records"]}
+    assert set(records) == {(provider, call) for provider in ("sdpa", "sma:cpp")
+                            for call in bench_profile.CALLS}
+    for record in records.values():
+        assert record["host_ms"] > 0 and record["device_ms"] is None  # no device on the CPU
+    names = [kernel["name"] for kernel in records["sma:cpp", "fwdbwd"]["kernels"]]
+    assert any(name.startswith("sma_kernels") for name in names), names  # the C++ ops
+    assert any("scaled_dot_product" in kernel["name"]
+               for kernel in records["sdpa", "fwd"]["kernels"])
 
 
 def test_plots_are_written(tmp_path):

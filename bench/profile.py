@@ -1,0 +1,163 @@
+"""``python -m bench.profile``: where one call's time goes, kernel by kernel.
+
+The benchmark times whole calls, and at the small workloads a call of the Triton path takes as
+long as the CPU takes to issue it (its host time, README "Benchmarks"): the kernels' own time
+is hidden behind it. This runs each call under ``torch.profiler`` and reports, per workload,
+provider (SDPA with no mask, and an sma-kernels backend called as users call it: a generator on
+the device, no plan) and call (the forward; forward and backward):
+
+- ``host_ms``: the median time the call takes to return on the CPU;
+- ``device_ms``: the time the device spends in the call's kernels (and copies), summed: what
+  the call would take if its host cost were gone, in a CUDA graph say;
+- ``kernels``: that time per kernel name, with its launches per call.
+
+On the CPU there is no device: ``device_ms`` is None, and ``kernels`` lists the ops (aten's,
+the C++ backend's) by their own CPU time instead (a smoke run, at the tiny shapes). Writes ``profile-<device>.json`` under ``--out`` (default ``runs/bench/``,
+git-ignored; ``--save``: the committed ``bench/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from . import cases as bench_cases
+from . import measure, report
+from .providers import Provider, Sdpa, SmaBackend
+
+CALLS = ("fwd", "fwdbwd")
+
+
+def _calls(provider: Provider, x: bench_cases.Inputs) -> dict[str, Callable[[], Any]]:
+    """The forward, and the forward with its backward, of ``provider`` on ``x``."""
+    leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
+    grad_out = torch.ones(*x.q.shape[:-1], x.v.shape[-1], dtype=x.v.dtype, device=x.v.device)
+
+    def fwdbwd() -> Any:
+        out, _ = provider.forward(x, *leaves)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    return {"fwd": lambda: provider.forward(x, *leaves), "fwdbwd": fwdbwd}
+
+
+def _host_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median time for ``fn`` to return, the device idle at each start."""
+    times = []
+    for _ in range(repeats):
+        measure.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    measure.synchronize(device)
+    return statistics.median(times)
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, Any]:
+    """``host_ms``, ``device_ms`` and ``kernels`` of ``fn`` (see the module docstring)."""
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        measure.synchronize(device)
+    kernels = []
+    for event in prof.key_averages():
+        if on_device and event.device_type == DeviceType.CUDA:
+            own_us = event.self_device_time_total
+        elif not on_device and "::" in event.key:  # an op (aten::, sma_kernels::), no Python
+            own_us = event.self_cpu_time_total
+        else:
+            continue
+        kernels.append({"name": event.key, "launches": event.count / repeats,
+                        "ms": own_us / 1e3 / repeats})
+    kernels.sort(key=lambda kernel: -kernel["ms"])
+    return {"host_ms": _host_ms(fn, device, repeats),
+            "device_ms": sum(kernel["ms"] for kernel in kernels) if on_device else None,
+            "kernels": kernels}
+
+
+def profile_case(case: bench_cases.Case, providers: list[Provider], device: torch.device,
+                 dtype: torch.dtype, repeats: int) -> list[dict[str, Any]]:
+    """One record per (provider, call) on ``case``, after warm-up calls (compilation and
+    autotuning launch too)."""
+    x = bench_cases.make_inputs(case, device, dtype)
+    records = []
+    for provider in providers:
+        provider.prepare(x)
+        for call, fn in _calls(provider, x).items():
+            for _ in range(2):
+                fn()
+            records.append({"case": case.name, "shape": list(case.shape),
+                            "provider": provider.name, "call": call,
+                            **profile_call(fn, device, repeats)})
+    return records
+
+
+def _line(record: dict[str, Any], top: int = 4) -> str:
+    device = "-" if record["device_ms"] is None else f"{record['device_ms']:.3f}"
+    kernels = ", ".join(f"{kernel['name'][:40]} {kernel['ms']:.3f}"
+                        for kernel in record["kernels"][:top])
+    return (f"{record['case']:<10} {record['provider']:<11} {record['call']:<6} "
+            f"host {record['host_ms']:7.3f} ms  device {device:>7} ms  {kernels}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default=None,
+                        help="the sma-kernels backend (default: triton on a GPU, cpp on the CPU)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these workloads")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="calls profiled and timed per record (default: 20 on a GPU, 2 on "
+                             "the CPU)")
+    report.add_output_options(parser)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_device = device.type == "cuda"
+    backend = args.backend or ("triton" if on_device else "cpp")
+    repeats = args.repeats or (20 if on_device else 2)
+    cases = bench_cases.workloads(device.type, full=False) if on_device else bench_cases.tiny_cases()
+    if args.cases:
+        unknown = set(args.cases) - {case.name for case in cases}
+        if unknown:
+            parser.error(f"--cases: unknown workload(s) {sorted(unknown)}")
+        cases = [case for case in cases if case.name in args.cases]
+    providers = [Sdpa(padding=False), SmaBackend(backend, allow_interpreter=True)]
+    reason = providers[1].unavailable(device)
+    if reason is not None:
+        parser.error(f"--backend {backend}: {reason}")
+    dtype = torch.bfloat16 if on_device else torch.float32
+
+    records = []
+    for case in cases:
+        for record in profile_case(case, providers, device, dtype, repeats):
+            records.append(record)
+            print(_line(record), flush=True)
+    env = measure.environment(device)
+    result = {"schema": "sma-kernels-profile/1",
+              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
+              "dtype": str(dtype).removeprefix("torch."),
+              "method": f"torch.profiler over {repeats} calls after 2 warm-up calls: device "
+                        "kernels' own time per call (CPU: aten ops' own CPU time); host_ms: "
+                        "median time to return, the device idle at each call's start",
+              "records": records}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"profile-{measure.device_slug(env['device'])}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
