@@ -176,7 +176,7 @@ def _jobs(launch: dict) -> list[dict]:
         return [{**launch, "config": 0}]
     return [{**launch, "constexprs": {**launch["constexprs"], **config.kwargs},
              "options": {"num_warps": config.num_warps, "num_stages": config.num_stages,
-                         **({"maxnreg": config.maxnreg} if config.maxnreg else {})},
+                         "maxnreg": config.maxnreg},
              "config": index}
             for index, config in enumerate(configs)]
 

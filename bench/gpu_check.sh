@@ -30,7 +30,8 @@
 # counts (launches-<gpu>.json), the profile (profile-<gpu>.json), the plots, gpu_check.log and
 # the test reports (at most 13 files).
 # In 5 minutes the later steps are cut short (the tests alone took about 4 minutes on the H200
-# host); GPU_CHECK_BUDGET=420 GPU_CHECK_BENCH_SHARE=150 ran every step on it, in 377 s.
+# host). GPU_CHECK_BUDGET=420 GPU_CHECK_BENCH_SHARE=150 took 377 s there, with 4 test workers
+# and before the profile step: every step ran, the GPU masks 36 of their 53 tests.
 # DRY_RUN=1 prints the steps without running them (any machine).
 set -u
 export PYTHONUNBUFFERED=1
@@ -63,7 +64,8 @@ step() {
     local start=$SECONDS
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     if [ -n "${DRY_RUN:-}" ]; then return 0; fi
-    # SIGINT first: pytest then still prints the failures it has seen, the benchmark its table.
+    # SIGINT first: pytest then still prints the failures it has seen (the benchmark has saved
+    # its JSON after each case).
     timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
@@ -105,9 +107,12 @@ END=$((BUDGET - 15))
 # The profile follows with the kernels the benchmark compiled (Triton's cache on disk).
 PROFILE_SHARE="${GPU_CHECK_PROFILE_SHARE:-30}"
 bench_limit=$((END - SECONDS - PROFILE_SHARE))
+time_limit=$((bench_limit - 20))
+if [ "$time_limit" -lt 1 ]; then time_limit=1; fi
 step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" --compile-budget 40 \
-    --min-run-time 0.05 --time-limit "$((bench_limit - 20))"
-step profile "$PROFILE_SHARE" "$PY" -m bench.profile --device cuda --out "$OUT_DIR" --repeats 10
+    --min-run-time 0.05 --time-limit "$time_limit"
+step profile "$((END - SECONDS))" "$PY" -m bench.profile --device cuda --out "$OUT_DIR" \
+    --repeats 10
 
 echo | tee -a "$LOG"
 if ls "$OUT_DIR"/latest-*.json > /dev/null 2>&1; then

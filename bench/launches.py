@@ -177,8 +177,9 @@ def count_launches() -> Iterator[Launches]:
     tolist = torch.Tensor.tolist
 
     def tolist_seen(self: torch.Tensor) -> Any:
-        # A CPU tensor's tolist() reads memory without dispatching an op, which on a GPU would be
-        # a sync; a GPU tensor's dispatches its copy to the host, which counts as one.
+        # A CPU tensor's tolist() reads memory without dispatching an op: counted as the sync it
+        # would be on a GPU (on any machine). A GPU tensor's dispatches its copy to the host,
+        # which the op counter counts as the sync.
         if not in_kernel[0] and self.device.type == "cpu":
             launches.syncs.append("tolist")
         return tolist(self)

@@ -4,7 +4,8 @@ The benchmark times whole calls, and at the small workloads a call of the Triton
 long as the CPU takes to issue it (its host time, README "Benchmarks"): the kernels' own time
 is hidden behind it. This runs each call under ``torch.profiler`` and reports, per workload,
 provider (SDPA with no mask, and an sma-kernels backend called as users call it: a generator on
-the device, no plan) and call (the forward; forward and backward):
+the device, no plan) and call (the forward, under ``torch.no_grad()`` as the benchmark times it;
+forward and backward):
 
 - ``host_ms``: the median time the call takes to return on the CPU;
 - ``device_ms``: the time the device spends in the call's kernels (and copies), summed: what
@@ -12,8 +13,11 @@ the device, no plan) and call (the forward; forward and backward):
 - ``kernels``: that time per kernel name, with its launches per call.
 
 On the CPU there is no device: ``device_ms`` is None, and ``kernels`` lists the ops (aten's,
-the C++ backend's) by their own CPU time instead (a smoke run, at the tiny shapes). Writes ``profile-<device>.json`` under ``--out`` (default ``runs/bench/``,
-git-ignored; ``--save``: the committed ``bench/results/``).
+the C++ backend's) by their own CPU time instead (a smoke run, at the tiny shapes).
+
+Writes ``profile-<device>.json`` under ``--out`` (default ``runs/bench/``, git-ignored;
+``--save``: the committed ``bench/results/``) after each workload, so that an interrupted run
+keeps the workloads it finished.
 """
 
 from __future__ import annotations
@@ -38,15 +42,20 @@ CALLS = ("fwd", "fwdbwd")
 
 
 def _calls(provider: Provider, x: bench_cases.Inputs) -> dict[str, Callable[[], Any]]:
-    """The forward, and the forward with its backward, of ``provider`` on ``x``."""
+    """The forward (no autograd graph), and the forward with its backward, of ``provider`` on
+    ``x``."""
     leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
     grad_out = torch.ones(*x.q.shape[:-1], x.v.shape[-1], dtype=x.v.dtype, device=x.v.device)
+
+    def fwd() -> Any:
+        with torch.no_grad():
+            return provider.forward(x, x.q, x.k, x.v)
 
     def fwdbwd() -> Any:
         out, _ = provider.forward(x, *leaves)
         return torch.autograd.grad(out, leaves, grad_out)
 
-    return {"fwd": lambda: provider.forward(x, *leaves), "fwdbwd": fwdbwd}
+    return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
 def _host_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -65,6 +74,7 @@ def profile_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> d
     """``host_ms``, ``device_ms`` and ``kernels`` of ``fn`` (see the module docstring)."""
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    measure.synchronize(device)  # no kernel of an earlier call in the profile
     with profile(activities=activities) as prof:
         for _ in range(repeats):
             fn()
@@ -110,7 +120,15 @@ def _line(record: dict[str, Any], top: int = 4) -> str:
             f"host {record['host_ms']:7.3f} ms  device {device:>7} ms  {kernels}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
@@ -118,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None,
                         help="the sma-kernels backend (default: triton on a GPU, cpp on the CPU)")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these workloads")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=_positive_int, default=None,
                         help="calls profiled and timed per record (default: 20 on a GPU, 2 on "
                              "the CPU)")
     report.add_output_options(parser)
@@ -127,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     on_device = device.type == "cuda"
     backend = args.backend or ("triton" if on_device else "cpp")
     repeats = args.repeats or (20 if on_device else 2)
-    cases = bench_cases.workloads(device.type, full=False) if on_device else bench_cases.tiny_cases()
+    cases = list(bench_cases.WORKLOADS) if on_device else bench_cases.tiny_cases()
     if args.cases:
         unknown = set(args.cases) - {case.name for case in cases}
         if unknown:
@@ -139,22 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--backend {backend}: {reason}")
     dtype = torch.bfloat16 if on_device else torch.float32
 
-    records = []
-    for case in cases:
-        for record in profile_case(case, providers, device, dtype, repeats):
-            records.append(record)
-            print(_line(record), flush=True)
     env = measure.environment(device)
     result = {"schema": "sma-kernels-profile/1",
               "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
               "dtype": str(dtype).removeprefix("torch."),
               "method": f"torch.profiler over {repeats} calls after 2 warm-up calls: device "
-                        "kernels' own time per call (CPU: aten ops' own CPU time); host_ms: "
+                        "kernels' own time per call (CPU: the ops' own CPU time); host_ms: "
                         "median time to return, the device idle at each call's start",
-              "records": records}
+              "records": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile-{measure.device_slug(env['device'])}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    for case in cases:
+        records = profile_case(case, providers, device, dtype, repeats)
+        for record in records:
+            print(_line(record), flush=True)
+        result["records"] += records
+        path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

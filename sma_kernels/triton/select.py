@@ -87,7 +87,7 @@ class SelectConfig(NamedTuple):
     block: int
     warps: int
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, int | None]:
         """The config as launch options of the kernel."""
         return {"BLOCK": self.block, "num_warps": self.warps,
                 "maxnreg": max_registers(self.warps)}
