@@ -10,7 +10,10 @@ forward and backward):
 - ``host_ms``: the median time the call takes to return on the CPU;
 - ``device_ms``: the time the device spends in the call's kernels (and copies), summed: what
   the call would take if its host cost were gone, in a CUDA graph say;
-- ``kernels``: that time per kernel name, with its launches per call.
+- ``kernels``: that time per kernel name, with its launches per call;
+- ``host_functions``: the Python functions that take the most of the host time, by their own
+  time under ``cProfile`` (which slows every function call, so compare them with each other,
+  not with ``host_ms``), and Triton's launchers with their callees' time.
 
 On the CPU there is no device: ``device_ms`` is None, and ``kernels`` lists the ops (aten's,
 the C++ backend's) by their own CPU time instead (a smoke run, at the tiny shapes).
@@ -23,7 +26,9 @@ keeps the workloads it finished.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -70,8 +75,31 @@ def _host_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float
     return statistics.median(times)
 
 
+def _host_functions(fn: Callable[[], Any], device: torch.device, repeats: int,
+                    top: int = 12) -> list[dict[str, Any]]:
+    """The ``top`` Python functions of ``fn`` by own time under cProfile, per call, and Triton's
+    launchers (``JITFunction.run``, ``Autotuner.run``), whose time is mostly their callees'."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(repeats):
+        fn()
+    profiler.disable()
+    measure.synchronize(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, _, own s, cumulative s, _)
+    rows = [{"function": f"{'/'.join(file.split('/')[-2:])}:{line}({name})" if line else name,
+             "calls": calls / repeats, "own_ms": own * 1e3 / repeats,
+             "cumulative_ms": cumulative * 1e3 / repeats}
+            for (file, line, name), (_, calls, own, cumulative, _) in stats.items()]
+    rows.sort(key=lambda row: -row["own_ms"])
+    launchers = [row for row in rows[top:]
+                 if row["function"].startswith(("runtime/jit.py:", "runtime/autotuner.py:"))
+                 and row["function"].endswith("(run)")]
+    return rows[:top] + launchers
+
+
 def profile_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, Any]:
-    """``host_ms``, ``device_ms`` and ``kernels`` of ``fn`` (see the module docstring)."""
+    """``host_ms``, ``device_ms``, ``kernels`` and ``host_functions`` of ``fn`` (see the module
+    docstring)."""
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     measure.synchronize(device)  # no kernel of an earlier call in the profile
@@ -92,7 +120,7 @@ def profile_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> d
     kernels.sort(key=lambda kernel: -kernel["ms"])
     return {"host_ms": _host_ms(fn, device, repeats),
             "device_ms": sum(kernel["ms"] for kernel in kernels) if on_device else None,
-            "kernels": kernels}
+            "kernels": kernels, "host_functions": _host_functions(fn, device, repeats)}
 
 
 def profile_case(case: bench_cases.Case, providers: list[Provider], device: torch.device,

@@ -366,6 +366,10 @@ def test_profile_lists_each_calls_ops(tmp_path):
                             for call in bench_profile.CALLS}
     for record in records.values():
         assert record["host_ms"] > 0 and record["device_ms"] is None  # no device on the CPU
+        assert record["host_functions"] and all(row["calls"] > 0 for row in record["host_functions"])
+    # The C++ ops and sma-kernels' Python are the host time of its calls.
+    assert any("sma_kernels" in row["function"]
+               for row in records["sma:cpp", "fwd"]["host_functions"])
     names = [kernel["name"] for kernel in records["sma:cpp", "fwdbwd"]["kernels"]]
     assert any(name.startswith("sma_kernels") for name in names), names  # the C++ ops
     assert any("scaled_dot_product" in kernel["name"]
