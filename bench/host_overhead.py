@@ -31,7 +31,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -133,15 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {metric} {record[f'eager_{metric}_us']:6.1f} us (ops {record[f'ops_{metric}_us']:6.1f})"
                 for metric in METRICS), flush=True)
 
-    env = measure.environment(torch.device("cpu"))
-    result = {"schema": "sma-kernels-host-overhead/1",
-              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
-              "method": "Triton backend under TRITON_INTERPRET=1, every kernel launch stubbed out; "
-                        f"minimum over {args.blocks} blocks of the mean of {args.calls} calls",
-              "records": records}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"host-overhead-cpu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    result = measure.new_result(
+        "sma-kernels-host-overhead/1", torch.device("cpu"),
+        method="Triton backend under TRITON_INTERPRET=1, every kernel launch stubbed out; "
+               f"minimum over {args.blocks} blocks of the mean of {args.calls} calls",
+        records=records)
+    path = measure.write_result(
+        result, args.out / f"host-overhead-cpu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     print(f"wrote {path}")
     return 0
 

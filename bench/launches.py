@@ -45,9 +45,7 @@ if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ and not torch
 
 import argparse
 import contextlib
-import json
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -301,23 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends or available_backends(device)
 
     records = measure_launches(backends, device)
-    env = measure.environment(device)
-    result = {"schema": "sma-kernels-launches/1",
-              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
-              "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
-              "method": "bench.launches.count_launches: Triton kernel runs plus aten compute ops "
-                        "(views, metadata and bare allocations excluded), one call after a "
-                        "warm-up call",
-              "records": records}
+    result = measure.new_result(
+        "sma-kernels-launches/1", device,
+        triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1",
+        method="bench.launches.count_launches: Triton kernel runs plus aten compute ops (views, "
+               "metadata and bare allocations excluded), one call after a warm-up call",
+        records=records)
     spilling = []
     if device.type == "cuda" and "triton" in backends:
         result["compiled_kernels"] = compiled_kernels()
         spilling = [entry for entry in result["compiled_kernels"] if entry["n_spills"]]
         print(f"{len(result['compiled_kernels'])} compiled Triton kernels, "
               f"{len(spilling)} spilling registers: {spilling}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"launches-{measure.device_slug(env['device'])}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = measure.write_result(
+        result, args.out / f"launches-{measure.device_slug(result['device'])}.json")
     print(f"wrote {path}")
     return 1 if args.fail_on_spills and spilling else 0
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -86,7 +87,7 @@ def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) 
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2: the profiler's C++ side logs a line at every start and stop."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -103,7 +104,7 @@ def _profiled_peak_bytes(fn: Callable[[], Any]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
     allocations = []
@@ -209,6 +210,20 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         info["device"]["name"] = info["device"]["cpu"]
     return info
+
+
+def new_result(schema: str, device: torch.device, **fields: Any) -> dict[str, Any]:
+    """A command's JSON result: its ``schema``, the UTC time, :func:`environment` of ``device``,
+    then ``fields``."""
+    return {"schema": schema, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **environment(device), **fields}
+
+
+def write_result(result: dict[str, Any], path: Path) -> Path:
+    """Writes ``result`` as JSON at ``path``, making its folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
 
 
 def device_slug(device_info: dict[str, Any]) -> str:

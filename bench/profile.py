@@ -7,7 +7,8 @@ provider (SDPA with no mask, and an sma-kernels backend called as users call it:
 the device, no plan) and call (the forward, under ``torch.no_grad()`` as the benchmark times it;
 forward and backward):
 
-- ``host_ms``: the median time the call takes to return on the CPU;
+- ``time_ms`` and ``host_ms``: the call's median time and the median time it takes to return
+  on the CPU, as the benchmark measures them (``measure.time_call``);
 - ``device_ms``: the time the device spends in the call's kernels (and copies), summed: what
   the call would take if its host cost were gone, in a CUDA graph say;
 - ``kernels``: that time per kernel name, with its launches per call;
@@ -27,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +42,7 @@ from . import measure, report
 from .providers import Provider, Sdpa, SmaBackend
 
 CALLS = ("fwd", "fwdbwd")
+MIN_RUN_TIME = 0.05  # seconds of repeats per timing
 
 
 def _calls(provider: Provider, x: bench_cases.Inputs) -> dict[str, Callable[[], Any]]:
@@ -61,18 +60,6 @@ def _calls(provider: Provider, x: bench_cases.Inputs) -> dict[str, Callable[[], 
         return torch.autograd.grad(out, leaves, grad_out)
 
     return {"fwd": fwd, "fwdbwd": fwdbwd}
-
-
-def _host_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median time for ``fn`` to return, the device idle at each start."""
-    times = []
-    for _ in range(repeats):
-        measure.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    measure.synchronize(device)
-    return statistics.median(times)
 
 
 def _host_functions(fn: Callable[[], Any], device: torch.device, repeats: int,
@@ -98,12 +85,12 @@ def _host_functions(fn: Callable[[], Any], device: torch.device, repeats: int,
 
 
 def profile_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, Any]:
-    """``host_ms``, ``device_ms``, ``kernels`` and ``host_functions`` of ``fn`` (see the module
-    docstring)."""
+    """``time_ms``, ``host_ms``, ``device_ms``, ``kernels`` and ``host_functions`` of ``fn``
+    (see the module docstring)."""
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     measure.synchronize(device)  # no kernel of an earlier call in the profile
-    with profile(activities=activities) as prof:
+    with measure.quiet_stderr(), profile(activities=activities) as prof:
         for _ in range(repeats):
             fn()
         measure.synchronize(device)
@@ -118,7 +105,8 @@ def profile_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> d
         kernels.append({"name": event.key, "launches": event.count / repeats,
                         "ms": own_us / 1e3 / repeats})
     kernels.sort(key=lambda kernel: -kernel["ms"])
-    return {"host_ms": _host_ms(fn, device, repeats),
+    times = measure.time_call(fn, device, MIN_RUN_TIME)
+    return {"time_ms": times["median_ms"], "host_ms": times["host_median_ms"],
             "device_ms": sum(kernel["ms"] for kernel in kernels) if on_device else None,
             "kernels": kernels, "host_functions": _host_functions(fn, device, repeats)}
 
@@ -145,7 +133,8 @@ def _line(record: dict[str, Any], top: int = 4) -> str:
     kernels = ", ".join(f"{kernel['name'][:40]} {kernel['ms']:.3f}"
                         for kernel in record["kernels"][:top])
     return (f"{record['case']:<10} {record['provider']:<11} {record['call']:<6} "
-            f"host {record['host_ms']:7.3f} ms  device {device:>7} ms  {kernels}")
+            f"time {record['time_ms']:7.3f} ms  host {record['host_ms']:7.3f} ms  "
+            f"device {device:>7} ms  {kernels}")
 
 
 def _positive_int(text: str) -> int:
@@ -165,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sma-kernels backend (default: triton on a GPU, cpp on the CPU)")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these workloads")
     parser.add_argument("--repeats", type=_positive_int, default=None,
-                        help="calls profiled and timed per record (default: 20 on a GPU, 2 on "
-                             "the CPU)")
+                        help="calls profiled per record (default: 20 on a GPU, 2 on the CPU)")
     report.add_output_options(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -185,22 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--backend {backend}: {reason}")
     dtype = torch.bfloat16 if on_device else torch.float32
 
-    env = measure.environment(device)
-    result = {"schema": "sma-kernels-profile/1",
-              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
-              "dtype": str(dtype).removeprefix("torch."),
-              "method": f"torch.profiler over {repeats} calls after 2 warm-up calls: device "
-                        "kernels' own time per call (CPU: the ops' own CPU time); host_ms: "
-                        "median time to return, the device idle at each call's start",
-              "records": []}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"profile-{measure.device_slug(env['device'])}.json"
+    result = measure.new_result(
+        "sma-kernels-profile/1", device, dtype=str(dtype).removeprefix("torch."),
+        method=f"torch.profiler over {repeats} calls after 2 warm-up calls: device kernels' own "
+               "time per call (CPU: the ops' own CPU time); time_ms and host_ms: "
+               f"bench.measure.time_call over at least {MIN_RUN_TIME} s",
+        records=[])
+    path = args.out / f"profile-{measure.device_slug(result['device'])}.json"
     for case in cases:
         records = profile_case(case, providers, device, dtype, repeats)
         for record in records:
             print(_line(record), flush=True)
         result["records"] += records
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        measure.write_result(result, path)
     print(f"wrote {path}")
     return 0
 

@@ -38,8 +38,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 import argparse
 import json
 import sys
-import time
-from typing import Any
 
 import torch
 
@@ -164,18 +162,14 @@ def main(argv: list[str] | None = None) -> int:
 
     records = measure_loops()
     print(table(records))
-    env = measure.environment(torch.device("cpu"))
-    result: dict[str, Any] = {
-        "schema": "sma-kernels-sass-loops/1",
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env,
-        "target": "sm_90, compiled without a GPU by the installed Triton",
-        "method": "static counts of cuobjdump -sass loop bodies; issue at "
-                  f"{ISSUE_PER_CYCLE} warp instructions and {EXP_PER_CYCLE} exponentials per SM "
-                  "and cycle",
-        "records": records}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "sass-loops-sm90.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    result = measure.new_result(
+        "sma-kernels-sass-loops/1", torch.device("cpu"),
+        target="sm_90, compiled without a GPU by the installed Triton",
+        method="static counts of cuobjdump -sass loop bodies; issue at "
+               f"{ISSUE_PER_CYCLE} warp instructions and {EXP_PER_CYCLE} exponentials per SM "
+               "and cycle",
+        records=records)
+    path = measure.write_result(result, args.out / "sass-loops-sm90.json")
     print(f"wrote {path}")
     return 0
 
