@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 "min_run_time": min_run_time, "compile_budget_s": compile_budget,
                 "dense_budget_gb": dense_budget, "seed": args.seed, "time_limit_s": args.time_limit}
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    stamp = measure.utc_stamp()
     # The committed results hold the latest run per device and the history, not a dated copy.
     committed = args.out.resolve() == report.RESULTS
 

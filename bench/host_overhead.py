@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import os
 
-# Read by Triton when sma_kernels defines its kernels, so it is set before the imports below.
-os.environ["TRITON_INTERPRET"] = "1"
+# Read by Triton when sma_kernels defines its kernels, so it is set before the imports below
+# (bench.launch_overhead imports this module under its own setting).
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
 import contextlib
@@ -137,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         method="Triton backend under TRITON_INTERPRET=1, every kernel launch stubbed out; "
                f"minimum over {args.blocks} blocks of the mean of {args.calls} calls",
         records=records)
-    path = measure.write_result(
-        result, args.out / f"host-overhead-cpu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
-    print(f"wrote {path}")
+    print(f"wrote {measure.write_dated_result(result, args.out, 'host-overhead-cpu')}")
     return 0
 
 

@@ -26,8 +26,10 @@ still counts).
 The command prints, per backend available here and per tiny workload (``bench.cases.tiny_cases``),
 the launches of: the mask with a generator and with a ready plan; the forward
 (``self_guided_attention``) with ``plan=None``, with a generator and with a ready plan; and the
-backward of the forward. On a GPU it also lists the registers and spills of every Triton kernel
-it compiled (``--fail-on-spills``: exit 1 if one spills). ``--save`` writes
+backward of the forward, in bf16 (the workloads' dtype; ``--dtype`` to change it). On a GPU it
+also lists the registers and spills of every Triton kernel it compiled (``--fail-on-spills``:
+exit 1 if a 16-bit one spills; fp32 inputs take exact fp32 products on the CUDA cores, whose
+tiles may not fit in registers, as ``tests/test_triton_sm90.py`` allows). ``--save`` writes
 ``bench/results/launches-<device>.json`` (``cpu``, ``h100``, ...); the default is ``runs/bench/``
 (git-ignored).
 """
@@ -49,6 +51,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 from unittest import mock
 
@@ -139,6 +142,14 @@ class _OpLaunches(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _direct_launches() -> ModuleType | None:
+    """The Triton backend's launcher module, if the backend runs here."""
+    if declared()["triton"].self_guided_mask is None:
+        return None
+    from sma_kernels.triton import launch
+    return launch
+
+
 def _triton_launch_paths() -> list[tuple[type, str]]:
     """The classes whose ``run`` is the innermost launch of a Triton kernel."""
     try:
@@ -186,6 +197,10 @@ def count_launches() -> Iterator[Launches]:
     with contextlib.ExitStack() as stack:
         for owner, name in _triton_launch_paths():
             stack.enter_context(mock.patch.object(owner, name, counted(getattr(owner, name))))
+        if _direct_launches() is not None:
+            # A direct launch (sma_kernels/triton/launch.py) skips JITFunction.run: send every
+            # launch through it, where it is counted. Either way one launch() is one kernel.
+            stack.enter_context(mock.patch.object(_direct_launches(), "DIRECT", False))
         stack.enter_context(mock.patch.object(torch.Tensor, "tolist", tolist_seen))
         # Keep the eager path: the counter's own mode must not route calls through the ops.
         stack.enter_context(mock.patch.object(ops, "is_in_torch_dispatch_mode",
@@ -200,11 +215,11 @@ CALLS = ("mask (generator)", "mask (plan)", "forward (plan=None)", "forward (gen
          "forward (plan)", "backward")
 
 
-def calls(case: bench_cases.Case, backend: str, device: torch.device,
-          seed: int = 0) -> dict[str, Callable[[], Launches]]:
+def calls(case: bench_cases.Case, backend: str, device: torch.device, seed: int = 0,
+          dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], Launches]]:
     """Per call of :data:`CALLS`, a function that makes the call and returns its launches. For
     "backward" the forward runs first, uncounted."""
-    x = bench_cases.make_inputs(case, device, torch.float32, seed)
+    x = bench_cases.make_inputs(case, device, dtype, seed)
     # As users call it: the query pool left at its default (every row, or valid under mask_self).
     options = {**x.options, "backend": backend}
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -238,13 +253,13 @@ def calls(case: bench_cases.Case, backend: str, device: torch.device,
     }
 
 
-def measure_launches(backends: list[str], device: torch.device,
+def measure_launches(backends: list[str], device: torch.device, dtype: torch.dtype,
                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One record per (backend, tiny workload, call): its launch count, launches and syncs."""
     records = []
     for backend in backends:
         for case in bench_cases.tiny_cases():
-            for call, run in calls(case, backend, device).items():
+            for call, run in calls(case, backend, device, dtype=dtype).items():
                 run()  # warm-up: Triton's JIT compilation and autotuning launch too
                 launches = run()
                 records.append({"backend": backend, "case": case.name, "shape": list(case.shape),
@@ -292,15 +307,19 @@ def main(argv: list[str] | None = None) -> int:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     report.add_output_options(parser)
     parser.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--fail-on-spills", action="store_true",
-                        help="exit 1 if a compiled Triton kernel spills registers (GPU only)")
+                        help="exit 1 if a compiled 16-bit Triton kernel spills registers (GPU only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.fail_on_spills and args.dtype == "float32":
+        parser.error("--fail-on-spills checks 16-bit launches (fp32 ones may spill)")
+    dtype = getattr(torch, args.dtype)
     backends = args.backends or available_backends(device)
 
-    records = measure_launches(backends, device)
+    records = measure_launches(backends, device, dtype)
     result = measure.new_result(
-        "sma-kernels-launches/1", device,
+        "sma-kernels-launches/1", device, dtype=args.dtype,
         triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1",
         method="bench.launches.count_launches: Triton kernel runs plus aten compute ops (views, "
                "metadata and bare allocations excluded), one call after a warm-up call",

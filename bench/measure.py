@@ -226,6 +226,16 @@ def write_result(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def write_dated_result(result: dict[str, Any], folder: Path, prefix: str) -> Path:
+    """Writes ``result`` as ``<prefix>-<UTC date and time>.json`` in ``folder``."""
+    return write_result(result, folder / f"{prefix}-{utc_stamp()}.json")
+
+
+def utc_stamp() -> str:
+    """The UTC date and time for file names: 20261130-231054."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
 def device_slug(device_info: dict[str, Any]) -> str:
     """Short file-name tag: 'cpu', or the GPU model ('h100', 'h200', ...)."""
     if device_info["type"] == "cpu":

@@ -77,6 +77,7 @@ from ._common import (
     tiles_grid,
 )
 from .kept_keys import kept_key_order, kept_keys, order_chunk
+from .launch import launch
 
 # Every config compiles for sm_90 without register spills at the head dims of the workloads
 # (tests/test_triton_sm90.py): where a larger block would spill, it has more warps or a smaller
@@ -468,7 +469,7 @@ def ordered_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     # One program per (sample, head, query tile).
-    _attention_fwd_kernel[tiles_grid(batch * heads, num_q, "BLOCK_M")](
+    launch(_attention_fwd_kernel, tiles_grid(batch * heads, num_q, "BLOCK_M"),
         Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, LSE=lse, stride_order_b=order.stride(0),
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
         **strides("o", out, "bhmd"),
@@ -488,7 +489,7 @@ def _backward_prologue(grad_out: torch.Tensor, out: torch.Tensor, order: torch.T
     delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=out.device)
     block_dv = block_dim(dim_v)
     delta_rows = min(max(16, next_power_of_2(num_q)), _DELTA_ELEMENTS // block_dv)
-    _attention_bwd_prologue_kernel[tile_grid(batch, build_order + heads * cdiv(num_q, delta_rows))](
+    launch(_attention_bwd_prologue_kernel, tile_grid(batch, build_order + heads * cdiv(num_q, delta_rows)),
         KEEP=keep_u8, ORDER=order, KEPT=kept, DO=grad_out, OUT=out, DELTA=delta,
         stride_keep_b=keep_u8.stride(0), stride_order_b=order.stride(0),
         **strides("do", grad_out, "bhmd"), **strides("o", out, "bhmd"),
@@ -538,8 +539,8 @@ def _backward_gradients(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
               "NK": num_k, "scale": scale, "qk_scale": scale * LOG2E, **_common_args(q, v)}
     # dK and dV: one program per (sample, head, block of the order); dQ: per (sample, head,
     # query tile).
-    _attention_bwd_dkdv_kernel[tiles_grid(batch * heads, num_k, "BLOCK_N")](
+    launch(_attention_bwd_dkdv_kernel, tiles_grid(batch * heads, num_k, "BLOCK_N"),
         DK=d_k, DV_OUT=d_v, **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"), **inputs)
-    _attention_bwd_dq_kernel[tiles_grid(batch * heads, num_q, "BLOCK_M")](
+    launch(_attention_bwd_dq_kernel, tiles_grid(batch * heads, num_q, "BLOCK_M"),
         DQ=d_q, **strides("dq", d_q, "bhmd"), **inputs)
     return d_q, d_k, d_v

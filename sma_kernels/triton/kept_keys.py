@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import load_flags, next_power_of_2
+from .launch import launch
 
 
 @triton.jit
@@ -89,7 +90,7 @@ def kept_keys(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.empty((batch, length), dtype=torch.int32, device=keep.device)
     kept = torch.empty((batch,), dtype=torch.int32, device=keep.device)
     keep_u8 = keep.contiguous().view(torch.uint8)
-    _kept_keys_kernel[(batch,)](
+    launch(_kept_keys_kernel, (batch,),
         KEEP=keep_u8, ORDER=order, KEPT=kept, NK=length, stride_keep_b=keep_u8.stride(0),
         stride_order_b=order.stride(0), CHUNK=order_chunk(length))
     return order, kept

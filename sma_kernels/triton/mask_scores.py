@@ -93,6 +93,7 @@ from ._common import (
     strides,
     tile_grid,
 )
+from .launch import launch
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -284,7 +285,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=q.device)
     query_rank, head = row_strided(query_rank), row_strided(head)
     sweep = min(512, next_power_of_2(max(num_q, num_k)))
-    _chosen_row_scores_kernel[tile_grid(batch * heads, row_blocks)](
+    launch(_chosen_row_scores_kernel, tile_grid(batch * heads, row_blocks),
         Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool),
         QUERY_RANK=query_rank, HEAD=head, CHOSEN=chosen.view(torch.uint8), META=meta,
         PARTIALS=partials, BLOCK_ROWS=block_rows, **strides("q", q, "bhmd"),

@@ -70,6 +70,7 @@ from ._common import (
     next_power_of_2,
 )
 from .kept_keys import kept_key_order, order_chunk
+from .launch import launch
 
 
 def max_registers(num_warps: int) -> int | None:
@@ -403,7 +404,7 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     order, kept = (scores, scores) if order_out is None else order_out
     kernel = _select_kernel if config is None else _select_kernel.fn
     options = {} if config is None else config.options()
-    kernel[(batch,)](  # one program per sample
+    launch(kernel, (batch,),  # one program per sample
         PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=valid_u8,
         FORCED=forced_u8, RANK=token_rank, META=meta, OUT=out.view(torch.uint8), ORDER=order,
         KEPT=kept, NUM_PARTIALS=num_partials, head_weight=head_weight,

@@ -88,6 +88,7 @@ from ._common import (
 )
 from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
 from .kept_keys import order_chunk
+from .launch import launch
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -407,7 +408,7 @@ def short_sequence_attention(
                                                              plan.token_rank))
     dim_v = values.shape[3]
     block_m, block_k, block_d, block_dv = forward_blocks(num_q, num_k, dim, dim_v)
-    _short_sequence_kernel[tile_grid(batch, 1)](
+    launch(_short_sequence_kernel, tile_grid(batch, 1),
         Q=q, K=k, V=values, VALID=flags_arg(valid), POOL=flags_arg(query_pool),
         QUERY_RANK=query_rank, HEAD=head,
         TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores, MASK=mask.view(torch.uint8),
@@ -438,7 +439,7 @@ def short_sequence_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     num_k, dim_v = k.shape[2], v.shape[3]
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block_q, block_k = block_dim(num_q), block_dim(num_k)
-    _short_sequence_bwd_kernel[tile_grid(batch * heads, 1)](  # one program per (sample, head)
+    launch(_short_sequence_bwd_kernel, tile_grid(batch * heads, 1),  # one program per (sample, head)
         Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, DO=grad_out, LSE=lse.contiguous(),
         DQ=d_q, DK=d_k, DV_OUT=d_v, **strides("q", q, "bhmd"), **strides("k", k, "bhnd"),
         **strides("v", v, "bhnd"), **strides("o", out, "bhmd"),

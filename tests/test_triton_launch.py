@@ -1,0 +1,107 @@
+"""Direct launches (sma_kernels/triton/launch.py): a launch whose signature was seen before calls
+the compiled kernel Triton returned for it, skipping Triton's per-call launch path.
+
+Without a GPU, ``python -m bench.launch_overhead`` runs Triton's GPU launch path on stand-ins
+for the driver and compiler (bench/fake_gpu.py), in a fresh process since the interpreter must
+be off: ``--check`` requires every call of the backend to reach the compiled kernels' launchers
+with the same kernel, grid and arguments either way, and without entering Triton's launch path.
+The signature is checked here: it must tell apart every launch Triton would compile apart. On a
+GPU, repeated calls (direct launches) must give bit for bit what the first call gave.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import DEVICE, import_triton_backend, needs_gpu
+
+import sma_kernels as sk
+from bench.cases import WORKLOADS
+
+triton_backend = import_triton_backend()
+from sma_kernels.triton import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_launch_overhead(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.launch_overhead", *args],
+                          capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+
+
+def test_direct_launches_pass_tritons_arguments():
+    done = run_launch_overhead("--check")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "launches," in line]
+    calls = ("mask", "forward", "forward+backward", "masked_attention")
+    assert [line.split(":")[0] for line in lines] == [f"{case.name} {call}" for case in WORKLOADS
+                                                      for call in calls]
+    assert all(line.endswith("same") for line in lines), lines
+
+
+def test_launch_overhead_times_each_route(tmp_path):
+    # What it measures is a benchmark's business (bench/README.md); here, that it runs.
+    done = run_launch_overhead("--out", str(tmp_path), "--blocks", "1", "--calls", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("launch-overhead-cpu-*.json")
+    records = json.loads(path.read_text())["records"]
+    assert [record["case"] for record in records] == [case.name for case in WORKLOADS]
+    for record in records:
+        short = record["case"] == "higgs"  # one kernel forward, one backward
+        assert [record[metric]["launches"] for metric in ("mask", "fwd", "fwdbwd", "fwd_plan")] == \
+            ([1, 1, 2, 1] if short else [2, 3, 6, 3])
+        assert all(record[metric][f"{route}_us"] > 0 for metric in ("mask", "fwd")
+                   for route in ("stubbed", "triton", "direct"))
+
+
+@pytest.fixture
+def device_zero(monkeypatch):
+    current = SimpleNamespace(device=0)
+    monkeypatch.setattr(launch, "driver", SimpleNamespace(
+        active=SimpleNamespace(get_current_device=lambda: current.device)))
+    return current
+
+
+def test_signature_tells_apart_what_triton_specializes(device_zero):
+    x = torch.zeros(8, dtype=torch.float32)
+    base = {"X": x, "n": 16, "flag": True, "precision": "tf32", "none": None, "scale": 0.5}
+    key = launch.signature("kernel", base)
+    assert launch.signature("kernel", {**base, "scale": 0.25}) == key  # floats: never specialized
+    assert launch.signature("kernel", {**base, "X": torch.ones(8)}) == key  # another aligned tensor
+    different = [{**base, "n": 17}, {**base, "n": 1}, {**base, "flag": 1}, {**base, "flag": False},
+                 {**base, "precision": "ieee"}, {**base, "none": 0}, {**base, "X": x.half()},
+                 {**base, "X": x[1:]},  # 4 bytes past a 16-byte boundary
+                 dict(reversed(base.items()))]
+    for kwargs in different:
+        assert launch.signature("kernel", kwargs) != key, kwargs
+    assert launch.signature("other kernel", base) != key
+    device_zero.device = 1  # compiled kernels are loaded per device
+    assert launch.signature("kernel", base) != key
+
+
+@needs_gpu
+@pytest.mark.parametrize("length", [28, 300])  # the short-sequence kernel, and the general path
+def test_repeated_calls_match_the_first_on_gpu(monkeypatch, length):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(4, 2, length, 32, device=DEVICE, dtype=torch.bfloat16,
+                           generator=g).requires_grad_() for _ in range(3))
+    plan = sk.make_plan(4, length, length, 2, generator=g)
+
+    def call():
+        out, mask = sk.self_guided_attention(q, k, v, plan=plan, ratio=0.3, mask_self=True,
+                                             backend="triton")
+        return (out, mask, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(launch, "DIRECT", False)
+        through_triton = call()
+    first, repeated = call(), call()  # the first keeps each compiled kernel, then direct launches
+    for results in (first, repeated):
+        for got, want in zip(results, through_triton, strict=True):
+            assert torch.equal(got, want)
