@@ -12,11 +12,12 @@
 # 1. installs the package in place against the torch already there (no dependency is fetched),
 # 2. runs a short selection of the GPU tests, most important first, each group with its own
 #    time limit: the GPU masks equal to the reference's (both Triton paths, and the
-#    short-sequence kernel's own tests), the bf16 workloads at full size,
+#    short-sequence kernel's own tests), repeated calls (direct launches,
+#    sma_kernels/triton/launch.py) equal to the first, the bf16 workloads at full size,
 #    CUDA-graph capture and torch.compile(mode="reduce-overhead") (tests/test_cuda_graphs.py),
 #    no host sync and the launch budget (the whole GPU suite takes longer than this check may),
-# 3. counts the launches of every call (python -m bench.launches) and fails if a compiled Triton
-#    kernel (the first config of each, as in the tests) spills registers,
+# 3. counts the launches of every call (python -m bench.launches, bf16) and fails if a compiled
+#    16-bit Triton kernel (the first config of each, as in the tests) spills registers,
 # 4. runs the benchmark on the GPU: every backend and baseline at the four workloads of
 #    bench/README.md ("Workloads") at full size (forward, forward+backward, peak extra memory,
 #    host time and launches per call), an L sweep and the end-to-end training steps, in the
@@ -94,7 +95,9 @@ tests() {
 END=$((BUDGET - 15 - BENCH_SHARE))
 tests gpu-masks 75 tests/test_triton_mask.py::test_mask_matches_reference \
     tests/test_triton_mask.py::test_counts_round_exact_halves_to_even \
-    tests/test_triton_mask.py::test_gpu_workload_mask_bf16 tests/test_triton_short_sequence.py
+    tests/test_triton_mask.py::test_gpu_workload_mask_bf16 \
+    tests/test_triton_launch.py::test_repeated_calls_match_the_first_on_gpu \
+    tests/test_triton_short_sequence.py
 tests bf16-attention 45 tests/test_triton_attention.py::test_gpu_workload_attention_bf16
 tests cuda-graphs 75 tests/test_cuda_graphs.py
 tests no-host-sync 40 tests/test_no_host_sync.py tests/test_launch_budget.py

@@ -63,13 +63,14 @@ def test_which_shapes_take_the_short_path():
 @pytest.mark.parametrize(("shape", "blocks"), [
     ((28, 28, 16, 16), (32, 32, 16, 16)),  # HIGGS: one block, one chunk
     ((128, 128, 64, 64), (128, 128, 64, 64)),  # the largest whole tile
-    ((128, 128, 128, 128), (64, 128, 128, 128)),  # wider heads: two row blocks
-    ((128, 128, 256, 256), (64, 128, 128, 128)),  # and two head-dim chunks
+    ((128, 128, 128, 128), (64, 128, 64, 64)),  # wider heads: two row blocks, two chunks
+    ((128, 128, 256, 256), (64, 128, 64, 64)),  # and four head-dim chunks
+    ((64, 64, 128, 128), (64, 64, 64, 64)),  # K's whole (64, 128) tile: 64 elements a thread
     ((256, 128, 32, 128), (128, 128, 32, 64)),  # 256 latents: two row blocks, two dv chunks
     ((256, 16, 256, 256), (128, 16, 64, 64)),  # a (128, 64) fp32 accumulator at 4 warps
     ((128, 128, 64, 256), (128, 128, 64, 64)),  # dv wider than d
     # Few queries: 64-row blocks (padded), unless the keys' tile is as small as HIGGS's.
-    ((32, 128, 128, 128), (64, 128, 128, 128)),
+    ((32, 128, 128, 128), (64, 128, 64, 64)),
     ((16, 16, 64, 64), (64, 16, 64, 64)),
     ((28, 28, 16, 128), (32, 32, 16, 64)),  # V in chunks of 64 under 64 rows
 ])

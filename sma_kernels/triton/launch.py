@@ -29,7 +29,9 @@ through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
 from __future__ import annotations
 
 import inspect
+import operator
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,28 +52,23 @@ class Compiled(NamedTuple):
     """What a launch with a known signature needs."""
 
     kernel: Any  # Triton's CompiledKernel
-    arg_names: tuple[str, ...]  # the kernel's parameters, in order
+    arguments: Callable[[dict[str, Any]], tuple]  # the kernel's arguments, in order, by name
     fixed: dict[str, Any]  # the autotuned config's meta-parameters and the parameters' defaults
 
 
 _compiled: dict[tuple, Compiled] = {}
-
-
-def _arg_key(value: Any) -> Any:
-    kind = type(value)
-    if kind is int or kind is str or value is None:
-        return value
-    if kind is float:
-        return float
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16
-    return kind, value  # a bool (not the int 1), or a constexpr
+_first_launch = threading.Lock()
 
 
 def signature(kernel: Any, kwargs: dict[str, Any]) -> tuple:
-    """The cache key of a launch (see the module docstring)."""
-    return (kernel, driver.active.get_current_device(), *kwargs,
-            *map(_arg_key, kwargs.values()))
+    """The cache key of a launch (see the module docstring). One expression, not a function per
+    argument: it runs on every launch, over up to 60 arguments."""
+    return (kernel, driver.active.get_current_device(), *kwargs, *[
+        value if (kind := type(value)) is int or kind is str or value is None
+        else (value.dtype, value.data_ptr() % 16) if isinstance(value, torch.Tensor)
+        else float if kind is float
+        else (kind, value)  # a bool (not the int 1), or a constexpr
+        for value in kwargs.values()])
 
 
 def _jit_function(kernel: Any) -> JITFunction:
@@ -86,7 +83,7 @@ def _keep(kernel: Any, compiled: Any) -> Compiled:
              if parameter.default is not inspect.Parameter.empty}
     if isinstance(kernel, Autotuner):
         fixed.update(kernel.best_config.kwargs)
-    return Compiled(compiled, tuple(function.arg_names), fixed)
+    return Compiled(compiled, operator.itemgetter(*function.arg_names), fixed)
 
 
 def launch(kernel: Any, grid: Grid, **kwargs: Any) -> None:
@@ -99,14 +96,17 @@ def launch(kernel: Any, grid: Grid, **kwargs: Any) -> None:
     key = signature(kernel, kwargs)
     entry = _compiled.get(key)
     if entry is None:
-        compiled = kernel[grid](**kwargs)
-        if compiled is not None:  # None: a Triton hook skipped the compilation
-            if len(_compiled) >= CACHE_LIMIT:
-                _compiled.clear()
-            _compiled[key] = _keep(kernel, compiled)
+        # Under the lock, no other launch runs the autotuner before best_config is read (the
+        # autograd engine launches the backward from its own thread).
+        with _first_launch:
+            compiled = kernel[grid](**kwargs)
+            if compiled is not None:  # None: a Triton hook skipped the compilation
+                if len(_compiled) >= CACHE_LIMIT:
+                    _compiled.clear()
+                _compiled[key] = _keep(kernel, compiled)
         return
     arguments = {**entry.fixed, **kwargs}
     if callable(grid):
         grid = grid(arguments)
     grid = (*grid, 1, 1)[:3]  # the compiled kernel's launcher reads three dimensions
-    entry.kernel[grid](*[arguments[name] for name in entry.arg_names])
+    entry.kernel[grid](*entry.arguments(arguments))

@@ -140,10 +140,12 @@ def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, i
     BLOCK_M is up to SHORT_ROW_BLOCK query rows, at least 64 unless the keys' tile is at most
     SHORT_SMALL_TILE (padded rows instead of a stack frame on sm_90), halved (down to 64) while
     the tile with the whole head dim exceeds SHORT_TILE_VOLUME. The head-dim chunks are the
-    widest, up to SHORT_HEAD_BLOCK, that keep the dots within SHORT_TILE_VOLUME and the
-    (BLOCK_M, chunk) and (BLOCK_K, chunk) tiles within 64 elements a thread (as the (128, 128)
-    logits tile at 8 warps), and at most 64 for fewer than 64 rows (measured on sm_90: V in two
-    chunks of 32 there set up a stack frame, in chunks of 64 it does not). BLOCK_M, BLOCK_D and
+    widest, up to SHORT_HEAD_BLOCK, that keep the dots within SHORT_TILE_VOLUME, the
+    (BLOCK_M, chunk) tiles within 64 elements a thread (as the (128, 128) logits tile at 8
+    warps) and the (BLOCK_K, chunk) tiles of K and V within 32 (at 64, d = 128 over 128 tokens,
+    Triton 3.6's ptxas spilled 24 B at 255 registers; at 32 it takes 205), and at most 64 for
+    fewer than 64 rows (measured on sm_90: V in two chunks of 32 there set up a stack frame, in
+    chunks of 64 it does not). BLOCK_M, BLOCK_D and
     the warps set the scores' summation order, so they depend on (Q, L, d) only: the mask
     function (no V) and the fused forward sum in the same order."""
     block_k = block_dim(num_k)
@@ -154,7 +156,7 @@ def forward_blocks(num_q: int, num_k: int, dim: int, dim_v: int) -> tuple[int, i
         block_m //= 2
     threads = 32 * _warps(block_m, block_k)
     widest = min(SHORT_HEAD_BLOCK, SHORT_TILE_VOLUME // (block_m * block_k),
-                 64 * threads // max(block_m, block_k))
+                 64 * threads // block_m, 32 * threads // block_k)
     if block_m < 64:
         widest = min(widest, 64)
     return block_m, block_k, min(block_dim(dim), widest), min(block_dim(dim_v), widest)
