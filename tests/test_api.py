@@ -363,6 +363,25 @@ def test_eager_fused_attention_equals_the_registered_op(backend):
         assert torch.equal(grad, op_grad)
 
 
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_calls_without_grad_skip_the_autograd_node_and_agree(backend, monkeypatch):
+    """Without grad to record (no_grad, or no input requiring grad) the eager path calls the
+    computation directly, not through its autograd.Function, with the same outputs."""
+    q, k, v, valid, plan = eager_case()
+    with_grad = eager_attention(valid, plan, backend)(*(x.requires_grad_() for x in (q, k, v)))
+    applied = []
+    for function in (ops._EagerSelfGuidedAttention, ops._EagerAttention):
+        monkeypatch.setattr(function, "apply", lambda *args, fn=function.apply: applied.append(1)
+                            or fn(*args))
+    with torch.no_grad():
+        without = eager_attention(valid, plan, backend)(q, k, v)
+    detached = eager_attention(valid, plan, backend)(*(x.detach() for x in (q, k, v)))
+    assert applied == []
+    for results in (without, detached):
+        assert torch.equal(results[0], with_grad[0]) and torch.equal(results[1], with_grad[1])
+        assert results[0].grad_fn is None
+
+
 # ----------------------------------------------------------------------------- drop_masked
 
 @settings(max_examples=40, deadline=None)
