@@ -34,6 +34,9 @@ from typing import NamedTuple
 
 import torch
 
+# The plan draws int32 in [INT32_MIN, INT32_MAX): randint excludes its upper bound.
+INT32_MIN, INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+
 
 class MaskPlan(NamedTuple):
     """Random draws for one call of the self-guided mask (see the module docstring)."""
@@ -98,11 +101,14 @@ def draw_plan(batch_size: int, num_queries: int, num_tokens: int, *,
     device = torch.device(device)
     # One draw of uniform int32 for all three fields, on the generator's device, so that a CPU
     # generator gives the same plan for any target device.
-    int32 = torch.iinfo(torch.int32)
-    draws = torch.randint(int32.min, int32.max, (batch_size, 2 * num_queries + num_tokens),
-                          generator=generator, dtype=torch.int32,
-                          device=generator.device if generator is not None else device).to(device)
-    return MaskPlan(*draws.split([num_queries, num_queries, num_tokens], dim=1))
+    draw_device = generator.device if generator is not None else device
+    draws = torch.randint(INT32_MIN, INT32_MAX, (batch_size, 2 * num_queries + num_tokens),
+                          generator=generator, dtype=torch.int32, device=draw_device)
+    if draw_device != device:
+        draws = draws.to(device)
+    # split_with_sizes, not split: the Python wrapper of split costs more than the views (this
+    # runs on every call without a plan).
+    return MaskPlan(*draws.split_with_sizes([num_queries, num_queries, num_tokens], dim=1))
 
 
 def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None = None) -> MaskPlan:
