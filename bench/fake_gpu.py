@@ -9,7 +9,8 @@ interpreter says nothing about that code's cost or about launches that bypass it
 * compiling a kernel makes a :class:`FakeCompiledKernel`, one per specialization as Triton
   caches them, whose launcher records its arguments instead of launching (the real
   ``CompiledKernel.__getitem__`` and ``launch_metadata`` run on it);
-* autotuning times every config alike, so the autotuner keeps the first one it tried;
+* autotuning times each config faster than the one before, so the autotuner keeps the last one
+  it tried;
 * the Triton backend is declared available and accepts CPU tensors.
 
 Everything up to the C launcher runs as on a GPU; the launcher itself (a C function that reads
@@ -21,6 +22,7 @@ before importing sma_kernels.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from typing import Any
@@ -51,7 +53,7 @@ class FakeCompiledKernel:
 LAUNCHES: list[tuple[FakeCompiledKernel, tuple]] = []
 
 
-class _Driver:
+class Driver:
     def get_current_device(self) -> int:
         return 0
 
@@ -76,7 +78,7 @@ def install() -> None:
 
     FakeCompiledKernel.__getitem__ = CompiledKernel.__getitem__
     FakeCompiledKernel.launch_metadata = CompiledKernel.launch_metadata
-    driver.set_active(_Driver())
+    driver.set_active(Driver())
 
     def compile_fake(self, key, signature, device, constexprs, options, attrs, warmup):
         kernel = FakeCompiledKernel(self.fn.__name__)
@@ -85,10 +87,15 @@ def install() -> None:
 
     JITFunction._do_compile = compile_fake
 
-    def bench_alike(fn, warmup=None, rep=None, quantiles=None, **kwargs):
-        return [1.0] * len(quantiles) if quantiles else 1.0
+    timings = itertools.count(1000, -1)
 
-    triton.testing.do_bench = bench_alike
+    def bench_faster_and_faster(fn, warmup=None, rep=None, quantiles=None, **kwargs):
+        # Later configs time as faster, so an autotuner keeps the last one it tried, not the
+        # first (which a launch that ignored the autotuner's choice would take).
+        timing = float(next(timings))
+        return [timing] * len(quantiles) if quantiles else timing
+
+    triton.testing.do_bench = bench_faster_and_faster
     with mock.patch.object(torch.cuda, "is_available", lambda: True):
         import sma_kernels  # noqa: F401  (declares the Triton backend available)
     backends = sys.modules["sma_kernels.backends"]

@@ -17,11 +17,12 @@ ways, in one process:
 ``(triton - stubbed) / launches`` is Triton's per-launch cost, ``(direct - stubbed) /
 launches`` what is left of it. Each figure is the minimum over blocks of calls.
 
-``--check`` instead runs every call of the backend twice after a warm-up, through Triton and
-with direct launches (which must not enter ``JITFunction.run``), and compares what reached the
-compiled kernels' launchers, launch by launch: the same compiled kernel, grid and stream, and
-the same arguments (each input tensor by identity, the others by dtype, shape and strides,
-everything else by value). Exit status 1 on a difference (``tests/test_triton_launch.py``).
+``--check`` instead runs every call of the backend after a warm-up and makes each of its
+launches twice from the same arguments, through Triton and directly (which must not enter
+``JITFunction.run``), and compares what reached the compiled kernels' launchers: the same
+compiled kernel, grid and stream, and the same arguments (tensors by identity). The stand-in
+autotuner times later configs as faster, so the config a direct launch reuses is not simply the
+first. Exit status 1 on a difference (``tests/test_triton_launch.py``).
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ if __name__ == "__main__":
     fake_gpu.install()
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
 import torch
+from triton.compiler.compiler import LazyDict
+from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 import sma_kernels
@@ -52,7 +55,7 @@ from bench.host_overhead import METRICS, calls, host_us, stubbed_launches
 from sma_kernels import ops
 
 
-@contextmanager
+@contextlib.contextmanager
 def direct_launches(enabled: bool) -> Iterator[None]:
     from sma_kernels.triton import launch
     with mock.patch.object(launch, "DIRECT", enabled):
@@ -83,9 +86,8 @@ def time_routes(case: bench_cases.Case, blocks: int, calls_per_block: int) -> di
     return record
 
 
-def check_calls(case: bench_cases.Case) -> tuple[dict[str, Callable[[], Any]], list[torch.Tensor]]:
-    """The backend's calls at ``case`` with a fixed plan (the same launches each time), and the
-    input tensors."""
+def check_calls(case: bench_cases.Case) -> dict[str, Callable[[], Any]]:
+    """The backend's calls at ``case``, with a fixed plan."""
     x = bench_cases.make_inputs(case, torch.device("cpu"), torch.bfloat16)
     options = {**x.options, "backend": "triton"}
     leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
@@ -103,50 +105,88 @@ def check_calls(case: bench_cases.Case) -> tuple[dict[str, Callable[[], Any]], l
         out = ops.masked_attention(*leaves, keep, scale=0.1, backend="triton")
         return torch.autograd.grad(out, leaves, grad_out)
 
-    inputs = [x.q, x.k, x.v, x.valid, *x.plan, *leaves, grad_out]
-    return ({"mask": lambda: sma_kernels.self_guided_mask(x.q, x.k, x.valid, plan=x.plan,
-                                                           **options),
-             "forward": forward, "forward+backward": backward, "masked_attention": attention},
-            inputs)
+    return {"mask": lambda: sma_kernels.self_guided_mask(x.q, x.k, x.valid, plan=x.plan,
+                                                          **options),
+            "forward": forward, "forward+backward": backward, "masked_attention": attention}
 
 
-def _normalized(value: Any, inputs: dict[int, int]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, tuple(value.shape), value.stride(),
-                inputs.get(value.data_ptr()))
-    if type(value).__name__ == "LazyDict":  # launch metadata, a new object per launch
-        return ("launch metadata", value.get())
-    return value
+def _same(a: Any, b: Any) -> bool:
+    """Whether two launch arguments are the same: tensors by identity, the launch metadata (a new
+    object per launch) by content, anything else by type and value."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, LazyDict):
+        return isinstance(b, LazyDict) and a.get() == b.get()
+    return type(a) is type(b) and a == b
+
+
+def _difference(direct: list[tuple], through_triton: list[tuple]) -> str | None:
+    """How the launches of one launch() call differ (None: they do not)."""
+    if len(direct) != len(through_triton):
+        return f"{len(direct)} launches, Triton's {len(through_triton)}"
+    for (kernel, args), (triton_kernel, triton_args) in zip(direct, through_triton):
+        if kernel is not triton_kernel:
+            return "another compiled kernel"
+        if len(args) != len(triton_args):
+            return f"{len(args)} launch arguments, Triton's {len(triton_args)}"
+        for index, (arg, triton_arg) in enumerate(zip(args, triton_args)):
+            if not _same(arg, triton_arg):
+                # (grid x, y, z, stream, function, metadata, launch metadata, hooks, then the
+                # kernel's arguments)
+                return f"launch argument {index} differs"
+    return None
 
 
 def check(log: Callable[[str], None] = print) -> list[str]:
-    """The differences between direct launches and Triton's, over every tiny workload's calls."""
-    problems = []
+    """The differences between direct launches and Triton's, over every tiny workload's calls.
+
+    After a warm-up call, every launch of a call is made twice from the same arguments: through
+    Triton, then directly, which must not enter ``JITFunction.run``."""
+    from sma_kernels.triton import kernel_modules
+    from sma_kernels.triton import launch as launch_module
+    launch = launch_module.launch
+    problems: list[str] = []
+    compared: list[tuple[str, bool]] = []
+
+    def both_ways(kernel: Any, grid: Any, /, **kwargs: Any) -> None:
+        fake_gpu.LAUNCHES.clear()
+        with direct_launches(False):
+            launch(kernel, grid, **kwargs)
+        through_triton = list(fake_gpu.LAUNCHES)
+        fake_gpu.LAUNCHES.clear()
+        with mock.patch.object(JITFunction, "run", autospec=True,
+                               side_effect=JITFunction.run) as triton_run:
+            launch(kernel, grid, **kwargs)
+        name = getattr(kernel, "__name__", None) or _innermost(kernel).__name__
+        difference = "nothing launched" if not through_triton else _difference(
+            fake_gpu.LAUNCHES, through_triton)
+        if triton_run.called:
+            problems.append(f"{where}: {name} went through JITFunction.run")
+        elif difference:
+            problems.append(f"{where}: {name}: {difference}")
+        compared.append((name, not triton_run.called))
+
     for case in bench_cases.tiny_cases():
-        fns, inputs = check_calls(case)
-        addresses = {tensor.data_ptr(): index for index, tensor in enumerate(inputs)}
-        for name, fn in fns.items():
+        for call, fn in check_calls(case).items():
+            where = f"{case.name} {call}"
             fn()  # compiles, autotunes, and keeps each launch's compiled kernel
-            with direct_launches(False):
-                through_triton = recorded(fn)
-            with mock.patch.object(JITFunction, "run", autospec=True,
-                                   side_effect=JITFunction.run) as triton_run:
-                direct = recorded(fn)
-            if triton_run.called:
-                problems.append(f"{case.name} {name}: {triton_run.call_count} launches went "
-                                "through JITFunction.run")
-            for launches in (through_triton, direct):
-                launches[:] = [(kernel, tuple(_normalized(value, addresses) for value in launch))
-                               for kernel, launch in launches]
-            where = f"{case.name} {name}"
-            if not direct:
-                problems.append(f"{where}: no launch recorded")
-            elif direct != through_triton:
-                problems.append(f"{where}: direct launches {direct} differ from Triton's "
-                                f"{through_triton}")
-            log(f"{where}: {len(direct)} launches, " + ("same" if direct == through_triton
-                                                          else "DIFFERENT"))
+            compared.clear()
+            known = len(problems)
+            with contextlib.ExitStack() as stack:
+                for module in kernel_modules():
+                    stack.enter_context(mock.patch.object(module, "launch", both_ways))
+                fn()
+            if not compared:
+                problems.append(f"{where}: no launch made")
+            log(f"{where}: {len(compared)} launches, "
+                + ("same" if len(problems) == known else "DIFFERENT"))
     return problems
+
+
+def _innermost(kernel: Any) -> Any:
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel.fn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="compare direct launches with Triton's instead of timing")
     args = parser.parse_args(argv)
-    if not isinstance(sys.modules["triton.runtime.driver"].driver.active, fake_gpu._Driver):
+    if not isinstance(driver.active, fake_gpu.Driver):
         parser.error("run as python -m bench.launch_overhead (it installs bench.fake_gpu first)")
     if args.check:
         problems = check()

@@ -197,10 +197,11 @@ def count_launches() -> Iterator[Launches]:
     with contextlib.ExitStack() as stack:
         for owner, name in _triton_launch_paths():
             stack.enter_context(mock.patch.object(owner, name, counted(getattr(owner, name))))
-        if _direct_launches() is not None:
+        direct = _direct_launches()
+        if direct is not None:
             # A direct launch (sma_kernels/triton/launch.py) skips JITFunction.run: send every
             # launch through it, where it is counted. Either way one launch() is one kernel.
-            stack.enter_context(mock.patch.object(_direct_launches(), "DIRECT", False))
+            stack.enter_context(mock.patch.object(direct, "DIRECT", False))
         stack.enter_context(mock.patch.object(torch.Tensor, "tolist", tolist_seen))
         # Keep the eager path: the counter's own mode must not route calls through the ops.
         stack.enter_context(mock.patch.object(ops, "is_in_torch_dispatch_mode",
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--fail-on-spills", action="store_true",
-                        help="exit 1 if a compiled 16-bit Triton kernel spills registers (GPU only)")
+                        help="exit 1 if a Triton kernel compiled by this (16-bit) run spills "
+                             "registers (GPU only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.fail_on_spills and args.dtype == "float32":

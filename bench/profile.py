@@ -14,7 +14,9 @@ forward and backward):
 - ``kernels``: that time per kernel name, with its launches per call;
 - ``host_functions``: the Python functions that take the most of the host time, by their own
   time under ``cProfile`` (which slows every function call, so compare them with each other,
-  not with ``host_ms``), and Triton's launchers with their callees' time.
+  not with ``host_ms``), and the launchers with their callees' time: Triton's
+  (``JITFunction.run``, ``Autotuner.run``, a compiled kernel's runner) and sma-kernels' direct
+  launch (``sma_kernels/triton/launch.py``).
 
 On the CPU there is no device: ``device_ms`` is None, and ``kernels`` lists the ops (aten's,
 the C++ backend's) by their own CPU time instead (a smoke run, at the tiny shapes).
@@ -64,8 +66,8 @@ def _calls(provider: Provider, x: bench_cases.Inputs) -> dict[str, Callable[[], 
 
 def _host_functions(fn: Callable[[], Any], device: torch.device, repeats: int,
                     top: int = 12) -> list[dict[str, Any]]:
-    """The ``top`` Python functions of ``fn`` by own time under cProfile, per call, and Triton's
-    launchers (``JITFunction.run``, ``Autotuner.run``), whose time is mostly their callees'."""
+    """The ``top`` Python functions of ``fn`` by own time under cProfile, per call, and the
+    launchers (see the module docstring), whose time is mostly their callees'."""
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(repeats):
@@ -80,7 +82,11 @@ def _host_functions(fn: Callable[[], Any], device: torch.device, repeats: int,
     rows.sort(key=lambda row: -row["own_ms"])
     launchers = [row for row in rows[top:]
                  if row["function"].startswith(("runtime/jit.py:", "runtime/autotuner.py:"))
-                 and row["function"].endswith("(run)")]
+                 and row["function"].endswith("(run)")
+                 or row["function"].startswith("triton/launch.py:")
+                 and row["function"].endswith("(launch)")
+                 or row["function"].startswith("compiler/compiler.py:")
+                 and row["function"].endswith("(runner)")]
     return rows[:top] + launchers
 
 

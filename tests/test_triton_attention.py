@@ -31,6 +31,7 @@ triton_backend = import_triton_backend()
 import triton
 
 from sma_kernels.triton import attention as attention_kernels
+from sma_kernels.triton import launch
 from sma_kernels.triton import select as select_kernels
 from sma_kernels.triton._common import cdiv, next_power_of_2
 from sma_kernels.triton.kept_keys import kept_keys
@@ -148,6 +149,8 @@ def test_attention_with_each_gpu_config(config, monkeypatch):
     # bit for bit, under every config.
     for kernel, configs in ATTENTION_CONFIGS.items():
         monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
+    # A direct launch would reuse the kernel an earlier run compiled for another config.
+    monkeypatch.setattr(launch, "DIRECT", False)
     g = torch.Generator().manual_seed(config)
     length = 300
     keep = torch.rand(3, length, generator=g) < 0.7

@@ -5,8 +5,9 @@ Without a GPU, ``python -m bench.launch_overhead`` runs Triton's GPU launch path
 for the driver and compiler (bench/fake_gpu.py), in a fresh process since the interpreter must
 be off: ``--check`` requires every call of the backend to reach the compiled kernels' launchers
 with the same kernel, grid and arguments either way, and without entering Triton's launch path.
-The signature is checked here: it must tell apart every launch Triton would compile apart. On a
-GPU, repeated calls (direct launches) must give bit for bit what the first call gave.
+The launch key is checked here: it must tell apart every launch Triton would compile apart. On a
+GPU, repeated calls (direct launches, not through Triton's launch path) must give bit for bit
+what calls through Triton give.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ import sma_kernels as sk
 from bench.cases import WORKLOADS
 
 triton_backend = import_triton_backend()
+from triton.runtime.jit import JITFunction
+
 from sma_kernels.triton import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +59,7 @@ def test_launch_overhead_times_each_route(tmp_path):
     for record in records:
         short = record["case"] == "higgs"  # one kernel forward, one backward
         assert [record[metric]["launches"] for metric in ("mask", "fwd", "fwdbwd", "fwd_plan")] == \
-            ([1, 1, 2, 1] if short else [2, 3, 6, 3])
+            ([1, 1, 2, 1] if short else [2, 3, 5, 3])
         assert all(record[metric][f"{route}_us"] > 0 for metric in ("mask", "fwd")
                    for route in ("stubbed", "triton", "direct"))
 
@@ -68,21 +72,27 @@ def device_zero(monkeypatch):
     return current
 
 
-def test_signature_tells_apart_what_triton_specializes(device_zero):
+def test_launch_key_tells_apart_what_triton_specializes(device_zero):
     x = torch.zeros(8, dtype=torch.float32)
     base = {"X": x, "n": 16, "flag": True, "precision": "tf32", "none": None, "scale": 0.5}
-    key = launch.signature("kernel", base)
-    assert launch.signature("kernel", {**base, "scale": 0.25}) == key  # floats: never specialized
-    assert launch.signature("kernel", {**base, "X": torch.ones(8)}) == key  # another aligned tensor
-    different = [{**base, "n": 17}, {**base, "n": 1}, {**base, "flag": 1}, {**base, "flag": False},
-                 {**base, "precision": "ieee"}, {**base, "none": 0}, {**base, "X": x.half()},
+    key = launch.launch_key("kernel", base)
+    assert launch.launch_key("kernel", {**base, "X": torch.ones(8)}) == key  # aligned, same dtype
+    different = [{**base, "n": 17}, {**base, "n": 1}, {**base, "n": 16.0}, {**base, "flag": 1},
+                 {**base, "flag": False}, {**base, "precision": "ieee"}, {**base, "none": 0},
+                 {**base, "scale": 0.25}, {**base, "X": x.half()},
                  {**base, "X": x[1:]},  # 4 bytes past a 16-byte boundary
                  dict(reversed(base.items()))]
     for kwargs in different:
-        assert launch.signature("kernel", kwargs) != key, kwargs
-    assert launch.signature("other kernel", base) != key
+        assert launch.launch_key("kernel", kwargs) != key, kwargs
+    assert launch.launch_key("other kernel", base) != key
     device_zero.device = 1  # compiled kernels are loaded per device
-    assert launch.signature("kernel", base) != key
+    assert launch.launch_key("kernel", base) != key
+
+
+def test_arguments_the_key_does_not_cover_go_through_triton(device_zero):
+    # Such a launch has no key, so it is never served by a kept kernel.
+    for value in ([1, 2], (torch.zeros(2),), object()):
+        assert launch.launch_key("kernel", {"X": value}) is None
 
 
 @needs_gpu
@@ -101,7 +111,11 @@ def test_repeated_calls_match_the_first_on_gpu(monkeypatch, length):
     with monkeypatch.context() as patch:
         patch.setattr(launch, "DIRECT", False)
         through_triton = call()
-    first, repeated = call(), call()  # the first keeps each compiled kernel, then direct launches
+    first = call()  # keeps each compiled kernel
+    with mock.patch.object(JITFunction, "run", autospec=True,
+                           side_effect=JITFunction.run) as triton_run:
+        repeated = call()
+    assert not triton_run.called, "a repeated call went through JITFunction.run"
     for results in (first, repeated):
         for got, want in zip(results, through_triton, strict=True):
             assert torch.equal(got, want)

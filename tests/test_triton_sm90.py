@@ -58,7 +58,7 @@ H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 PIPELINED = {"_attention_fwd_kernel": 2, "_attention_bwd_dq_kernel": 2,
              "_attention_bwd_dkdv_kernel": 2, "_chosen_row_scores_kernel": 2}
 # The kernels whose 16-bit launches must not spill registers, at any config.
-NO_SPILLS = {"_kept_keys_kernel", "_attention_bwd_prologue_kernel", "_attention_fwd_kernel",
+NO_SPILLS = {"_kept_keys_kernel", "_attention_fwd_kernel",
              "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
              "_chosen_row_scores_kernel", "_select_kernel", "_short_sequence_kernel",
              "_short_sequence_bwd_kernel"}
@@ -101,8 +101,7 @@ def _run_backend(monkeypatch) -> None:
             options = {"ratio": 0.3, "num_per_query": 2, "head_mix": head_mix,
                        "mask_self": mask_self, "noise": noise, "scale": 0.1}
             triton_backend.self_guided_mask(q, k, valid, pool, plan, **options)
-            # The fused path: the selection writes the kept-key order, the backward's prologue
-            # computes delta only.
+            # The fused path: the selection writes the kept-key order, the backward reuses it.
             out, lse, _, order, kept = triton_backend.self_guided_attention_forward(
                 q, k, v, valid, pool, plan, **options)
             triton_backend.ordered_attention_backward(torch.ones_like(out), q, k, v, order, kept,

@@ -115,7 +115,7 @@ if UNAVAILABLE is None:
             order: torch.Tensor, kept: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dQ, dK, dV of :func:`self_guided_attention_forward`'s attention over its saved
-        ``order`` and ``kept``: three launches (attention.py), one for short sequences."""
+        ``order`` and ``kept``: two launches (attention.py), one for short sequences."""
         if fits_short_backward(q.shape[2], k.shape[2], q.shape[3], v.shape[3]):
             return short_sequence_backward(grad_out, q, k, v, order, kept, out, lse, scale=scale)
         return general_ordered_attention_backward(grad_out, q, k, v, order, kept, out, lse,

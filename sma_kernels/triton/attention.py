@@ -26,20 +26,18 @@ exp(S - lse) = 0 in the backward instead of NaN (the reference's rule).
 Backward (FlashAttention-2 recomputation). With P = exp(S - lse) recomputed block by block from
 the saved lse, and delta = rowsum(dO * O):
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
-Three launches, so that every output element has exactly one writer and no atomics are needed
-(deterministic bits):
-* a prologue: programs that compute delta, one (sample, head, block of query rows) each, and,
-  for ``masked_attention``'s backward, one program per sample that rebuilds ``order`` and
-  ``kept`` from ``keep``. Both only read the inputs, so one launch does both. (delta inside the
-  dK/dV kernel would be recomputed by every key block, reading O once per key block instead of
-  once.) ``self_guided_attention``'s fused op saves the order its forward used, and its
-  backward (:func:`ordered_attention_backward`) launches the delta programs only.
-* dK/dV: one program per (sample, head, block of BLOCK_N consecutive entries of ``order``)
-  accumulates dK and dV of its kept keys over all query tiles and writes their rows; its
-  dropped entries get exact zeros, so no separate zero fill is needed, and each key row has one
-  writer, because ``order`` is a permutation. A block with no kept entry skips the query loop.
-* dQ: one program per (sample, head, query tile) accumulates dQ over the same blocks of kept
-  keys as the forward.
+Two launches, so that every output element has exactly one writer and no atomics are needed
+(deterministic bits), over the order the forward used (``self_guided_attention``'s fused op
+saves it; ``masked_attention``'s backward rebuilds it from ``keep`` in a launch of its own):
+* dQ first: one program per (sample, head, query tile) computes delta for its rows from the dO
+  and O tiles and writes it, then accumulates dQ over the same blocks of kept keys as the
+  forward. (Computing delta there costs one O tile per program and no launch; inside the dK/dV
+  kernel it would be recomputed by every key block.)
+* dK/dV, after it, reading its delta: one program per (sample, head, block of BLOCK_N
+  consecutive entries of ``order``) accumulates dK and dV of its kept keys over all query tiles
+  and writes their rows; its dropped entries get exact zeros, so no separate zero fill is
+  needed, and each key row has one writer, because ``order`` is a permutation. A block with no
+  kept entry skips the query loop.
 
 Dropped keys (``keep`` False: padded or masked) influence no output or gradient, whatever they
 hold, NaN and Inf included: no kernel loads them.
@@ -64,19 +62,15 @@ from ._common import (
     TileConfig,
     autotune,
     block_dim,
-    cdiv,
     dot_precision,
     head_tile,
     load_tile,
-    next_power_of_2,
-    program_tile,
     size_buckets,
     strides,
-    tile_grid,
     tile_offsets,
     tiles_grid,
 )
-from .kept_keys import kept_key_order, kept_keys, order_chunk
+from .kept_keys import kept_keys
 from .launch import launch
 
 # Every config compiles for sm_90 without register spills at the head dims of the workloads
@@ -98,9 +92,6 @@ _DKDV_CONFIGS = [config.to_triton() for config in _DKDV_TILES]
 _INTERPRET_TILES = TileConfig(32, 32, warps=4, stages=1)
 _BOUNDS = {"BLOCK_M": "NQ", "BLOCK_N": "NK"}
 _KEY = [*BUCKET_ARGS, "BLOCK_D", "BLOCK_DV"]
-# The backward prologue's delta: query rows per program, this many dO elements at most (and
-# at least 16 rows).
-_DELTA_ELEMENTS = 8192
 
 
 @triton.jit
@@ -122,16 +113,14 @@ def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn
 
 
 @triton.jit
-def _query_tile(q_base, do_base, lse_base, delta_base, rows, stride_qm, stride_qd, stride_dom,
-                stride_dod, offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr,
-                DOT_F32: tl.constexpr):
-    """Q, dO, lse (base 2) and delta of the query tile ``rows``, for the backward."""
+def _query_tile(q_base, do_base, lse_base, rows, stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr):
+    """Q, dO and lse (base 2) of the query tile ``rows``, for the backward."""
     row_ok = rows < NQ
     q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
     do = load_tile(do_base, rows, row_ok, stride_dom, offs_dv, stride_dod, DV, DOT_F32)
     lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E_C
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    return q, do, lse2, delta
+    return q, do, lse2
 
 
 @triton.jit
@@ -276,49 +265,6 @@ def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION:
     return p, p * (dp - delta)
 
 
-@triton.jit
-def _delta_block(DO, OUT, DELTA, b, tile, query_blocks,
-                 stride_dob, stride_doh, stride_dom, stride_dod,
-                 stride_ob, stride_oh, stride_om, stride_od, H, NQ,
-                 DV: tl.constexpr, BLOCK_DV: tl.constexpr, DELTA_ROWS: tl.constexpr):
-    """delta = rowsum(dO * O) of sample b's ``tile``-th (head, block of DELTA_ROWS query rows)."""
-    h = (tile // query_blocks).to(tl.int64)
-    rows = (tile % query_blocks) * DELTA_ROWS + tl.arange(0, DELTA_ROWS)
-    row_ok = rows < NQ
-    offs_dv = tl.arange(0, BLOCK_DV)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, offs_dv,
-                   stride_dod, DV, True)
-    out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
-                    stride_od, DV, True)
-    tl.store(DELTA + (b * H + h) * NQ + rows, tl.sum(do * out, axis=1), mask=row_ok)
-
-
-@triton.jit
-def _attention_bwd_prologue_kernel(
-    KEEP, ORDER, KEPT, DO, OUT, DELTA,
-    stride_keep_b, stride_order_b,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_ob, stride_oh, stride_om, stride_od,
-    B, H, NQ, NK,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, DELTA_ROWS: tl.constexpr, CHUNK: tl.constexpr,
-    BUILD_ORDER: tl.constexpr,
-):
-    # Per sample, BUILD_ORDER (1 or 0) tiles build the kept-key order from KEEP, then
-    # H * ceil(NQ / DELTA_ROWS) tiles each compute delta for a (head, block of query rows).
-    # BUILD_ORDER is 0 when the fused forward saved the order: KEEP, ORDER and KEPT are unused.
-    query_blocks = tl.cdiv(NQ, DELTA_ROWS)
-    b, tile = program_tile(BUILD_ORDER + H * query_blocks)
-    if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
-        if tile < BUILD_ORDER:
-            keep_row = KEEP + b * stride_keep_b
-            kept_key_order(keep_row, keep_row, ORDER + b * stride_order_b, KEPT + b, NK, CHUNK,
-                           False)
-        else:
-            _delta_block(DO, OUT, DELTA, b, tile - BUILD_ORDER, query_blocks, stride_dob,
-                         stride_doh, stride_dom, stride_dod, stride_ob, stride_oh, stride_om,
-                         stride_od, H, NQ, DV, BLOCK_DV, DELTA_ROWS)
-
-
 @autotune(_DKDV_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dkdv_kernel(
@@ -361,10 +307,11 @@ def _attention_bwd_dkdv_kernel(
             lse_base = LSE + bh * NQ
             delta_base = DELTA + bh * NQ
             for start_m in range(0, NQ, BLOCK_M):
-                q, do, lse2, delta = _query_tile(q_base, do_base, lse_base, delta_base,
-                                                 start_m + offs_m, stride_qm, stride_qd,
-                                                 stride_dom, stride_dod, offs_d, offs_dv, NQ, D,
-                                                 DV, DOT_F32)
+                rows = start_m + offs_m
+                q, do, lse2 = _query_tile(q_base, do_base, lse_base, rows, stride_qm, stride_qd,
+                                          stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV,
+                                          DOT_F32)
+                delta = tl.load(delta_base + rows, mask=rows < NQ, other=0.0)
                 p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
                                                    PRECISION, True)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -392,11 +339,12 @@ def _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base, v_
 @autotune(_DQ_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dq_kernel(
-    Q, K, V, ORDER, KEPT, DO, LSE, DELTA, DQ,
+    Q, K, V, ORDER, KEPT, DO, LSE, DELTA, OUT, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_order_b,
     B, H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
@@ -408,14 +356,21 @@ def _attention_bwd_dq_kernel(
     b, h, bh, pid_m = head_tile(H, tl.cdiv(NQ, BLOCK_M))
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < NQ
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
 
-        q, do, lse2, delta = _query_tile(Q + b * stride_qb + h * stride_qh,
-                                         DO + b * stride_dob + h * stride_doh, LSE + bh * NQ,
-                                         DELTA + bh * NQ, rows, stride_qm, stride_qd, stride_dom,
-                                         stride_dod, offs_d, offs_dv, NQ, D, DV, DOT_F32)
+        q, do, lse2 = _query_tile(Q + b * stride_qb + h * stride_qh,
+                                  DO + b * stride_dob + h * stride_doh, LSE + bh * NQ, rows,
+                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_d, offs_dv,
+                                  NQ, D, DV, DOT_F32)
+        # delta = rowsum(dO * O) of these rows, in fp32, for this kernel and for the dK/dV
+        # kernel launched after it (see the module docstring).
+        out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
+                        stride_od, DV, True)
+        delta = tl.sum(do.to(tl.float32) * out, axis=1)
+        tl.store(DELTA + bh * NQ + rows, delta, mask=row_ok)
         order_row = ORDER + b * stride_order_b
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -435,7 +390,7 @@ def _attention_bwd_dq_kernel(
         tl.store(DQ + b * stride_dqb + h * stride_dqh
                  + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
                  (dq * scale).to(DQ.dtype.element_ty),
-                 mask=(rows < NQ)[:, None] & (offs_d[None, :] < D))
+                 mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
@@ -477,57 +432,25 @@ def ordered_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
-def _backward_prologue(grad_out: torch.Tensor, out: torch.Tensor, order: torch.Tensor,
-                       kept: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """One launch: delta = rowsum(dO * O) (B, H, Q) fp32, returned, and when ``keep`` is given
-    the kept-key ``order`` and ``kept`` of kept_keys.py, written into those tensors."""
-    batch, heads, num_q, dim_v = out.shape
-    num_k = order.shape[1]
-    # Without keep the order tiles are absent and KEEP is never read: any tensor does.
-    keep_u8 = order if keep is None else keep.contiguous().view(torch.uint8)
-    build_order = int(keep is not None)
-    delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=out.device)
-    block_dv = block_dim(dim_v)
-    delta_rows = min(max(16, next_power_of_2(num_q)), _DELTA_ELEMENTS // block_dv)
-    launch(_attention_bwd_prologue_kernel, tile_grid(batch, build_order + heads * cdiv(num_q, delta_rows)),
-        KEEP=keep_u8, ORDER=order, KEPT=kept, DO=grad_out, OUT=out, DELTA=delta,
-        stride_keep_b=keep_u8.stride(0), stride_order_b=order.stride(0),
-        **strides("do", grad_out, "bhmd"), **strides("o", out, "bhmd"),
-        B=batch, H=heads, NQ=num_q, NK=num_k, DV=dim_v, BLOCK_DV=block_dv,
-        DELTA_ROWS=delta_rows, CHUNK=order_chunk(num_k), BUILD_ORDER=build_order)
-    return delta
-
-
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        keep: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of :func:`sma_kernels.reference.attention_backward` (same contract): the
-    prologue rebuilds the kept-key order of ``keep`` beside delta."""
-    batch, num_k = keep.shape
-    order = torch.empty((batch, num_k), dtype=torch.int32, device=q.device)
-    kept = torch.empty((batch,), dtype=torch.int32, device=q.device)
-    delta = _backward_prologue(grad_out, out, order, kept, keep)
-    return _backward_gradients(grad_out, q, k, v, order, kept, lse, delta, scale)
+    kept-key order of ``keep`` again (one launch), then :func:`ordered_attention_backward`."""
+    order, kept = kept_keys(keep)
+    return ordered_attention_backward(grad_out, q, k, v, order, kept, out, lse, scale=scale)
 
 
 def ordered_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, order: torch.Tensor, kept: torch.Tensor,
                                out: torch.Tensor, lse: torch.Tensor, *, scale: float
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of :func:`ordered_attention_forward`, over the same ``order`` and ``kept``:
-    its prologue computes delta only."""
-    delta = _backward_prologue(grad_out, out, order, kept, None)
-    return _backward_gradients(grad_out, q, k, v, order, kept, lse, delta, scale)
-
-
-def _backward_gradients(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor, order: torch.Tensor, kept: torch.Tensor,
-                        lse: torch.Tensor, delta: torch.Tensor, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK and dV in two launches, from the prologue's delta."""
+    """dQ, dK and dV of :func:`ordered_attention_forward`, over the same ``order`` and ``kept``,
+    in two launches: dQ (which also writes delta), then dK and dV."""
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     lse = lse.contiguous()
+    delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)
     d_v = torch.empty_like(v)
@@ -537,10 +460,10 @@ def _backward_gradients(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
               **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
               **strides("do", grad_out, "bhmd"), "B": batch, "H": heads, "NQ": num_q,
               "NK": num_k, "scale": scale, "qk_scale": scale * LOG2E, **_common_args(q, v)}
-    # dK and dV: one program per (sample, head, block of the order); dQ: per (sample, head,
-    # query tile).
+    # dQ: one program per (sample, head, query tile); dK and dV: per (sample, head, block of
+    # the order).
+    launch(_attention_bwd_dq_kernel, tiles_grid(batch * heads, num_q, "BLOCK_M"),
+        OUT=out, DQ=d_q, **strides("o", out, "bhmd"), **strides("dq", d_q, "bhmd"), **inputs)
     launch(_attention_bwd_dkdv_kernel, tiles_grid(batch * heads, num_k, "BLOCK_N"),
         DK=d_k, DV_OUT=d_v, **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"), **inputs)
-    launch(_attention_bwd_dq_kernel, tiles_grid(batch * heads, num_q, "BLOCK_M"),
-        DQ=d_q, **strides("dq", d_q, "bhmd"), **inputs)
     return d_q, d_k, d_v

@@ -16,12 +16,12 @@ before it (an exclusive prefix count, cumsum, carried across chunks), a dropped 
 kept keys at ``kept + (its index - kept keys before it)``. Memory: O(B * L); deterministic (no
 atomics).
 
-The sweep is the ``@triton.jit`` function :func:`kept_key_order`, which runs in three places:
-``_kept_keys_kernel`` here (one launch, for ``masked_attention``'s forward), the attention
-backward's prologue (which rebuilds the order from ``keep``), and the selection kernel
-(select.py), which writes the order of keep = valid & ~mask right after the mask in the fused
-forward of ``self_guided_attention``, so that neither ``keep`` nor the order costs a launch
-there, and the backward reuses the saved order.
+The sweep is the ``@triton.jit`` function :func:`kept_key_order`, which runs in two places:
+``_kept_keys_kernel`` here (one launch, before ``masked_attention``'s forward and again before
+its backward), and the selection kernel (select.py), which writes the order of
+keep = valid & ~mask right after the mask in the fused forward of ``self_guided_attention``, so
+that neither ``keep`` nor the order costs a launch there, and the backward reuses the saved
+order.
 """
 
 from __future__ import annotations

@@ -3,24 +3,27 @@
 ``kernel[grid](**kwargs)`` goes through ``Autotuner.run`` (for an autotuned kernel) and
 ``JITFunction.run`` on every call: they bind the arguments, specialize each one, build the
 cache key, look up the autotuned config and the compiled kernel, and check the kernel's
-globals. With the 20-60 arguments of these kernels that Python costs 35-60 us per launch on a
-2-core VM (``python -m bench.host_overhead``): as much as all of sma-kernels' own host work in a
-call. At the small workloads a call is bound by host time, so the ratio to SDPA pays for it.
+globals. With the 7-60 arguments of these kernels that Python costs 37-67 us per launch on a
+2-core VM (``python -m bench.launch_overhead``): as much as all of sma-kernels' own host work in
+a call. At the small workloads a call is bound by host time, so the ratio to SDPA pays for it.
 
-:func:`launch` does what ``kernel[grid](**kwargs)`` does. The first launch with a given
-signature goes through Triton, which compiles and autotunes as usual and returns the compiled
-kernel; :func:`launch` keeps it, with the config the autotuner chose and the kernel's argument
-order. A later launch with the same signature calls that compiled kernel's own launcher
-(``compiled[grid](*args)``, the call ``JITFunction.run`` ends with), a few microseconds.
+:func:`launch` does what ``kernel[grid](**kwargs)`` does. The first launch with a given key
+goes through Triton, which compiles and autotunes as usual and returns the compiled kernel;
+:func:`launch` keeps it, with the config the autotuner chose and the kernel's argument order. A
+later launch with the same key calls that compiled kernel's own launcher
+(``compiled[grid](*args)``, the call ``JITFunction.run`` ends with): 10-26 us on the same VM,
+most of it building the key.
 
-The signature holds everything Triton's choice of compiled kernel depends on, and more: the
-kernel, the current device, the argument names, every int, bool, str and None argument exactly
-(Triton specializes ints equal to 1 or divisible by 16 and types them by range), the dtype and
-address modulo 16 of every tensor (Triton marks 16-byte-aligned pointers), and the type of the
-float arguments (never specialized). So a signature never maps to a compiled kernel that
-Triton would not have chosen; an int that changes on every call only sends those calls through
-Triton. The launch arguments are the same either way (``tests/test_triton_launch.py`` checks
-them argument by argument).
+The key holds what Triton's choice of compiled kernel and config depends on, and more: the
+kernel, the current device, the argument names, every int, float, bool, str and None argument
+by value (Triton specializes ints equal to 1 or divisible by 16 and types them by range), and
+each tensor's dtype and address modulo 16 (Triton marks 16-byte-aligned pointers). So a direct
+launch runs the kernel Triton would have run, with the same arguments
+(``tests/test_triton_launch.py`` compares them launch by launch). An argument of another type,
+a kernel behind anything but ``triton.autotune``, and a config or kernel with a pre-launch hook
+always go through Triton. What Triton reads at every launch and a kept kernel does not: its
+knobs (``TRITON_DEBUG`` and the like), and the values of the kernel's globals; after changing
+either at run time, or an autotuner's configs, call :func:`clear`.
 
 Under the interpreter (``TRITON_INTERPRET=1``) nothing is compiled and every launch goes
 through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
@@ -29,7 +32,6 @@ through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
 from __future__ import annotations
 
 import inspect
-import operator
 import os
 import threading
 from collections.abc import Callable
@@ -42,71 +44,85 @@ from triton.runtime.driver import driver
 from ._common import INTERPRET
 
 DIRECT = not INTERPRET and os.environ.get("SMA_KERNELS_DIRECT_LAUNCH", "1") != "0"
-# Signatures kept at most; past it the cache starts over (a model whose shapes keep changing).
+# Keys kept at most; past it the cache starts over (a model whose shapes keep changing).
 CACHE_LIMIT = 4096
 
 Grid = tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]]
 
 
-class Compiled(NamedTuple):
-    """What a launch with a known signature needs."""
+class Kept(NamedTuple):
+    """What a launch with a known key needs."""
 
-    kernel: Any  # Triton's CompiledKernel
-    arguments: Callable[[dict[str, Any]], tuple]  # the kernel's arguments, in order, by name
+    compiled: Any  # Triton's CompiledKernel
+    arg_names: tuple[str, ...]  # the kernel's parameters, in order
     fixed: dict[str, Any]  # the autotuned config's meta-parameters and the parameters' defaults
 
 
-_compiled: dict[tuple, Compiled] = {}
-_first_launch = threading.Lock()
+_kept: dict[tuple, Kept] = {}
+# Reentrant: a Triton hook run by a first launch may launch again.
+_first_launch = threading.RLock()
+_KEYED_BY_VALUE = (int, float, bool, str, type(None))
 
 
-def signature(kernel: Any, kwargs: dict[str, Any]) -> tuple:
-    """The cache key of a launch (see the module docstring). One expression, not a function per
-    argument: it runs on every launch, over up to 60 arguments."""
-    return (kernel, driver.active.get_current_device(), *kwargs, *[
-        value if (kind := type(value)) is int or kind is str or value is None
-        else (value.dtype, value.data_ptr() % 16) if isinstance(value, torch.Tensor)
-        else float if kind is float
-        else (kind, value)  # a bool (not the int 1), or a constexpr
-        for value in kwargs.values()])
+def launch_key(kernel: Any, kwargs: dict[str, Any]) -> tuple | None:
+    """The key of a launch (see the module docstring), or None when an argument is of a type it
+    does not cover (the launch then goes through Triton)."""
+    key = [kernel, driver.active.get_current_device(), *kwargs]
+    for value in kwargs.values():
+        kind = type(value)
+        if kind in _KEYED_BY_VALUE:
+            key += (kind, value)  # the type too: True == 1 and 1 == 1.0, but Triton tells them apart
+        elif isinstance(value, torch.Tensor):
+            key += (value.dtype, value.data_ptr() % 16)
+        else:
+            return None
+    return tuple(key)
 
 
-def _jit_function(kernel: Any) -> JITFunction:
-    while not isinstance(kernel, JITFunction):
-        kernel = kernel.fn  # behind triton.autotune
-    return kernel
+def clear() -> None:
+    """Forget every kept kernel: the next launch of each goes through Triton again."""
+    with _first_launch:
+        _kept.clear()
 
 
-def _keep(kernel: Any, compiled: Any) -> Compiled:
-    function = _jit_function(kernel)
+def _keep(kernel: Any, compiled: Any) -> Kept | None:
+    """What later launches need, or None for a launch that must always go through Triton."""
+    if compiled is None:  # a Triton hook skipped the compilation
+        return None
+    function = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    if not isinstance(function, JITFunction) or function.pre_run_hooks:
+        return None
     fixed = {name: parameter.default for name, parameter in function.signature.parameters.items()
              if parameter.default is not inspect.Parameter.empty}
     if isinstance(kernel, Autotuner):
+        if kernel.best_config.pre_hook is not None:
+            return None
         fixed.update(kernel.best_config.kwargs)
-    return Compiled(compiled, operator.itemgetter(*function.arg_names), fixed)
+    if hasattr(compiled, "result"):  # compiled asynchronously (Triton's AsyncCompileMode)
+        compiled = compiled.result()
+    return Kept(compiled, tuple(function.arg_names), fixed)
 
 
-def launch(kernel: Any, grid: Grid, **kwargs: Any) -> None:
+def launch(kernel: Any, grid: Grid, /, **kwargs: Any) -> None:
     """``kernel[grid](**kwargs)``, through the compiled kernel of an earlier launch with the same
-    signature when there is one. ``kernel`` is a ``triton.jit`` function, or one behind
+    key when there is one. ``kernel`` is a ``triton.jit`` function, or one behind
     ``triton.autotune``; ``grid`` a tuple, or a function of the arguments and meta-parameters."""
-    if not DIRECT:
-        kernel[grid](**kwargs)
-        return
-    key = signature(kernel, kwargs)
-    entry = _compiled.get(key)
-    if entry is None:
+    key = launch_key(kernel, kwargs) if DIRECT else None
+    kept = None if key is None else _kept.get(key)
+    if kept is None:
+        if key is None:
+            kernel[grid](**kwargs)
+            return
         # Under the lock, no other launch runs the autotuner before best_config is read (the
         # autograd engine launches the backward from its own thread).
         with _first_launch:
-            compiled = kernel[grid](**kwargs)
-            if compiled is not None:  # None: a Triton hook skipped the compilation
-                if len(_compiled) >= CACHE_LIMIT:
-                    _compiled.clear()
-                _compiled[key] = _keep(kernel, compiled)
+            kept = _keep(kernel, kernel[grid](**kwargs))
+            if kept is not None:
+                if len(_kept) >= CACHE_LIMIT:
+                    _kept.clear()
+                _kept[key] = kept
         return
-    arguments = {**entry.fixed, **kwargs}
-    if callable(grid):
-        grid = grid(arguments)
-    grid = (*grid, 1, 1)[:3]  # the compiled kernel's launcher reads three dimensions
-    entry.kernel[grid](*entry.arguments(arguments))
+    arguments = {**kept.fixed, **kwargs}
+    dims = grid(arguments) if callable(grid) else grid
+    # The compiled kernel's launcher reads three grid dimensions.
+    kept.compiled[(*dims, 1, 1)[:3]](*[arguments[name] for name in kept.arg_names])
