@@ -3,7 +3,7 @@
 ``kernel[grid](**kwargs)`` goes through ``Autotuner.run`` (for an autotuned kernel) and
 ``JITFunction.run`` on every call: they bind the arguments, specialize each one, build the
 cache key, look up the autotuned config and the compiled kernel, and check the kernel's
-globals. With the 7-60 arguments of these kernels that Python costs 37-67 us per launch on a
+globals. With the 7-60 arguments of these kernels that Python costs 35-65 us per launch on a
 2-core VM (``python -m bench.launch_overhead``): as much as all of sma-kernels' own host work in
 a call. At the small workloads a call is bound by host time, so the ratio to SDPA pays for it.
 
@@ -11,7 +11,7 @@ a call. At the small workloads a call is bound by host time, so the ratio to SDP
 goes through Triton, which compiles and autotunes as usual and returns the compiled kernel;
 :func:`launch` keeps it, with the config the autotuner chose and the kernel's argument order. A
 later launch with the same key calls that compiled kernel's own launcher
-(``compiled[grid](*args)``, the call ``JITFunction.run`` ends with): 10-26 us on the same VM,
+(``compiled[grid](*args)``, the call ``JITFunction.run`` ends with): 13-26 us on the same VM,
 most of it building the key.
 
 The key holds what Triton's choice of compiled kernel and config depends on, and more: the
