@@ -134,12 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {metric} {record[f'eager_{metric}_us']:6.1f} us (ops {record[f'ops_{metric}_us']:6.1f})"
                 for metric in METRICS), flush=True)
 
-    result = measure.new_result(
-        "sma-kernels-host-overhead/1", torch.device("cpu"),
+    measure.save_cpu_records(
+        "sma-kernels-host-overhead/1", records, args.out, "host-overhead-cpu",
         method="Triton backend under TRITON_INTERPRET=1, every kernel launch stubbed out; "
-               f"minimum over {args.blocks} blocks of the mean of {args.calls} calls",
-        records=records)
-    print(f"wrote {measure.write_dated_result(result, args.out, 'host-overhead-cpu')}")
+               f"minimum over {args.blocks} blocks of the mean of {args.calls} calls")
     return 0
 
 

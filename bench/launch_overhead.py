@@ -44,6 +44,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+import triton
 from triton.compiler.compiler import LazyDict
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
@@ -213,14 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  {metric} {record[metric]['direct_us']:6.1f} us (triton {record[metric]['triton_us']:6.1f}, "
             f"stubbed {record[metric]['stubbed_us']:6.1f}, {record[metric]['launches']} launches)"
             for metric in METRICS), flush=True)
-    import triton
-    result = measure.new_result(
-        "sma-kernels-launch-overhead/1", torch.device("cpu"), triton_version=triton.__version__,
+    measure.save_cpu_records(
+        "sma-kernels-launch-overhead/1", records, args.out, "launch-overhead-cpu",
+        triton_version=triton.__version__,
         method="Triton's GPU launch path on stand-ins for the driver and compiler "
                f"(bench/fake_gpu.py); minimum over {args.blocks} blocks of the mean of "
-               f"{args.calls} calls",
-        records=records)
-    print(f"wrote {measure.write_dated_result(result, args.out, 'launch-overhead-cpu')}")
+               f"{args.calls} calls")
     return 0
 
 

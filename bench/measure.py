@@ -231,6 +231,14 @@ def write_dated_result(result: dict[str, Any], folder: Path, prefix: str) -> Pat
     return write_result(result, folder / f"{prefix}-{utc_stamp()}.json")
 
 
+def save_cpu_records(schema: str, records: list[dict[str, Any]], folder: Path, prefix: str,
+                     **fields: Any) -> None:
+    """A CPU command's records as a dated JSON result (:func:`new_result` with ``fields``),
+    and the line that says where."""
+    result = new_result(schema, torch.device("cpu"), **fields, records=records)
+    print(f"wrote {write_dated_result(result, folder, prefix)}")
+
+
 def utc_stamp() -> str:
     """The UTC date and time for file names: 20261130-231054."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
