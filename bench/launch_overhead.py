@@ -158,7 +158,7 @@ def check(log: Callable[[str], None] = print) -> list[str]:
         with mock.patch.object(JITFunction, "run", autospec=True,
                                side_effect=JITFunction.run) as triton_run:
             launch(kernel, grid, **kwargs)
-        name = getattr(kernel, "__name__", None) or _innermost(kernel).__name__
+        name = _innermost(kernel).__name__
         difference = "nothing launched" if not through_triton else _difference(
             fake_gpu.LAUNCHES, through_triton)
         if triton_run.called:
@@ -185,6 +185,7 @@ def check(log: Callable[[str], None] = print) -> list[str]:
 
 
 def _innermost(kernel: Any) -> Any:
+    """The Python function behind a jit function, autotuned or not."""
     while not isinstance(kernel, JITFunction):
         kernel = kernel.fn
     return kernel.fn

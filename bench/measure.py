@@ -226,17 +226,12 @@ def write_result(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_dated_result(result: dict[str, Any], folder: Path, prefix: str) -> Path:
-    """Writes ``result`` as ``<prefix>-<UTC date and time>.json`` in ``folder``."""
-    return write_result(result, folder / f"{prefix}-{utc_stamp()}.json")
-
-
 def save_cpu_records(schema: str, records: list[dict[str, Any]], folder: Path, prefix: str,
                      **fields: Any) -> None:
-    """A CPU command's records as a dated JSON result (:func:`new_result` with ``fields``),
-    and the line that says where."""
+    """A CPU command's records as a JSON result (:func:`new_result` with ``fields``), written as
+    ``<prefix>-<UTC date and time>.json`` in ``folder``, and the line that says where."""
     result = new_result(schema, torch.device("cpu"), **fields, records=records)
-    print(f"wrote {write_dated_result(result, folder, prefix)}")
+    print(f"wrote {write_result(result, folder / f'{prefix}-{utc_stamp()}.json')}")
 
 
 def utc_stamp() -> str:
