@@ -10,29 +10,34 @@
 #                                                      # if any, may be another commit's)
 #
 # 1. installs the package in place against the torch already there (no dependency is fetched),
-# 2. runs a short selection of the GPU tests, most important first, each group with its own
-#    time limit: the GPU masks equal to the reference's (both Triton paths, and the
-#    short-sequence kernel's own tests), repeated calls (direct launches,
-#    sma_kernels/triton/launch.py) equal to the first, the bf16 workloads at full size,
-#    CUDA-graph capture and torch.compile(mode="reduce-overhead") (tests/test_cuda_graphs.py),
-#    no host sync and the launch budget (the whole GPU suite takes longer than this check may),
+#    without the C++ extension: it serves CPU tensors only, which no step here uses, and building
+#    it took 30 s of the budget on the H200 host,
+# 2. runs a short selection of the GPU tests in one pytest session, most important first: the
+#    GPU masks equal to the reference's (both Triton paths, and the short-sequence kernel's own
+#    tests), repeated calls (direct launches, sma_kernels/triton/launch.py) equal to the first,
+#    the bf16 workloads at full size, CUDA-graph capture and torch.compile(mode="reduce-overhead")
+#    (tests/test_cuda_graphs.py), no host sync and the launch budget (the whole GPU suite takes
+#    longer than this check may),
 # 3. counts the launches of every call (python -m bench.launches, bf16) and fails if a compiled
 #    16-bit Triton kernel (the first config of each, as in the tests) spills registers,
 # 4. runs the benchmark on the GPU: every backend and baseline at the four workloads of
 #    bench/README.md ("Workloads") at full size (forward, forward+backward, peak extra memory,
 #    host time and launches per call), an L sweep and the end-to-end training steps, in the
-#    time left but the profile's,
+#    time left but the last two steps' shares; the torch.compile baselines only with
+#    GPU_CHECK_COMPILE_BUDGET seconds (default 0: they took 40 s of a 5-minute check),
 # 5. profiles one forward and forward+backward per workload, SDPA's and the Triton path's: host
 #    time, and each kernel's device time (python -m bench.profile),
+# 6. times the score kernel at the pixel workload under each candidate config
+#    (python -m bench.score_configs), which decides mask_scores.score_config,
 # and prints a short table last. Every step has a time limit so that the whole check ends in
 # under 5 minutes on an H100; a failing step does not stop the later ones, but the exit status is
 # non-zero if any step failed. Output: $OUT (default runs/bench, git-ignored, so that the check
 # leaves the checkout clean) gets the benchmark JSON (dated + latest-<gpu>.json), the launch
-# counts (launches-<gpu>.json), the profile (profile-<gpu>.json), the plots, gpu_check.log and
-# the test reports (at most 13 files).
-# In 5 minutes the later steps are cut short (the tests alone took about 4 minutes on the H200
-# host). GPU_CHECK_BUDGET=420 GPU_CHECK_BENCH_SHARE=150 took 377 s there, with 4 test workers
-# and before the profile step: every step ran, the GPU masks 36 of their 53 tests.
+# counts (launches-<gpu>.json), the profile (profile-<gpu>.json), the score configs
+# (score-configs-<gpu>.json), the plots, gpu_check.log and the test report (at most 13 files).
+# On the H200 host the tests took about 3 minutes in four sessions of 4 workers, with the
+# extension built: GPU_CHECK_BUDGET=420 GPU_CHECK_BENCH_SHARE=150 GPU_CHECK_COMPILE_BUDGET=40
+# runs every step in full.
 # DRY_RUN=1 prints the steps without running them (any machine).
 set -u
 export PYTHONUNBUFFERED=1
@@ -77,45 +82,44 @@ step() {
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
 \"triton\", triton.__version__, torch.cuda.get_device_name())'; nvcc --version | tail -n 2"
-step install 60 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-isolation --no-deps \
+step install 60 env SMA_KERNELS_NO_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps \
     --no-index -e .
 step backends 20 "$PY" -c "import json, sma_kernels; print(json.dumps(sma_kernels.backends(), indent=1))"
 # Tests check correctness, not speed: one Triton config per kernel (SMA_KERNELS_AUTOTUNE=0)
 # saves compiling every autotune config for every test shape, and pytest-xdist, where installed,
-# spreads the tests and their kernel compilations over 8 processes (the H200 host has 16 cores;
-# at 4 the GPU masks step ran 36 of its 53 tests in its 75 s). Most important first.
+# spreads the tests and their kernel compilations over 8 processes (the H200 host has 16 cores).
+# One session: its workers start once (importing torch and Triton, and a CUDA context each).
+# Most important first.
 parallel=()
 if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 8); fi
-tests() {
-    local name=$1 limit=$2
-    shift 2
-    step "$name" "$limit" env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
-        "${parallel[@]}" --junitxml="$OUT_DIR/tests-$name.xml" "$@"
-}
 END=$((BUDGET - 15 - BENCH_SHARE))
-tests gpu-masks 75 tests/test_triton_mask.py::test_mask_matches_reference \
+step gpu-tests 150 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+    "${parallel[@]}" --junitxml="$OUT_DIR/tests-gpu.xml" \
+    tests/test_triton_mask.py::test_mask_matches_reference \
     tests/test_triton_mask.py::test_counts_round_exact_halves_to_even \
     tests/test_triton_mask.py::test_gpu_workload_mask_bf16 \
     tests/test_triton_launch.py::test_repeated_calls_match_the_first_on_gpu \
-    tests/test_triton_short_sequence.py
-tests bf16-attention 45 tests/test_triton_attention.py::test_gpu_workload_attention_bf16
-tests cuda-graphs 75 tests/test_cuda_graphs.py
-tests no-host-sync 40 tests/test_no_host_sync.py tests/test_launch_budget.py
+    tests/test_triton_short_sequence.py \
+    tests/test_triton_attention.py::test_gpu_workload_attention_bf16 \
+    tests/test_cuda_graphs.py tests/test_no_host_sync.py tests/test_launch_budget.py
 step launches 40 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m bench.launches --device cuda --out "$OUT_DIR" \
     --fail-on-spills
 END=$((BUDGET - 15))
 # The benchmark saves its JSON after every case, starts no case after 90% of --time-limit and
 # no end-to-end step after it. On a fresh machine Triton's JIT and autotuning take 15-40 s per
 # workload and each torch.compile ~20 s (H100, measured), hence the compile budget.
-# The profile follows with the kernels the benchmark compiled (Triton's cache on disk).
+# The profile and the score configs follow with the kernels the benchmark compiled (Triton's
+# cache on disk).
 PROFILE_SHARE="${GPU_CHECK_PROFILE_SHARE:-30}"
-bench_limit=$((END - SECONDS - PROFILE_SHARE))
+SCORE_SHARE="${GPU_CHECK_SCORE_SHARE:-20}"
+bench_limit=$((END - SECONDS - PROFILE_SHARE - SCORE_SHARE))
 time_limit=$((bench_limit - 20))
 if [ "$time_limit" -lt 1 ]; then time_limit=1; fi
-step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" --compile-budget 40 \
-    --min-run-time 0.05 --time-limit "$time_limit"
-step profile "$((END - SECONDS))" "$PY" -m bench.profile --device cuda --out "$OUT_DIR" \
-    --repeats 10
+step benchmark "$bench_limit" "$PY" -m bench --device cuda --out "$OUT_DIR" \
+    --compile-budget "${GPU_CHECK_COMPILE_BUDGET:-0}" --min-run-time 0.05 --time-limit "$time_limit"
+step profile "$((END - SECONDS - SCORE_SHARE))" "$PY" -m bench.profile --device cuda \
+    --out "$OUT_DIR" --repeats 10
+step score-configs "$((END - SECONDS))" "$PY" -m bench.score_configs --device cuda --out "$OUT_DIR"
 
 echo | tee -a "$LOG"
 if ls "$OUT_DIR"/latest-*.json > /dev/null 2>&1; then

@@ -17,7 +17,7 @@ import torch
 
 import sma_kernels
 from bench import __main__ as bench_main
-from bench import e2e, measure, report, suite
+from bench import e2e, measure, report, score_configs, suite
 from bench import profile as bench_profile
 from bench.cases import WORKLOADS, make_inputs, tiny_cases
 from bench.providers import (
@@ -373,6 +373,19 @@ def test_profile_lists_each_calls_ops(tmp_path):
     assert any(name.startswith("sma_kernels") for name in names), names  # the C++ ops
     assert any("scaled_dot_product" in kernel["name"]
                for kernel in records["sdpa", "fwd"]["kernels"])
+
+
+def test_score_configs_times_the_default_and_each_candidate(tmp_path):
+    if sma_kernels.backends()["triton"]["reason"]:
+        pytest.skip(f"triton: {sma_kernels.backends()['triton']['reason']}")
+    assert score_configs.main(["--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "score-configs-cpu.json").read_text())["records"]
+    assert [record["default"] for record in records] == [True, False, False]
+    assert all(record["case"] == "pixels" and record["time_ms"] > 0
+               and record["kernel_ms"] is None for record in records)  # no device on the CPU
+    assert records[0]["over_default"] == 1.0
+    assert [record["config"] for record in records[1:]] == [
+        score_configs._name(candidate) for candidate in score_configs.CANDIDATES[:2]]
 
 
 def test_plots_are_written(tmp_path):
