@@ -150,29 +150,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command; returns its exit status."""
-    parser = argparse.ArgumentParser(prog="python -m bench.profile",
-                                     description=__doc__.splitlines()[0])
+def add_workload_options(parser: argparse.ArgumentParser, *, cases_default: list[str] | None,
+                         cases_help: str, repeats_help: str) -> None:
+    """``--device``, ``--cases`` and ``--repeats``, and the output options, of a command that runs
+    the workloads (full size on a GPU, tiny on the CPU; see :func:`chosen_workloads`)."""
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None,
-                        help="the sma-kernels backend (default: triton on a GPU, cpp on the CPU)")
-    parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these workloads")
-    parser.add_argument("--repeats", type=_positive_int, default=None,
-                        help="calls profiled per record (default: 20 on a GPU, 2 on the CPU)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME", default=cases_default,
+                        help=cases_help)
+    parser.add_argument("--repeats", type=_positive_int, default=None, help=repeats_help)
     report.add_output_options(parser)
-    args = parser.parse_args(argv)
+
+
+def chosen_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace
+                     ) -> tuple[torch.device, list[bench_cases.Case]]:
+    """The device and the workloads of ``--cases``: at full size on a GPU, tiny on the CPU."""
     device = torch.device(args.device)
-    on_device = device.type == "cuda"
-    backend = args.backend or ("triton" if on_device else "cpp")
-    repeats = args.repeats or (20 if on_device else 2)
-    cases = list(bench_cases.WORKLOADS) if on_device else bench_cases.tiny_cases()
+    cases = list(bench_cases.WORKLOADS) if device.type == "cuda" else bench_cases.tiny_cases()
     if args.cases:
         unknown = set(args.cases) - {case.name for case in cases}
         if unknown:
             parser.error(f"--cases: unknown workload(s) {sorted(unknown)}")
         cases = [case for case in cases if case.name in args.cases]
+    return device, cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status."""
+    parser = argparse.ArgumentParser(prog="python -m bench.profile",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None,
+                        help="the sma-kernels backend (default: triton on a GPU, cpp on the CPU)")
+    add_workload_options(parser, cases_default=None, cases_help="only these workloads",
+                         repeats_help="calls profiled per record (default: 20 on a GPU, 2 on "
+                                      "the CPU)")
+    args = parser.parse_args(argv)
+    device, cases = chosen_workloads(parser, args)
+    on_device = device.type == "cuda"
+    backend = args.backend or ("triton" if on_device else "cpp")
+    repeats = args.repeats or (20 if on_device else 2)
     providers = [Sdpa(padding=False), SmaBackend(backend, allow_interpreter=True)]
     reason = providers[1].unavailable(device)
     if reason is not None:

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from . import cases as bench_cases
-from . import measure, report
-from .profile import profile_call
+from . import measure
+from .profile import add_workload_options, chosen_workloads, profile_call
 
 SCORE_KERNEL = "_chosen_row_scores_kernel"
 # (BLOCK_M, BLOCK_N, warps, stages): more programs (smaller row blocks), more warps per program,
@@ -98,21 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench.score_configs",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", nargs="+", metavar="NAME", default=["pixels"],
-                        help="workloads (default: pixels, the one whose call the kernel bounds)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="launches profiled per config (default: 10 on a GPU, 1 on the CPU)")
-    report.add_output_options(parser)
+    add_workload_options(parser, cases_default=["pixels"],
+                         cases_help="workloads (default: pixels, the one whose call the kernel "
+                                    "bounds)",
+                         repeats_help="launches profiled per config (default: 10 on a GPU, 1 on "
+                                      "the CPU)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device, cases = chosen_workloads(parser, args)
     on_device = device.type == "cuda"
-    cases = {case.name: case for case in (bench_cases.WORKLOADS if on_device
-                                          else bench_cases.tiny_cases())}
-    unknown = set(args.cases) - set(cases)
-    if unknown:
-        parser.error(f"--cases: unknown workload(s) {sorted(unknown)}")
     repeats = args.repeats or (10 if on_device else 1)
     # The interpreter is slow: two configs are enough for a smoke run.
     candidates = CANDIDATES if on_device else CANDIDATES[:2]
@@ -123,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                "time per launch (CPU: the call's time, under the interpreter)",
         records=[])
     path = args.out / f"score-configs-{measure.device_slug(result['device'])}.json"
-    for name in args.cases:
-        for record in time_configs(cases[name], device, dtype, candidates, repeats):
+    for case in cases:
+        name = case.name
+        for record in time_configs(case, device, dtype, candidates, repeats):
             result["records"].append(record)
             measure.write_result(result, path)
             if "error" in record:
