@@ -1,6 +1,7 @@
 """The Triton kernels compile for an H100 (sm_90) with every autotune config, the first config
 fits its shared memory, and their streaming loops are software-pipelined; the score kernel's
-column sums stay within warps, and ``python -m bench.sass_loops`` reads every streaming loop.
+column sums stay within warps, the configs ``python -m bench.score_configs`` times compile
+spill-free, and ``python -m bench.sass_loops`` reads every streaming loop.
 No GPU needed.
 
 The interpreter tests check what the kernels compute, not that they compile: a GPU-only error
@@ -47,9 +48,10 @@ import triton
 if "nvidia" not in triton.backends.backends:
     pytest.skip("needs Triton's NVIDIA backend", allow_module_level=True)
 
+from bench import score_configs
 from bench.compile_sm90 import compile_launches, recorded_launches
 from sma_kernels.triton import mask_scores, short_sequence
-from sma_kernels.triton._common import HEAD_BLOCKS, WIDE_HEAD_BLOCK
+from sma_kernels.triton._common import HEAD_BLOCKS, WIDE_HEAD_BLOCK, TileConfig
 from sma_kernels.triton.short_sequence import SHORT_LENGTH
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
@@ -112,16 +114,16 @@ def _run_backend(monkeypatch) -> None:
         _run_score_configs(dim)
 
 
-def _run_score_configs(dim: int) -> None:
-    """The score kernel at each of its configs (its config follows from the shape, and these
-    small shapes would not reach BLOCK_M = 64)."""
+def _run_score_configs(dim: int, configs=mask_scores.CANDIDATE_CONFIGS) -> None:
+    """The score kernel at each of ``configs``, by default those it may take (its config follows
+    from the shape, and these small shapes would not reach BLOCK_M = 64)."""
     g = torch.Generator().manual_seed(dim)
     batch, heads, num_q, length = 1, 2, 64, 100
     q, k = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.bfloat16)
             for n in (num_q, length))
     valid = padded_valid(batch, length, g)
     plan = sk.make_plan(batch, num_q, length, heads, generator=g)
-    for config in mask_scores.CANDIDATE_CONFIGS:
+    for config in configs:
         mask_scores.chosen_row_scores(q, k, valid, None, plan, ratio=0.9, num_per_query=1,
                                       mask_self=False, noise=0.0, head_mix="mean", scale=0.1,
                                       config=config)
@@ -183,6 +185,23 @@ def test_score_kernel_sums_columns_within_warps():
         rows, columns = result["loops"]  # the lse loop, then the column sums
         assert columns["BAR"] <= rows["BAR"] and columns["SHFL"] <= rows["SHFL"], \
             f"{where}: row loop {rows}, column loop {columns}"
+
+
+def test_score_configs_candidates_compile_without_spills():
+    # python -m bench.score_configs times these on a GPU, to choose the score kernel's config:
+    # each must be one it could take, spill-free and pipelined (at the pixel workload's d = 32).
+    candidates = [TileConfig(*candidate) for candidate in score_configs.CANDIDATES]
+    with recorded_launches() as launches:
+        _run_score_configs(32, candidates)
+    results = compile_launches(launches)
+    assert len(results) == len(candidates)
+    for result in results:
+        where = f"{result['constexprs']['BLOCK_M']}, {result['constexprs']['BLOCK_N']}, " \
+                f"{result['options']}"
+        assert "error" not in result, f"{where}: {result.get('error')}"
+        assert result["local_bytes"] == 0, \
+            f"{where}: {result['registers']} registers, {result['local_bytes']} B spilled"
+        assert result["loop_async_copies"] >= PIPELINED["_chosen_row_scores_kernel"], where
 
 
 def test_sass_loops_reports_each_streaming_loop(tmp_path):
