@@ -16,7 +16,9 @@ forward and backward):
   time under ``cProfile`` (which slows every function call, so compare them with each other,
   not with ``host_ms``), and the launchers with their callees' time: Triton's
   (``JITFunction.run``, ``Autotuner.run``, a compiled kernel's runner) and sma-kernels' direct
-  launch (``sma_kernels/triton/launch.py``).
+  launch (``sma_kernels/triton/launch.py``). They include sma-kernels' backward, which autograd
+  runs on a thread of its own for CUDA tensors, out of sight of a profiler of the calling
+  thread.
 
 On the CPU there is no device: ``device_ms`` is None, and ``kernels`` lists the ops (aten's,
 the C++ backend's) by their own CPU time instead (a smoke run, at the tiny shapes).
@@ -29,15 +31,20 @@ keeps the workloads it finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from sma_kernels import ops
 
 from . import cases as bench_cases
 from . import measure, report
@@ -64,21 +71,53 @@ def _calls(provider: Provider, x: bench_cases.Inputs) -> dict[str, Callable[[], 
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
+@contextlib.contextmanager
+def _backward_profiles() -> Iterator[list[cProfile.Profile]]:
+    """Profiles of sma-kernels' backward where autograd runs it on a thread of its own.
+
+    For CUDA tensors the autograd engine runs the backward on its device thread, which a
+    cProfile enabled on the calling thread does not see. While this is active, each backward
+    that runs on another thread than this one is profiled apart; the list collects the
+    profiles."""
+    profiles: list[cProfile.Profile] = []
+    caller = threading.get_ident()
+    attention_grads = ops._attention_grads
+
+    def profiled(*args: Any) -> Any:
+        if threading.get_ident() == caller:
+            return attention_grads(*args)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return attention_grads(*args)
+        finally:
+            profiler.disable()
+            profiles.append(profiler)
+
+    with mock.patch.object(ops, "_attention_grads", profiled):
+        yield profiles
+
+
 def _host_functions(fn: Callable[[], Any], device: torch.device, repeats: int,
                     top: int = 12) -> list[dict[str, Any]]:
     """The ``top`` Python functions of ``fn`` by own time under cProfile, per call, and the
-    launchers (see the module docstring), whose time is mostly their callees'."""
+    launchers (see the module docstring), whose time is mostly their callees'. A backward that
+    autograd runs on its device thread is included (:func:`_backward_profiles`)."""
     profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(repeats):
-        fn()
-    profiler.disable()
-    measure.synchronize(device)
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, _, own s, cumulative s, _)
+    with _backward_profiles() as backward_profiles:
+        profiler.enable()
+        for _ in range(repeats):
+            fn()
+        profiler.disable()
+        measure.synchronize(device)
+    stats = pstats.Stats(profiler)
+    for backward_profile in backward_profiles:
+        stats.add(backward_profile)
+    # (file, line, name) -> (calls, _, own s, cumulative s, _)
     rows = [{"function": f"{'/'.join(file.split('/')[-2:])}:{line}({name})" if line else name,
              "calls": calls / repeats, "own_ms": own * 1e3 / repeats,
              "cumulative_ms": cumulative * 1e3 / repeats}
-            for (file, line, name), (_, calls, own, cumulative, _) in stats.items()]
+            for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()]
     rows.sort(key=lambda row: -row["own_ms"])
     launchers = [row for row in rows[top:]
                  if row["function"].startswith(("runtime/jit.py:", "runtime/autotuner.py:"))

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -373,6 +374,28 @@ def test_profile_lists_each_calls_ops(tmp_path):
     assert any(name.startswith("sma_kernels") for name in names), names  # the C++ ops
     assert any("scaled_dot_product" in kernel["name"]
                for kernel in records["sdpa", "fwd"]["kernels"])
+
+
+def test_profile_sees_a_backward_on_another_thread():
+    # For CUDA tensors autograd runs the backward on its device thread; on the CPU it runs on the
+    # caller's, so a thread of the test's own stands in for it.
+    x = make_inputs(CASES["higgs"], CPU, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
+
+    def fwdbwd_on_a_thread():
+        out, _ = sma_kernels.self_guided_attention(*leaves, x.valid, plan=x.plan, backend="cpp",
+                                                   **x.options)
+        worker = threading.Thread(target=lambda: out.sum().backward())
+        worker.start()
+        worker.join()
+
+    rows = bench_profile._host_functions(fwdbwd_on_a_thread, CPU, repeats=2, top=200)
+    calls = {row["function"]: row["calls"] for row in rows}  # per call of the function profiled
+    assert [calls[name] for name in calls if name.startswith("sma_kernels/api.py:")
+            and name.endswith("(self_guided_attention)")
+            ] == [1], "the caller's thread"
+    assert [calls[name] for name in calls if name.endswith("(_attention_grads)")] == [1], \
+        "the other thread"
 
 
 def test_score_configs_times_the_default_and_each_candidate(tmp_path):
