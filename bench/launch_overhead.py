@@ -20,7 +20,9 @@ launches`` what is left of it. Each figure is the minimum over blocks of calls.
 ``--check`` instead runs every call of the backend after a warm-up and makes each of its
 launches twice from the same arguments, through Triton and directly (which must not enter
 ``JITFunction.run``), and compares what reached the compiled kernels' launchers: the same
-compiled kernel, grid and stream, and the same arguments (tensors by identity). The stand-in
+compiled kernel, grid and stream, and the same arguments (tensors by identity); it does so
+without launch hooks and again with an enter and an exit hook set, which must get the same
+launch metadata. The stand-in
 autotuner times later configs as faster, so the config a direct launch reuses is not simply the
 first. Exit status 1 on a difference (``tests/test_triton_launch.py``).
 """
@@ -121,6 +123,16 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _effective(args: tuple) -> tuple:
+    """A launch as the C launcher acts on it: (grid x, y, z, stream, function, packed metadata,
+    launch metadata, enter hook, exit hook, then the kernel's arguments), with hooks that call
+    nothing as None, and no launch metadata when no hook reads it."""
+    from sma_kernels.triton.launch import hooked
+    *head, metadata, enter, exit_hook = args[:9]
+    enter, exit_hook = (hook if hooked(hook) else None for hook in (enter, exit_hook))
+    return (*head, metadata if enter or exit_hook else None, enter, exit_hook, *args[9:])
+
+
 def _difference(direct: list[tuple], through_triton: list[tuple]) -> str | None:
     """How the launches of one launch() call differ (None: they do not)."""
     if len(direct) != len(through_triton):
@@ -128,13 +140,12 @@ def _difference(direct: list[tuple], through_triton: list[tuple]) -> str | None:
     for (kernel, args), (triton_kernel, triton_args) in zip(direct, through_triton):
         if kernel is not triton_kernel:
             return "another compiled kernel"
+        args, triton_args = _effective(args), _effective(triton_args)
         if len(args) != len(triton_args):
             return f"{len(args)} launch arguments, Triton's {len(triton_args)}"
         for index, (arg, triton_arg) in enumerate(zip(args, triton_args)):
             if not _same(arg, triton_arg):
-                # (grid x, y, z, stream, function, metadata, launch metadata, hooks, then the
-                # kernel's arguments)
-                return f"launch argument {index} differs"
+                return f"launch argument {index} differs (see _effective)"
     return None
 
 
@@ -149,15 +160,15 @@ def check(log: Callable[[str], None] = print) -> list[str]:
     problems: list[str] = []
     compared: list[tuple[str, bool]] = []
 
-    def both_ways(kernel: Any, grid: Any, /, **kwargs: Any) -> None:
+    def both_ways(kernel: Any, static: Any, /, **tensors: Any) -> None:
         fake_gpu.LAUNCHES.clear()
         with direct_launches(False):
-            launch(kernel, grid, **kwargs)
+            launch(kernel, static, **tensors)
         through_triton = list(fake_gpu.LAUNCHES)
         fake_gpu.LAUNCHES.clear()
         with mock.patch.object(JITFunction, "run", autospec=True,
                                side_effect=JITFunction.run) as triton_run:
-            launch(kernel, grid, **kwargs)
+            launch(kernel, static, **tensors)
         name = _innermost(kernel).__name__
         difference = "nothing launched" if not through_triton else _difference(
             fake_gpu.LAUNCHES, through_triton)
@@ -167,21 +178,43 @@ def check(log: Callable[[str], None] = print) -> list[str]:
             problems.append(f"{where}: {name}: {difference}")
         compared.append((name, not triton_run.called))
 
-    for case in bench_cases.tiny_cases():
-        for call, fn in check_calls(case).items():
-            where = f"{case.name} {call}"
-            fn()  # compiles, autotunes, and keeps each launch's compiled kernel
-            compared.clear()
-            known = len(problems)
-            with contextlib.ExitStack() as stack:
-                for module in kernel_modules():
-                    stack.enter_context(mock.patch.object(module, "launch", both_ways))
-                fn()
-            if not compared:
-                problems.append(f"{where}: no launch made")
-            log(f"{where}: {len(compared)} launches, "
-                + ("same" if len(problems) == known else "DIFFERENT"))
+    for hooks in (False, True):
+        for case in bench_cases.tiny_cases():
+            for call, fn in check_calls(case).items():
+                where = f"{case.name} {call}" + (", launch hooks set" if hooks else "")
+                fn()  # compiles, autotunes, and keeps each launch's compiled kernel
+                compared.clear()
+                known = len(problems)
+                with contextlib.ExitStack() as stack:
+                    if hooks:
+                        stack.enter_context(launch_hooks())
+                    for module in kernel_modules():
+                        stack.enter_context(mock.patch.object(module, "launch", both_ways))
+                    fn()
+                if not compared:
+                    problems.append(f"{where}: no launch made")
+                log(f"{where}: {len(compared)} launches, "
+                    + ("same" if len(problems) == known else "DIFFERENT"))
     return problems
+
+
+@contextlib.contextmanager
+def launch_hooks() -> Iterator[None]:
+    """A launch-enter and a launch-exit hook set (as a profiler sets them), which take each
+    launch's metadata."""
+    from triton import knobs
+
+    def hook(metadata: Any) -> None:
+        metadata.get()  # reads the metadata, as a profiler does
+
+    chains = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    for chain in chains:
+        chain.add(hook)
+    try:
+        yield
+    finally:
+        for chain in chains:
+            chain.remove(hook)
 
 
 def _innermost(kernel: Any) -> Any:

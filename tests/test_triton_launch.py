@@ -16,7 +16,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -44,8 +43,9 @@ def test_direct_launches_pass_tritons_arguments():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "launches," in line]
     calls = ("mask", "forward", "forward+backward", "masked_attention")
-    assert [line.split(":")[0] for line in lines] == [f"{case.name} {call}" for case in WORKLOADS
-                                                      for call in calls]
+    assert [line.split(":")[0] for line in lines] == [
+        f"{case.name} {call}{hooks}" for hooks in ("", ", launch hooks set") for case in WORKLOADS
+        for call in calls]
     assert all(line.endswith("same") for line in lines), lines
 
 
@@ -64,35 +64,37 @@ def test_launch_overhead_times_each_route(tmp_path):
                    for route in ("stubbed", "triton", "direct"))
 
 
-@pytest.fixture
-def device_zero(monkeypatch):
-    current = SimpleNamespace(device=0)
-    monkeypatch.setattr(launch, "driver", SimpleNamespace(
-        active=SimpleNamespace(get_current_device=lambda: current.device)))
-    return current
-
-
-def test_launch_key_tells_apart_what_triton_specializes(device_zero):
+def test_launch_key_tells_apart_what_triton_specializes():
+    # The scalars are fixed by the Static (its identity is in the key); the tensors differ by
+    # dtype and 16-byte alignment, which Triton specializes on, and by name.
     x = torch.zeros(8, dtype=torch.float32)
-    base = {"X": x, "n": 16, "flag": True, "precision": "tf32", "none": None, "scale": 0.5}
-    key = launch.launch_key("kernel", base)
-    assert launch.launch_key("kernel", {**base, "X": torch.ones(8)}) == key  # aligned, same dtype
-    different = [{**base, "n": 17}, {**base, "n": 1}, {**base, "n": 16.0}, {**base, "flag": 1},
-                 {**base, "flag": False}, {**base, "precision": "ieee"}, {**base, "none": 0},
-                 {**base, "scale": 0.25}, {**base, "X": x.half()},
-                 {**base, "X": x[1:]},  # 4 bytes past a 16-byte boundary
-                 dict(reversed(base.items()))]
-    for kwargs in different:
-        assert launch.launch_key("kernel", kwargs) != key, kwargs
-    assert launch.launch_key("other kernel", base) != key
-    device_zero.device = 1  # compiled kernels are loaded per device
-    assert launch.launch_key("kernel", base) != key
+    static = launch.Static((1,), {"n": 16})
+    base = {"X": x, "Y": None}
+    key = launch.launch_key("kernel", 0, static, base)
+    assert launch.launch_key("kernel", 0, static, {**base, "X": torch.ones(8)}) == key
+    different = [{**base, "X": x.half()}, {**base, "X": x[1:]},  # 4 B past a 16-B boundary
+                 {**base, "Y": x}, {"Y": None, "X": x}, {"X": x, "Z": None}]
+    for tensors in different:
+        assert launch.launch_key("kernel", 0, static, tensors) != key, tensors
+    assert launch.launch_key("other kernel", 0, static, base) != key
+    assert launch.launch_key("kernel", 1, static, base) != key  # compiled per device
+    assert launch.launch_key("kernel", 0, launch.Static((1,), {"n": 16}), base) != key
 
 
-def test_arguments_the_key_does_not_cover_go_through_triton(device_zero):
-    # Such a launch has no key, so it is never served by a kept kernel.
-    for value in ([1, 2], (torch.zeros(2),), object()):
-        assert launch.launch_key("kernel", {"X": value}) is None
+def test_launchers_build_each_static_once_per_layout():
+    # The Statics are memoized functions of the shapes, strides, dtype and options: a call with
+    # the layout of an earlier one gets that call's Static, any other layout another.
+    from sma_kernels.triton import attention
+    q = torch.randn(2, 3, 40, 16)
+    k = v = torch.randn(2, 3, 50, 16)
+    args = (q.shape, v.shape, q.stride(), k.stride(), v.stride(), q.stride(), 50, q.dtype, 0.25)
+    static = attention._forward_static(*args)
+    assert attention._forward_static(*args) is static
+    assert static.scalars["NK"] == 50 and static.scalars["stride_kh"] == 50 * 16
+    k_t = k.transpose(2, 3).contiguous().transpose(2, 3)  # the same shape, other strides
+    other = attention._forward_static(*args[:3], k_t.stride(), *args[4:])
+    assert other is not static and other.scalars["stride_kn"] == 1
+    assert attention._forward_static(*args[:-1], 0.5) is not static
 
 
 @needs_gpu

@@ -15,7 +15,6 @@ things differ there and are decided here once:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -95,16 +94,11 @@ class TileConfig(NamedTuple):
                              num_warps=self.warps, num_stages=self.stages)
 
 
-def strides(name: str, tensor: torch.Tensor, axes: str) -> dict[str, int]:
-    """A tensor's strides as kernel keyword arguments: ``strides("q", q, "bhmd")`` is
+def strides(name: str, stride: tuple[int, ...], axes: str) -> dict[str, int]:
+    """A tensor's strides (``tensor.stride()``) as kernel keyword arguments:
+    ``strides("q", q.stride(), "bhmd")`` is
     ``{"stride_qb": ..., "stride_qh": ..., "stride_qm": ..., "stride_qd": ...}``."""
-    return dict(zip(_stride_names(name, axes), tensor.stride(), strict=True))
-
-
-@functools.cache
-def _stride_names(name: str, axes: str) -> tuple[str, ...]:
-    # Cached: the launchers build these names on every call (host overhead).
-    return tuple(f"stride_{name}{axis}" for axis in axes)
+    return {f"stride_{name}{axis}": value for axis, value in zip(axes, stride, strict=True)}
 
 
 # CUDA's grid limits: 2^31 - 1 programs along x, 65,535 along y and z.

@@ -71,7 +71,7 @@ from ._common import (
     tiles_grid,
 )
 from .kept_keys import kept_keys
-from .launch import launch
+from .launch import Static, launch, static_builder
 
 # Every config compiles for sm_90 without register spills at the head dims of the workloads
 # (tests/test_triton_sm90.py): where a larger block would spill, it has more warps or a smaller
@@ -393,7 +393,7 @@ def _attention_bwd_dq_kernel(
                  mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
+def _common_args(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: torch.dtype) -> dict:
     """Arguments shared by the attention kernels: the autotuning buckets, and as constexprs the
     head dims, their padded blocks and the dot mode.
 
@@ -401,9 +401,9 @@ def _common_args(q: torch.Tensor, v: torch.Tensor) -> dict:
     part of every load mask folds away: loads masked along rows only stay vectorized, which
     Triton needs to prefetch them asynchronously (software pipelining).
     """
-    return {"D": q.shape[-1], "DV": v.shape[-1], "BLOCK_D": block_dim(q.shape[-1]),
-            "BLOCK_DV": block_dim(v.shape[-1]), "DOT_F32": INTERPRET,
-            "PRECISION": dot_precision(q.dtype), **size_buckets(q.shape[2], v.shape[2])}
+    return {"D": q_shape[-1], "DV": v_shape[-1], "BLOCK_D": block_dim(q_shape[-1]),
+            "BLOCK_DV": block_dim(v_shape[-1]), "DOT_F32": INTERPRET,
+            "PRECISION": dot_precision(dtype), **size_buckets(q_shape[2], v_shape[2])}
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -420,16 +420,27 @@ def ordered_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """(out, lse) of :func:`attention_forward` over a ready kept-key ``order`` (B, L) and count
     ``kept`` (B,), int32 (kept_keys.py), in one launch."""
     batch, heads, num_q, _ = q.shape
-    num_k, dim_v = k.shape[2], v.shape[3]
-    out = torch.empty((batch, heads, num_q, dim_v), dtype=q.dtype, device=q.device)
+    out = torch.empty((batch, heads, num_q, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
-    # One program per (sample, head, query tile).
-    launch(_attention_fwd_kernel, tiles_grid(batch * heads, num_q, "BLOCK_M"),
-        Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, LSE=lse, stride_order_b=order.stride(0),
-        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
-        **strides("o", out, "bhmd"),
-        B=batch, H=heads, NQ=num_q, NK=num_k, qk_scale=scale * LOG2E, **_common_args(q, v))
+    launch(_attention_fwd_kernel,
+           _forward_static(q.shape, v.shape, q.stride(), k.stride(), v.stride(), out.stride(),
+                           order.stride(0), q.dtype, scale),
+           Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, LSE=lse)
     return out, lse
+
+
+@static_builder
+def _forward_static(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                    q_strides: tuple[int, ...], k_strides: tuple[int, ...],
+                    v_strides: tuple[int, ...], out_strides: tuple[int, ...], order_stride: int,
+                    dtype: torch.dtype, scale: float) -> Static:
+    batch, heads, num_q, _ = q_shape
+    # One program per (sample, head, query tile).
+    return Static(tiles_grid(batch * heads, num_q, "BLOCK_M"), {
+        "stride_order_b": order_stride, **strides("q", q_strides, "bhmd"),
+        **strides("k", k_strides, "bhnd"), **strides("v", v_strides, "bhnd"),
+        **strides("o", out_strides, "bhmd"), "B": batch, "H": heads, "NQ": num_q,
+        "NK": v_shape[2], "qk_scale": scale * LOG2E, **_common_args(q_shape, v_shape, dtype)})
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -448,22 +459,40 @@ def ordered_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     """dQ, dK and dV of :func:`ordered_attention_forward`, over the same ``order`` and ``kept``,
     in two launches: dQ (which also writes delta), then dK and dV."""
     batch, heads, num_q, _ = q.shape
-    num_k = k.shape[2]
-    lse = lse.contiguous()
     delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)
     d_v = torch.empty_like(v)
-    # What both kernels read: the inputs, the order, the saved forward statistics and the sizes.
-    inputs = {"Q": q, "K": k, "V": v, "ORDER": order, "KEPT": kept, "DO": grad_out, "LSE": lse,
-              "DELTA": delta, "stride_order_b": order.stride(0),
-              **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
-              **strides("do", grad_out, "bhmd"), "B": batch, "H": heads, "NQ": num_q,
-              "NK": num_k, "scale": scale, "qk_scale": scale * LOG2E, **_common_args(q, v)}
-    # dQ: one program per (sample, head, query tile); dK and dV: per (sample, head, block of
-    # the order).
-    launch(_attention_bwd_dq_kernel, tiles_grid(batch * heads, num_q, "BLOCK_M"),
-        OUT=out, DQ=d_q, **strides("o", out, "bhmd"), **strides("dq", d_q, "bhmd"), **inputs)
-    launch(_attention_bwd_dkdv_kernel, tiles_grid(batch * heads, num_k, "BLOCK_N"),
-        DK=d_k, DV_OUT=d_v, **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"), **inputs)
+    dq_static, dkdv_static = _backward_statics(
+        q.shape, v.shape, q.stride(), k.stride(), v.stride(), grad_out.stride(), out.stride(),
+        d_q.stride(), d_k.stride(), d_v.stride(), order.stride(0), q.dtype, scale)
+    # What both kernels read: the inputs, the order, the saved forward statistics.
+    inputs = {"Q": q, "K": k, "V": v, "ORDER": order, "KEPT": kept, "DO": grad_out,
+              "LSE": lse.contiguous(), "DELTA": delta}
+    launch(_attention_bwd_dq_kernel, dq_static, OUT=out, DQ=d_q, **inputs)
+    launch(_attention_bwd_dkdv_kernel, dkdv_static, DK=d_k, DV_OUT=d_v, **inputs)
     return d_q, d_k, d_v
+
+
+@static_builder
+def _backward_statics(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                      q_strides: tuple[int, ...], k_strides: tuple[int, ...],
+                      v_strides: tuple[int, ...], do_strides: tuple[int, ...],
+                      out_strides: tuple[int, ...], dq_strides: tuple[int, ...],
+                      dk_strides: tuple[int, ...], dv_strides: tuple[int, ...], order_stride: int,
+                      dtype: torch.dtype, scale: float) -> tuple[Static, Static]:
+    """The Statics of the dQ kernel, one program per (sample, head, query tile), and of the
+    dK/dV kernel, one per (sample, head, block of the order)."""
+    batch, heads, num_q, _ = q_shape
+    num_k = v_shape[2]
+    shared = {"stride_order_b": order_stride, **strides("q", q_strides, "bhmd"),
+              **strides("k", k_strides, "bhnd"), **strides("v", v_strides, "bhnd"),
+              **strides("do", do_strides, "bhmd"), "B": batch, "H": heads, "NQ": num_q,
+              "NK": num_k, "scale": scale, "qk_scale": scale * LOG2E,
+              **_common_args(q_shape, v_shape, dtype)}
+    return (Static(tiles_grid(batch * heads, num_q, "BLOCK_M"),
+                   {**strides("o", out_strides, "bhmd"), **strides("dq", dq_strides, "bhmd"),
+                    **shared}),
+            Static(tiles_grid(batch * heads, num_k, "BLOCK_N"),
+                   {**strides("dk", dk_strides, "bhnd"), **strides("dv", dv_strides, "bhnd"),
+                    **shared}))

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import load_flags, next_power_of_2
-from .launch import launch
+from .launch import Static, launch, static_builder
 
 
 @triton.jit
@@ -90,7 +90,12 @@ def kept_keys(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.empty((batch, length), dtype=torch.int32, device=keep.device)
     kept = torch.empty((batch,), dtype=torch.int32, device=keep.device)
     keep_u8 = keep.contiguous().view(torch.uint8)
-    launch(_kept_keys_kernel, (batch,),
-        KEEP=keep_u8, ORDER=order, KEPT=kept, NK=length, stride_keep_b=keep_u8.stride(0),
-        stride_order_b=order.stride(0), CHUNK=order_chunk(length))
+    launch(_kept_keys_kernel, _kept_keys_static(batch, length, keep_u8.stride(0), order.stride(0)),
+           KEEP=keep_u8, ORDER=order, KEPT=kept)
     return order, kept
+
+
+@static_builder
+def _kept_keys_static(batch: int, length: int, keep_stride: int, order_stride: int) -> Static:
+    return Static((batch,), {"NK": length, "stride_keep_b": keep_stride,  # a program per sample
+                             "stride_order_b": order_stride, "CHUNK": order_chunk(length)})

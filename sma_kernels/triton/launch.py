@@ -7,23 +7,29 @@ globals. With the 7-60 arguments of these kernels that Python costs 35-65 us per
 2-core VM (``python -m bench.launch_overhead``): as much as all of sma-kernels' own host work in
 a call. At the small workloads a call is bound by host time, so the ratio to SDPA pays for it.
 
-:func:`launch` does what ``kernel[grid](**kwargs)`` does. The first launch with a given key
-goes through Triton, which compiles and autotunes as usual and returns the compiled kernel;
-:func:`launch` keeps it, with the config the autotuner chose and the kernel's argument order. A
-later launch with the same key calls that compiled kernel's own launcher
-(``compiled[grid](*args)``, the call ``JITFunction.run`` ends with): 13-26 us on the same VM,
-most of it building the key.
+A launch here comes in two parts. The tensors are passed as keyword arguments. Everything else
+(the grid, the sizes, strides and flags, the meta-parameters) is a :class:`Static`. A launcher
+builds it with a memoized function of the shapes, strides, dtype and options it derives them
+from (``functools.lru_cache`` over hashable arguments and nothing else), so that a call with
+the layout and options of an earlier one gets the same object and builds no argument again.
+
+:func:`launch` does what ``kernel[static.grid](**tensors, **static.scalars)`` does. The first
+launch with a given key goes through Triton, which compiles and autotunes as usual and returns
+the compiled kernel. :func:`launch` keeps it, with the config the autotuner chose, the kernel's
+arguments in order and the grid. A later launch with the same key hands that compiled kernel's
+launcher (the C function ``JITFunction.run`` ends with) the arguments directly.
 
 The key holds what Triton's choice of compiled kernel and config depends on, and more: the
-kernel, the current device, the argument names, every int, float, bool, str and None argument
-by value (Triton specializes ints equal to 1 or divisible by 16 and types them by range), and
-each tensor's dtype and address modulo 16 (Triton marks 16-byte-aligned pointers). So a direct
-launch runs the kernel Triton would have run, with the same arguments
-(``tests/test_triton_launch.py`` compares them launch by launch). An argument of another type,
-a kernel behind anything but ``triton.autotune``, and a config or kernel with a pre-launch hook
-always go through Triton. What Triton reads at every launch and a kept kernel does not: its
-knobs (``TRITON_DEBUG`` and the like), and the values of the kernel's globals; after changing
-either at run time, or an autotuner's configs, call :func:`clear`.
+kernel, the current device, the Static (by identity: its scalars are fixed, the key holds it
+alive), the tensors' names, and each tensor's dtype and address modulo 16 (Triton marks 16-byte
+aligned pointers); a None tensor stays None. So a direct launch runs the kernel Triton would
+have run, with the same arguments (``tests/test_triton_launch.py`` compares them launch by
+launch). A kernel behind anything but ``triton.autotune``, and a config or kernel with a
+pre-launch hook, always go through Triton. While a Triton launch hook is set (a profiler's), a
+direct launch goes through the compiled kernel's runner, which hands the hooks their launch
+metadata; with none set it skips building that metadata and calls the C launcher itself. What Triton reads at every launch and a kept kernel does not: its knobs
+(``TRITON_DEBUG`` and the like), and the values of the kernel's globals; after changing either
+at run time, or an autotuner's configs, call :func:`clear`.
 
 Under the interpreter (``TRITON_INTERPRET=1``) nothing is compiled and every launch goes
 through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
@@ -31,52 +37,69 @@ through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 import os
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from triton import knobs
 from triton.runtime import Autotuner, JITFunction
 from triton.runtime.driver import driver
 
 from ._common import INTERPRET
 
 DIRECT = not INTERPRET and os.environ.get("SMA_KERNELS_DIRECT_LAUNCH", "1") != "0"
-# Keys kept at most; past it the cache starts over (a model whose shapes keep changing).
+# Keys kept at most; past it the cache starts over (a model whose shapes keep changing). The
+# launchers' memoized Statics are bounded alike.
 CACHE_LIMIT = 4096
 
 Grid = tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]]
 
 
+class Static:
+    """A launch's grid (a tuple, or a function of the arguments and meta-parameters) and its
+    non-tensor arguments. Compared and hashed by identity: build each once per layout and
+    options, with a memoized function (see the module docstring)."""
+
+    __slots__ = ("grid", "scalars")
+
+    def __init__(self, grid: Grid, scalars: dict[str, Any]) -> None:
+        self.grid = grid
+        self.scalars = scalars
+
+
+def static_builder(builder: Callable[..., Any]) -> Callable[..., Any]:
+    """Memoizes a launcher's builder of Statics, a function of hashable arguments only (shapes,
+    strides, dtype, options), so that equal arguments give the same Statics."""
+    return functools.lru_cache(maxsize=CACHE_LIMIT)(builder)
+
+
 class Kept(NamedTuple):
     """What a launch with a known key needs."""
 
+    kernel: Any  # holds the kernel alive, whose id() is in the key
     compiled: Any  # Triton's CompiledKernel
-    arg_names: tuple[str, ...]  # the kernel's parameters, in order
-    fixed: dict[str, Any]  # the autotuned config's meta-parameters and the parameters' defaults
+    # The kernel's arguments in order, from (*the tensors, *fixed).
+    pick: Callable[[tuple], Any]
+    fixed: tuple  # the scalars, the autotuned config's meta-parameters, the parameters' defaults
+    grid: tuple[int, int, int]
 
 
 _kept: dict[tuple, Kept] = {}
 # Reentrant: a Triton hook run by a first launch may launch again.
 _first_launch = threading.RLock()
-_KEYED_BY_VALUE = (int, float, bool, str, type(None))
 
 
-def launch_key(kernel: Any, kwargs: dict[str, Any]) -> tuple | None:
-    """The key of a launch (see the module docstring), or None when an argument is of a type it
-    does not cover (the launch then goes through Triton)."""
-    key = [kernel, driver.active.get_current_device(), *kwargs]
-    for value in kwargs.values():
-        kind = type(value)
-        if kind in _KEYED_BY_VALUE:
-            key += (kind, value)  # the type too: True == 1 and 1 == 1.0, but Triton tells them apart
-        elif isinstance(value, torch.Tensor):
-            key += (value.dtype, value.data_ptr() % 16)
-        else:
-            return None
-    return tuple(key)
+def launch_key(kernel: Any, device: int, static: Static,
+               tensors: dict[str, torch.Tensor | None]) -> tuple:
+    """The key of a launch on ``device`` (see the module docstring)."""
+    return (id(kernel), device, static, *tensors,
+            *[None if tensor is None else (tensor.dtype, tensor.data_ptr() % 16)
+              for tensor in tensors.values()])
 
 
 def clear() -> None:
@@ -85,8 +108,10 @@ def clear() -> None:
         _kept.clear()
 
 
-def _keep(kernel: Any, compiled: Any) -> Kept | None:
-    """What later launches need, or None for a launch that must always go through Triton."""
+def _keep(kernel: Any, compiled: Any, static: Static,
+          tensors: dict[str, torch.Tensor | None]) -> Kept | None:
+    """What later launches with this key need, or None for a launch that must always go
+    through Triton."""
     if compiled is None:  # a Triton hook skipped the compilation
         return None
     function = kernel.fn if isinstance(kernel, Autotuner) else kernel
@@ -94,35 +119,59 @@ def _keep(kernel: Any, compiled: Any) -> Kept | None:
         return None
     fixed = {name: parameter.default for name, parameter in function.signature.parameters.items()
              if parameter.default is not inspect.Parameter.empty}
+    fixed.update(static.scalars)
     if isinstance(kernel, Autotuner):
         if kernel.best_config.pre_hook is not None:
             return None
         fixed.update(kernel.best_config.kwargs)
     if hasattr(compiled, "result"):  # compiled asynchronously (Triton's AsyncCompileMode)
         compiled = compiled.result()
-    return Kept(compiled, tuple(function.arg_names), fixed)
+    position = {name: index for index, name in enumerate([*tensors, *fixed])}
+    indices = [position[name] for name in function.arg_names]
+    if len(indices) > 1:
+        pick = operator.itemgetter(*indices)
+    else:  # itemgetter of one index returns the item, not a tuple
+        def pick(values: tuple, index: int = indices[0]) -> tuple:
+            return (values[index],)
+    dims = static.grid({**tensors, **fixed}) if callable(static.grid) else static.grid
+    return Kept(kernel, compiled, pick, tuple(fixed.values()), (*dims, 1, 1)[:3])
 
 
-def launch(kernel: Any, grid: Grid, /, **kwargs: Any) -> None:
-    """``kernel[grid](**kwargs)``, through the compiled kernel of an earlier launch with the same
-    key when there is one. ``kernel`` is a ``triton.jit`` function, or one behind
-    ``triton.autotune``; ``grid`` a tuple, or a function of the arguments and meta-parameters."""
-    key = launch_key(kernel, kwargs) if DIRECT else None
-    kept = None if key is None else _kept.get(key)
+def launch(kernel: Any, static: Static, /, **tensors: torch.Tensor | None) -> None:
+    """``kernel[static.grid](**tensors, **static.scalars)``, through the compiled kernel of an
+    earlier launch with the same key when there is one. ``kernel`` is a ``triton.jit``
+    function, or one behind ``triton.autotune``; ``tensors`` are its tensor arguments (or None)."""
+    if not DIRECT:
+        kernel[static.grid](**tensors, **static.scalars)
+        return
+    active = driver.active
+    device = active.get_current_device()
+    key = launch_key(kernel, device, static, tensors)
+    kept = _kept.get(key)
     if kept is None:
-        if key is None:
-            kernel[grid](**kwargs)
-            return
         # Under the lock, no other launch runs the autotuner before best_config is read (the
         # autograd engine launches the backward from its own thread).
         with _first_launch:
-            kept = _keep(kernel, kernel[grid](**kwargs))
+            kept = _keep(kernel, kernel[static.grid](**tensors, **static.scalars), static,
+                         tensors)
             if kept is not None:
                 if len(_kept) >= CACHE_LIMIT:
                     _kept.clear()
                 _kept[key] = kept
         return
-    arguments = {**kept.fixed, **kwargs}
-    dims = grid(arguments) if callable(grid) else grid
-    # The compiled kernel's launcher reads three grid dimensions.
-    kept.compiled[(*dims, 1, 1)[:3]](*[arguments[name] for name in kept.arg_names])
+    compiled = kept.compiled
+    args = kept.pick((*tensors.values(), *kept.fixed))
+    grid_x, grid_y, grid_z = kept.grid
+    if hooked(knobs.runtime.launch_enter_hook) or hooked(knobs.runtime.launch_exit_hook):
+        # The compiled kernel's runner hands the hooks their launch metadata.
+        compiled[grid_x, grid_y, grid_z](*args)
+        return
+    # What that runner runs with no hook to call, without building the metadata or a closure.
+    compiled.run(grid_x, grid_y, grid_z, active.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args)
+
+
+def hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook calls anything: Triton keeps an empty ``HookChain`` when no
+    hook is set (None in older versions)."""
+    return bool(getattr(hook, "calls", hook))

@@ -93,7 +93,7 @@ from ._common import (
     strides,
     tile_grid,
 )
-from .launch import launch
+from .launch import Static, launch, static_builder
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -272,10 +272,10 @@ class RowScores(NamedTuple):
 def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
             pool: torch.Tensor | None,
             query_rank: torch.Tensor, head: torch.Tensor, chosen: torch.Tensor, *, max_rows: int,
-            head_mix: str, scale: float, config: TileConfig | None, plan_args: dict) -> RowScores:
-    batch, heads, num_q, dim = q.shape
+            head_mix: str, scale: float, config: TileConfig | None, rows_from_plan: bool,
+            mask_self: bool, ratio: float, num_per_query: int, noise: float) -> RowScores:
+    batch, heads = q.shape[:2]
     num_k = k.shape[2]
-    group_by_head = head_mix == "random"
     if config is None:
         config = default_score_config(max_rows, heads, head_mix)
     row_blocks = max(1, cdiv(max_rows, config.block_m))
@@ -284,18 +284,36 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
     block_rows = torch.empty((batch, heads * row_blocks), dtype=torch.int32, device=q.device)
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=q.device)
     query_rank, head = row_strided(query_rank), row_strided(head)
-    sweep = min(512, next_power_of_2(max(num_q, num_k)))
-    launch(_chosen_row_scores_kernel, tile_grid(batch * heads, row_blocks),
-        Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool),
-        QUERY_RANK=query_rank, HEAD=head, CHOSEN=chosen.view(torch.uint8), META=meta,
-        PARTIALS=partials, BLOCK_ROWS=block_rows, **strides("q", q, "bhmd"),
-        **strides("k", k, "bhnd"), stride_rank=query_rank.stride(0), stride_head=head.stride(0),
-        B=batch, H=heads, NQ=num_q, NK=num_k, ROW_BLOCKS=row_blocks, scale=scale, D=dim,
-        BLOCK_D=block_dim(dim), DOT_F32=INTERPRET, PRECISION=dot_precision(q.dtype),
-        GROUP_BY_HEAD=group_by_head, RADIX_BITS=4, SWEEP=sweep, LIST_BLOCK=32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.warps,
-        num_stages=config.stages, **plan_args)
-    return RowScores(partials, block_rows, 1.0 if group_by_head else 1.0 / heads, chosen, meta)
+    launch(_chosen_row_scores_kernel,
+           _score_static(q.shape, num_k, q.stride(), k.stride(), query_rank.stride(0),
+                         head.stride(0), q.dtype, scale, head_mix == "random", config, row_blocks,
+                         rows_from_plan, mask_self, ratio, num_per_query, noise),
+           Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool), QUERY_RANK=query_rank,
+           HEAD=head, CHOSEN=chosen.view(torch.uint8), META=meta, PARTIALS=partials,
+           BLOCK_ROWS=block_rows)
+    return RowScores(partials, block_rows, 1.0 if head_mix == "random" else 1.0 / heads, chosen,
+                     meta)
+
+
+@static_builder
+def _score_static(q_shape: tuple[int, ...], num_k: int, q_strides: tuple[int, ...],
+                  k_strides: tuple[int, ...], rank_stride: int, head_stride: int,
+                  dtype: torch.dtype, scale: float, group_by_head: bool, config: TileConfig,
+                  row_blocks: int, rows_from_plan: bool, mask_self: bool, ratio: float,
+                  num_per_query: int, noise: float) -> Static:
+    batch, heads, num_q, dim = q_shape
+    return Static(tile_grid(batch * heads, row_blocks), {
+        **strides("q", q_strides, "bhmd"), **strides("k", k_strides, "bhnd"),
+        "stride_rank": rank_stride, "stride_head": head_stride, "B": batch, "H": heads,
+        "NQ": num_q, "NK": num_k, "ROW_BLOCKS": row_blocks, "scale": scale,
+        "ratio_bits": float_bits(ratio), "num_per_query": num_per_query,
+        "noise_bits": float_bits(noise), "D": dim, "BLOCK_D": block_dim(dim),
+        "DOT_F32": INTERPRET, "PRECISION": dot_precision(dtype),
+        "ROWS_FROM_PLAN": rows_from_plan, "MASK_SELF": mask_self,
+        "GROUP_BY_HEAD": group_by_head, "RADIX_BITS": 4,
+        "SWEEP": min(512, next_power_of_2(max(num_q, num_k))), "LIST_BLOCK": 32,
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "num_warps": config.warps,
+        "num_stages": config.stages})
 
 
 def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
@@ -311,9 +329,8 @@ def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
     return _launch(
         q, k, valid, query_pool, plan.query_rank, plan.head, chosen,
         max_rows=max_chosen_rows(q.shape[2], k.shape[2], ratio, num_per_query),
-        head_mix=head_mix, scale=scale, config=config,
-        plan_args={"ROWS_FROM_PLAN": True, "MASK_SELF": mask_self, "ratio_bits": float_bits(ratio),
-                   "num_per_query": num_per_query, "noise_bits": float_bits(noise)})
+        head_mix=head_mix, scale=scale, config=config, rows_from_plan=True, mask_self=mask_self,
+        ratio=ratio, num_per_query=num_per_query, noise=noise)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
@@ -323,9 +340,8 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: 
     kernel and the selection kernel's reduction, with the rows given by ``chosen`` (B, Q) bool
     instead of a plan, and nothing selected."""
     rows = _launch(q, k, valid, valid, head, head, chosen.contiguous(), max_rows=q.shape[2],
-                   head_mix=head_mix, scale=scale, config=config,
-                   plan_args={"ROWS_FROM_PLAN": False, "MASK_SELF": False, "ratio_bits": 0,
-                              "num_per_query": 1, "noise_bits": 0})
+                   head_mix=head_mix, scale=scale, config=config, rows_from_plan=False,
+                   mask_self=False, ratio=0.0, num_per_query=1, noise=0.0)
     no_picks = torch.zeros_like(rows.meta)
     _, scores = select_from_partials(rows.partials, rows.block_rows, rows.head_weight, valid,
                                      None, no_picks, torch.zeros_like(valid, dtype=torch.int32))

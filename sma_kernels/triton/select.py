@@ -70,7 +70,7 @@ from ._common import (
     next_power_of_2,
 )
 from .kept_keys import kept_key_order, order_chunk
-from .launch import launch
+from .launch import Static, launch, static_builder
 
 
 def max_registers(num_warps: int) -> int | None:
@@ -397,21 +397,27 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
     batch, num_partials, num_k = partials.shape
     out = torch.empty((batch, num_k), dtype=torch.bool, device=partials.device)
     scores = torch.empty((batch, num_k), dtype=torch.float32, device=partials.device)
-    valid_u8 = flags_arg(valid)
-    forced_u8 = flags_arg(forced)
     token_rank = row_strided(token_rank)
     # Without order_out the order pointers are never read (WRITE_ORDER is off): any tensor does.
     order, kept = (scores, scores) if order_out is None else order_out
-    kernel = _select_kernel if config is None else _select_kernel.fn
-    options = {} if config is None else config.options()
-    launch(kernel, (batch,),  # one program per sample
-        PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=valid_u8,
-        FORCED=forced_u8, RANK=token_rank, META=meta, OUT=out.view(torch.uint8), ORDER=order,
-        KEPT=kept, NUM_PARTIALS=num_partials, head_weight=head_weight,
-        stride_rank=token_rank.stride(0), NK=num_k, NK_BUCKET=next_power_of_2(num_k),
-        HAS_FORCED=forced is not None, WRITE_ORDER=order_out is not None,
-        ORDER_CHUNK=order_chunk(num_k), RADIX_BITS=4, **options)
+    launch(_select_kernel if config is None else _select_kernel.fn,
+           _select_static(batch, num_partials, num_k, head_weight, token_rank.stride(0),
+                          forced is not None, order_out is not None, config),
+           PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=flags_arg(valid),
+           FORCED=flags_arg(forced), RANK=token_rank, META=meta, OUT=out.view(torch.uint8),
+           ORDER=order, KEPT=kept)
     return out, scores
+
+
+@static_builder
+def _select_static(batch: int, num_partials: int, num_k: int, head_weight: float,
+                   rank_stride: int, has_forced: bool, write_order: bool,
+                   config: SelectConfig | None) -> Static:
+    return Static((batch,), {  # one program per sample
+        "NUM_PARTIALS": num_partials, "head_weight": head_weight, "stride_rank": rank_stride,
+        "NK": num_k, "NK_BUCKET": next_power_of_2(num_k), "HAS_FORCED": has_forced,
+        "WRITE_ORDER": write_order, "ORDER_CHUNK": order_chunk(num_k), "RADIX_BITS": 4,
+        **({} if config is None else config.options())})
 
 
 def select_tokens(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor,

@@ -88,7 +88,7 @@ from ._common import (
 )
 from .attention import kept_key_block, probs_and_grad_logits, store_key_gradients, store_output
 from .kept_keys import order_chunk
-from .launch import launch
+from .launch import Static, launch, static_builder
 from .select import (
     chosen_in_block,
     chosen_threshold,
@@ -391,7 +391,7 @@ def short_sequence_attention(
     backend's (``query_pool`` intersected with ``valid`` in-kernel under ``mask_self``).
     ``order_out`` receives the kept-key order and count, as in
     :func:`.select.select_from_partials`."""
-    batch, heads, num_q, dim = q.shape
+    batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     attend = v is not None
     device = q.device
@@ -408,26 +408,43 @@ def short_sequence_attention(
         values = v
     query_rank, head, token_rank = (row_strided(x) for x in (plan.query_rank, plan.head,
                                                              plan.token_rank))
-    dim_v = values.shape[3]
-    block_m, block_k, block_d, block_dv = forward_blocks(num_q, num_k, dim, dim_v)
-    launch(_short_sequence_kernel, tile_grid(batch, 1),
-        Q=q, K=k, V=values, VALID=flags_arg(valid), POOL=flags_arg(query_pool),
-        QUERY_RANK=query_rank, HEAD=head,
-        TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores, MASK=mask.view(torch.uint8),
-        ORDER=order, KEPT=kept, OUT=out if attend else scores, LSE=lse if attend else scores,
-        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", values, "bhnd"),
-        **strides("o", out if attend else q, "bhmd"),
-        stride_query_rank=query_rank.stride(0), stride_head=head.stride(0),
-        stride_token_rank=token_rank.stride(0), stride_order_b=order.stride(0),
-        B=batch, H=heads, NQ=num_q, NK=num_k, scale=scale, qk_scale=scale * LOG2E,
-        head_weight=1.0 if head_mix == "random" else 1.0 / heads, ratio_bits=float_bits(ratio),
-        num_per_query=num_per_query, noise_bits=float_bits(noise), D=dim, DV=dim_v,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=INTERPRET, PRECISION=dot_precision(q.dtype),
-        MASK_SELF=mask_self, GROUP_BY_HEAD=head_mix == "random",
-        WRITE_ORDER=order_out is not None, ATTEND=attend, RADIX_BITS=4,
-        ORDER_CHUNK=order_chunk(num_k), BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=_warps(block_m, block_k), num_stages=1)
+    launch(_short_sequence_kernel,
+           _forward_static(q.shape, num_k, values.shape[3], q.stride(), k.stride(),
+                           values.stride(), (out if attend else q).stride(), query_rank.stride(0),
+                           head.stride(0), token_rank.stride(0), order.stride(0), q.dtype, scale,
+                           ratio, num_per_query, noise, head_mix, mask_self,
+                           order_out is not None, attend),
+           Q=q, K=k, V=values, VALID=flags_arg(valid), POOL=flags_arg(query_pool),
+           QUERY_RANK=query_rank, HEAD=head, TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores,
+           MASK=mask.view(torch.uint8), ORDER=order, KEPT=kept, OUT=out if attend else scores,
+           LSE=lse if attend else scores)
     return ShortSequenceResult(mask, scores, out, lse)
+
+
+@static_builder
+def _forward_static(q_shape: tuple[int, ...], num_k: int, dim_v: int,
+                    q_strides: tuple[int, ...], k_strides: tuple[int, ...],
+                    v_strides: tuple[int, ...], out_strides: tuple[int, ...],
+                    query_rank_stride: int, head_stride: int, token_rank_stride: int,
+                    order_stride: int, dtype: torch.dtype, scale: float, ratio: float,
+                    num_per_query: int, noise: float, head_mix: str, mask_self: bool,
+                    write_order: bool, attend: bool) -> Static:
+    batch, heads, num_q, dim = q_shape
+    block_m, block_k, block_d, block_dv = forward_blocks(num_q, num_k, dim, dim_v)
+    return Static(tile_grid(batch, 1), {
+        **strides("q", q_strides, "bhmd"), **strides("k", k_strides, "bhnd"),
+        **strides("v", v_strides, "bhnd"), **strides("o", out_strides, "bhmd"),
+        "stride_query_rank": query_rank_stride, "stride_head": head_stride,
+        "stride_token_rank": token_rank_stride, "stride_order_b": order_stride,
+        "B": batch, "H": heads, "NQ": num_q, "NK": num_k, "scale": scale,
+        "qk_scale": scale * LOG2E, "head_weight": 1.0 if head_mix == "random" else 1.0 / heads,
+        "ratio_bits": float_bits(ratio), "num_per_query": num_per_query,
+        "noise_bits": float_bits(noise), "D": dim, "DV": dim_v, "BLOCK_D": block_d,
+        "BLOCK_DV": block_dv, "DOT_F32": INTERPRET, "PRECISION": dot_precision(dtype),
+        "MASK_SELF": mask_self, "GROUP_BY_HEAD": head_mix == "random",
+        "WRITE_ORDER": write_order, "ATTEND": attend, "RADIX_BITS": 4,
+        "ORDER_CHUNK": order_chunk(num_k), "BLOCK_M": block_m, "BLOCK_K": block_k,
+        "num_warps": _warps(block_m, block_k), "num_stages": 1})
 
 
 def short_sequence_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -437,18 +454,32 @@ def short_sequence_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     """dQ, dK and dV of the attention over a kept-key ``order`` and count ``kept`` (the contract
     of :func:`.attention.ordered_attention_backward`) for a short sequence
     (:func:`fits_short_backward`), in one launch."""
-    batch, heads, num_q, dim = q.shape
-    num_k, dim_v = k.shape[2], v.shape[3]
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_q, block_k = block_dim(num_q), block_dim(num_k)
-    launch(_short_sequence_bwd_kernel, tile_grid(batch * heads, 1),  # one program per (sample, head)
-        Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, DO=grad_out, LSE=lse.contiguous(),
-        DQ=d_q, DK=d_k, DV_OUT=d_v, **strides("q", q, "bhmd"), **strides("k", k, "bhnd"),
-        **strides("v", v, "bhnd"), **strides("o", out, "bhmd"),
-        **strides("do", grad_out, "bhmd"), **strides("dq", d_q, "bhmd"),
-        **strides("dk", d_k, "bhnd"), **strides("dv", d_v, "bhnd"),
-        stride_order_b=order.stride(0), B=batch, H=heads, NQ=num_q, NK=num_k, scale=scale,
-        qk_scale=scale * LOG2E, D=dim, DV=dim_v, BLOCK_D=block_dim(dim),
-        BLOCK_DV=block_dim(dim_v), DOT_F32=INTERPRET, PRECISION=dot_precision(q.dtype),
-        BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=_warps(block_q, block_k), num_stages=1)
+    launch(_short_sequence_bwd_kernel,
+           _backward_static(q.shape, k.shape[2], v.shape[3], q.stride(), k.stride(), v.stride(),
+                            out.stride(), grad_out.stride(), d_q.stride(), d_k.stride(),
+                            d_v.stride(), order.stride(0), q.dtype, scale),
+           Q=q, K=k, V=v, ORDER=order, KEPT=kept, OUT=out, DO=grad_out, LSE=lse.contiguous(),
+           DQ=d_q, DK=d_k, DV_OUT=d_v)
     return d_q, d_k, d_v
+
+
+@static_builder
+def _backward_static(q_shape: tuple[int, ...], num_k: int, dim_v: int,
+                     q_strides: tuple[int, ...], k_strides: tuple[int, ...],
+                     v_strides: tuple[int, ...], out_strides: tuple[int, ...],
+                     do_strides: tuple[int, ...], dq_strides: tuple[int, ...],
+                     dk_strides: tuple[int, ...], dv_strides: tuple[int, ...], order_stride: int,
+                     dtype: torch.dtype, scale: float) -> Static:
+    batch, heads, num_q, dim = q_shape
+    block_q, block_k = block_dim(num_q), block_dim(num_k)
+    return Static(tile_grid(batch * heads, 1), {  # one program per (sample, head)
+        **strides("q", q_strides, "bhmd"), **strides("k", k_strides, "bhnd"),
+        **strides("v", v_strides, "bhnd"), **strides("o", out_strides, "bhmd"),
+        **strides("do", do_strides, "bhmd"), **strides("dq", dq_strides, "bhmd"),
+        **strides("dk", dk_strides, "bhnd"), **strides("dv", dv_strides, "bhnd"),
+        "stride_order_b": order_stride, "B": batch, "H": heads, "NQ": num_q, "NK": num_k,
+        "scale": scale, "qk_scale": scale * LOG2E, "D": dim, "DV": dim_v,
+        "BLOCK_D": block_dim(dim), "BLOCK_DV": block_dim(dim_v), "DOT_F32": INTERPRET,
+        "PRECISION": dot_precision(dtype), "BLOCK_Q": block_q, "BLOCK_K": block_k,
+        "num_warps": _warps(block_q, block_k), "num_stages": 1})
