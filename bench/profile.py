@@ -76,10 +76,14 @@ def _backward_profiles() -> Iterator[list[cProfile.Profile]]:
     """Profiles of sma-kernels' backward where autograd runs it on a thread of its own.
 
     For CUDA tensors the autograd engine runs the backward on its device thread, which a
-    cProfile enabled on the calling thread does not see. While this is active, each backward
-    that runs on another thread than this one is profiled apart; the list collects the
+    cProfile enabled on the calling thread does not see before Python 3.12 (from 3.12 it
+    profiles every thread, and a second profiler cannot be enabled). While this is active, each
+    backward that runs on another thread than this one is profiled apart; the list collects the
     profiles."""
     profiles: list[cProfile.Profile] = []
+    if sys.version_info >= (3, 12):
+        yield profiles
+        return
     caller = threading.get_ident()
     attention_grads = ops._attention_grads
 

@@ -5,10 +5,12 @@ summation order of the token scores, so it is a fixed function of the shape
 (``mask_scores.score_config``), chosen by measurement and never by a run's timings. At the pixel
 workload the kernel takes most of a forward call's device time. Each of its programs streams all
 L keys twice for one block of chosen rows, so its speed depends on how many programs and warps
-keep each SM busy. This command measures that choice:
-it runs the kernel at each workload's full size (a plan drawn as users draw it) under every
-config of :data:`CANDIDATES` and under the default, and reports each config's device time per
-launch (``torch.profiler``, as ``bench.profile`` does) and its ratio to the default's.
+keep each SM busy. This command measures that choice, to inform it: it runs the kernel at the
+pixel workload's full size (``--cases`` for others; a plan drawn as the ops draw one without a
+plan) under the default config and under each of :data:`CANDIDATES`, some of which the rule
+never picks today, and reports each config's device time per launch (``torch.profiler``, as
+``bench.profile`` does) and its ratio to the default's. ``--time-limit`` starts no config after
+it.
 
 On the CPU (a smoke run) the kernels run under ``TRITON_INTERPRET=1`` at the tiny shapes, and
 only the call's time is reported. Writes ``score-configs-<device>.json`` under ``--out``
@@ -26,7 +28,9 @@ if __name__ == "__main__":
         os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
+import math
 import sys
+import time
 from typing import Any
 
 import torch
@@ -43,10 +47,11 @@ CANDIDATES = ((64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (
 
 
 def time_configs(case: bench_cases.Case, device: torch.device, dtype: torch.dtype,
-                 candidates: tuple[tuple[int, int, int, int], ...], repeats: int
-                 ) -> list[dict[str, Any]]:
-    """One record per config (the default first, as ``config`` None) of the score kernel at
-    ``case``."""
+                 candidates: tuple[tuple[int, int, int, int], ...], repeats: int,
+                 deadline: float = math.inf) -> list[dict[str, Any]]:
+    """One record per config of the score kernel at ``case``: the default first, then each
+    candidate, none started after ``deadline`` (``time.monotonic()``; those are recorded as not
+    run)."""
     from sma_kernels.plan import draw_plan
     from sma_kernels.triton._common import TileConfig
     from sma_kernels.triton.mask_scores import chosen_row_scores, default_score_config, max_chosen_rows
@@ -64,22 +69,26 @@ def time_configs(case: bench_cases.Case, device: torch.device, dtype: torch.dtyp
         options["head_mix"])
     records = []
     for config in [None, *(TileConfig(*candidate) for candidate in candidates)]:
+        record = {"case": case.name, "shape": list(case.shape), "config": _name(config or default),
+                  "default": config is None}
+        records.append(record)
+        if time.monotonic() > deadline:
+            record["not_run"] = "--time-limit reached"
+            continue
+
         def call(config: TileConfig | None = config) -> Any:
             return chosen_row_scores(x.q, x.k, x.valid, pool, plan, **options, scale=scale,
                                      config=config)
 
         try:
-            call()
+            call()  # compiles
             measured = profile_call(call, device, repeats)
         except Exception as error:  # noqa: BLE001  (recorded: a config the card cannot run)
-            records.append({"case": case.name, "config": _name(config),
-                            "error": f"{type(error).__name__}: {error}"[:300]})
+            record["error"] = f"{type(error).__name__}: {error}"[:300]
             continue
-        kernel_ms = next((kernel["ms"] for kernel in measured["kernels"]
-                          if kernel["name"].startswith(SCORE_KERNEL)), None)
-        records.append({"case": case.name, "shape": list(case.shape),
-                        "config": _name(config or default), "default": config is None,
-                        "kernel_ms": kernel_ms, "time_ms": measured["time_ms"]})
+        record["kernel_ms"] = next((kernel["ms"] for kernel in measured["kernels"]
+                                    if kernel["name"].startswith(SCORE_KERNEL)), None)
+        record["time_ms"] = measured["time_ms"]
     # On a GPU the kernel's device time, on the CPU the call's (no device time there).
     metric = "kernel_ms" if device.type == "cuda" else "time_ms"
     base = records[0].get(metric)
@@ -103,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "bounds)",
                          repeats_help="launches profiled per config (default: 10 on a GPU, 1 on "
                                       "the CPU)")
+    parser.add_argument("--time-limit", type=float, default=math.inf, metavar="S",
+                        help="start no config after S seconds (the rest are recorded as not run)")
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.time_limit
     device, cases = chosen_workloads(parser, args)
     on_device = device.type == "cuda"
     repeats = args.repeats or (10 if on_device else 1)
@@ -118,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"score-configs-{measure.device_slug(result['device'])}.json"
     for case in cases:
         name = case.name
-        for record in time_configs(case, device, dtype, candidates, repeats):
+        for record in time_configs(case, device, dtype, candidates, repeats, deadline):
             result["records"].append(record)
             measure.write_result(result, path)
-            if "error" in record:
-                print(f"{name:10s} {record['config']}: {record['error']}", flush=True)
+            if "error" in record or "not_run" in record:
+                print(f"{name:10s} {record['config']}: "
+                      f"{record.get('error') or record['not_run']}", flush=True)
                 continue
             kernel = "-" if record["kernel_ms"] is None else f"{record['kernel_ms']:.3f}"
             ratio = "-" if record["over_default"] is None else f"{record['over_default']:.2f}"

@@ -95,6 +95,8 @@ def test_launchers_build_each_static_once_per_layout():
     other = attention._forward_static(*args[:3], k_t.stride(), *args[4:])
     assert other is not static and other.scalars["stride_kn"] == 1
     assert attention._forward_static(*args[:-1], 0.5) is not static
+    # Equal values of other types are other keys: Triton specializes 1 and 1.0 apart.
+    assert attention._forward_static(*args[:-1], 1) is not attention._forward_static(*args[:-1], 1.0)
 
 
 @needs_gpu
@@ -106,8 +108,8 @@ def test_repeated_calls_match_the_first_on_gpu(monkeypatch, length):
     plan = sk.make_plan(4, length, length, 2, generator=g)
 
     def call():
-        out, mask = sk.self_guided_attention(q, k, v, plan=plan, ratio=0.3, mask_self=True,
-                                             backend="triton")
+        out, mask = sk.self_guided_attention(q, k, v, plan=plan, ratio=0.3, num_per_query=1,
+                                             mask_self=True, backend="triton")
         return (out, mask, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
 
     with monkeypatch.context() as patch:

@@ -17,7 +17,8 @@ the layout and options of an earlier one gets the same object and builds no argu
 launch with a given key goes through Triton, which compiles and autotunes as usual and returns
 the compiled kernel. :func:`launch` keeps it, with the config the autotuner chose, the kernel's
 arguments in order and the grid. A later launch with the same key hands that compiled kernel's
-launcher (the C function ``JITFunction.run`` ends with) the arguments directly.
+launcher (``compiled.run``, Triton's launcher object that ``JITFunction.run`` ends with, which
+calls ``cuLaunchKernel`` from C) the arguments directly.
 
 The key holds what Triton's choice of compiled kernel and config depends on, and more: the
 kernel, the current device, the Static (by identity: its scalars are fixed, the key holds it
@@ -27,9 +28,10 @@ have run, with the same arguments (``tests/test_triton_launch.py`` compares them
 launch). A kernel behind anything but ``triton.autotune``, and a config or kernel with a
 pre-launch hook, always go through Triton. While a Triton launch hook is set (a profiler's), a
 direct launch goes through the compiled kernel's runner, which hands the hooks their launch
-metadata; with none set it skips building that metadata and calls the C launcher itself. What Triton reads at every launch and a kept kernel does not: its knobs
-(``TRITON_DEBUG`` and the like), and the values of the kernel's globals; after changing either
-at run time, or an autotuner's configs, call :func:`clear`.
+metadata; with none set it calls the launcher without building that metadata. What Triton
+reads at every launch and a kept kernel does not: its knobs (``TRITON_DEBUG`` and the like),
+and the values of the kernel's globals; after changing either at run time, or an autotuner's
+configs, call :func:`clear`.
 
 Under the interpreter (``TRITON_INTERPRET=1``) nothing is compiled and every launch goes
 through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
@@ -75,7 +77,8 @@ class Static:
 def static_builder(builder: Callable[..., Any]) -> Callable[..., Any]:
     """Memoizes a launcher's builder of Statics, a function of hashable arguments only (shapes,
     strides, dtype, options), so that equal arguments give the same Statics."""
-    return functools.lru_cache(maxsize=CACHE_LIMIT)(builder)
+    # typed: 1, 1.0 and True are equal keys, but Triton specializes them apart.
+    return functools.lru_cache(maxsize=CACHE_LIMIT, typed=True)(builder)
 
 
 class Kept(NamedTuple):
@@ -118,7 +121,7 @@ def _keep(kernel: Any, compiled: Any, static: Static,
     if not isinstance(function, JITFunction) or function.pre_run_hooks:
         return None
     fixed = {name: parameter.default for name, parameter in function.signature.parameters.items()
-             if parameter.default is not inspect.Parameter.empty}
+             if parameter.default is not inspect.Parameter.empty and name not in tensors}
     fixed.update(static.scalars)
     if isinstance(kernel, Autotuner):
         if kernel.best_config.pre_hook is not None:
@@ -140,7 +143,8 @@ def _keep(kernel: Any, compiled: Any, static: Static,
 def launch(kernel: Any, static: Static, /, **tensors: torch.Tensor | None) -> None:
     """``kernel[static.grid](**tensors, **static.scalars)``, through the compiled kernel of an
     earlier launch with the same key when there is one. ``kernel`` is a ``triton.jit``
-    function, or one behind ``triton.autotune``; ``tensors`` are its tensor arguments (or None)."""
+    function, or one behind ``triton.autotune``; ``tensors`` are its tensor arguments, each a
+    ``torch.Tensor`` or None (anything else belongs in the Static)."""
     if not DIRECT:
         kernel[static.grid](**tensors, **static.scalars)
         return
