@@ -56,13 +56,8 @@ from bench import cases as bench_cases
 from bench import fake_gpu, measure, report
 from bench.host_overhead import METRICS, calls, host_us, stubbed_launches
 from sma_kernels import ops
-
-
-@contextlib.contextmanager
-def direct_launches(enabled: bool) -> Iterator[None]:
-    from sma_kernels.triton import launch
-    with mock.patch.object(launch, "DIRECT", enabled):
-        yield
+from sma_kernels.triton import kernel_modules
+from sma_kernels.triton.launch import hooked, launch, through_triton
 
 
 def recorded(fn: Callable[[], Any]) -> list[tuple]:
@@ -77,7 +72,7 @@ def time_routes(case: bench_cases.Case, blocks: int, calls_per_block: int) -> di
     for metric, fn in calls(case).items():
         fn()  # compiles (stand-ins) and autotunes
         launches = len(recorded(fn))
-        with direct_launches(False):
+        with through_triton():
             triton_us = host_us(fn, blocks, calls_per_block)
             with stubbed_launches():
                 stubbed_us = host_us(fn, blocks, calls_per_block)
@@ -127,7 +122,6 @@ def _effective(args: tuple) -> tuple:
     """A launch as the C launcher acts on it: (grid x, y, z, stream, function, packed metadata,
     launch metadata, enter hook, exit hook, then the kernel's arguments), with hooks that call
     nothing as None, and no launch metadata when no hook reads it."""
-    from sma_kernels.triton.launch import hooked
     *head, metadata, enter, exit_hook = args[:9]
     enter, exit_hook = (hook if hooked(hook) else None for hook in (enter, exit_hook))
     return (*head, metadata if enter or exit_hook else None, enter, exit_hook, *args[9:])
@@ -154,24 +148,21 @@ def check(log: Callable[[str], None] = print) -> list[str]:
 
     After a warm-up call, every launch of a call is made twice from the same arguments: through
     Triton, then directly, which must not enter ``JITFunction.run``."""
-    from sma_kernels.triton import kernel_modules
-    from sma_kernels.triton import launch as launch_module
-    launch = launch_module.launch
     problems: list[str] = []
     compared: list[tuple[str, bool]] = []
 
     def both_ways(kernel: Any, static: Any, /, **tensors: Any) -> None:
         fake_gpu.LAUNCHES.clear()
-        with direct_launches(False):
+        with through_triton():
             launch(kernel, static, **tensors)
-        through_triton = list(fake_gpu.LAUNCHES)
+        by_triton = list(fake_gpu.LAUNCHES)
         fake_gpu.LAUNCHES.clear()
         with mock.patch.object(JITFunction, "run", autospec=True,
                                side_effect=JITFunction.run) as triton_run:
             launch(kernel, static, **tensors)
         name = _innermost(kernel).__name__
-        difference = "nothing launched" if not through_triton else _difference(
-            fake_gpu.LAUNCHES, through_triton)
+        difference = "nothing launched" if not by_triton else _difference(
+            fake_gpu.LAUNCHES, by_triton)
         if triton_run.called:
             problems.append(f"{where}: {name} went through JITFunction.run")
         elif difference:

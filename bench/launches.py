@@ -51,7 +51,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 from unittest import mock
 
@@ -142,14 +141,6 @@ class _OpLaunches(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _direct_launches() -> ModuleType | None:
-    """The Triton backend's launcher module, if the backend runs here."""
-    if declared()["triton"].self_guided_mask is None:
-        return None
-    from sma_kernels.triton import launch
-    return launch
-
-
 def _triton_launch_paths() -> list[tuple[type, str]]:
     """The classes whose ``run`` is the innermost launch of a Triton kernel."""
     try:
@@ -197,11 +188,11 @@ def count_launches() -> Iterator[Launches]:
     with contextlib.ExitStack() as stack:
         for owner, name in _triton_launch_paths():
             stack.enter_context(mock.patch.object(owner, name, counted(getattr(owner, name))))
-        direct = _direct_launches()
-        if direct is not None:
+        if declared()["triton"].self_guided_mask is not None:  # the Triton backend runs here
+            from sma_kernels.triton.launch import through_triton
             # A direct launch (sma_kernels/triton/launch.py) skips JITFunction.run: send every
             # launch through it, where it is counted. Either way one launch() is one kernel.
-            stack.enter_context(mock.patch.object(direct, "DIRECT", False))
+            stack.enter_context(through_triton())
         stack.enter_context(mock.patch.object(torch.Tensor, "tolist", tolist_seen))
         # Keep the eager path: the counter's own mode must not route calls through the ops.
         stack.enter_context(mock.patch.object(ops, "is_in_torch_dispatch_mode",

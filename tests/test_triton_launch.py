@@ -81,6 +81,13 @@ def test_launch_key_tells_apart_what_triton_specializes():
     assert launch.launch_key("kernel", 0, launch.Static((1,), {"n": 16}), base) != key
 
 
+def test_through_triton_turns_direct_launches_off_while_active(monkeypatch):
+    monkeypatch.setattr(launch, "DIRECT", True)
+    with launch.through_triton():
+        assert launch.DIRECT is False
+    assert launch.DIRECT is True
+
+
 def test_launchers_build_each_static_once_per_layout():
     # The Statics are memoized functions of the shapes, strides, dtype and options: a call with
     # the layout of an earlier one gets that call's Static, any other layout another.

@@ -39,12 +39,13 @@ through Triton; ``SMA_KERNELS_DIRECT_LAUNCH=0`` does the same on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import operator
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -103,6 +104,18 @@ def launch_key(kernel: Any, device: int, static: Static,
     return (id(kernel), device, static, *tensors,
             *[None if tensor is None else (tensor.dtype, tensor.data_ptr() % 16)
               for tensor in tensors.values()])
+
+
+@contextlib.contextmanager
+def through_triton() -> Iterator[None]:
+    """Every launch through Triton's own launch path while active (for the tools that count or
+    compare Triton's launches), as ``SMA_KERNELS_DIRECT_LAUNCH=0`` does for a whole process."""
+    global DIRECT
+    direct, DIRECT = DIRECT, False
+    try:
+        yield
+    finally:
+        DIRECT = direct
 
 
 def clear() -> None:
