@@ -10,7 +10,9 @@ things differ there and are decided here once:
   compilation per kernel variant instead of one per config, for test runs on a fresh machine.
 * The interpreter's ``tl.dot`` computes wrong results for bf16 operands, so the kernels take a
   ``DOT_F32`` constexpr that casts dot operands to fp32 under the interpreter only; on a GPU the
-  dots stay in the input dtype (tensor cores, fp32 accumulation).
+  dots stay in the input dtype (tensor cores, fp32 accumulation). The interpreter's dot is
+  NumPy's matmul, whose summation order depends on the operands' shapes: the score kernel
+  (mask_scores.py) takes one orientation there for both of its passes over the same logits.
 """
 
 from __future__ import annotations

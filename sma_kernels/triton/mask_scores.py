@@ -243,7 +243,8 @@ def _chosen_row_scores_kernel(
                 # starts on the tiles loop 1 read last, in L2.
                 lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)) / LOG2E_C,
                                float("inf"))
-                q_t = tl.trans(tl.where(live[:, None], q, 0.0))
+                q = tl.where(live[:, None], q, 0.0)
+                q_t = tl.trans(q)
                 partial_row = PARTIALS + (bh * ROW_BLOCKS + r) * NK
                 key_tiles = tl.cdiv(tl.maximum(last - key_start, 0), BLOCK_N)
                 for start_n in range(key_start + (key_tiles - 1) * BLOCK_N, key_start - BLOCK_N,
@@ -251,9 +252,18 @@ def _chosen_row_scores_kernel(
                     cols = start_n + offs_n
                     valid = load_flags(valid_row, cols, cols < NK)
                     k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                    s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale
-                    # At most 0: loop 2's product is not loop 1's instruction, so a logit within
-                    # rounding of FLT_MAX may round differently; P <= 1 keeps the sums finite.
+                    # P of a row's largest logit is 1 only if loop 2 computes the very logit
+                    # loop 1 did: one ulp less is a factor exp(-ulp), which at logits near
+                    # FLT_MAX is 0. On a GPU both dots are the same instruction over the same
+                    # products, summed over d in the same order. NumPy's matmul, the
+                    # interpreter's dot, picks its kernel and order by the operands' shapes, so
+                    # there loop 2 takes loop 1's product and transposes it
+                    # (tests/test_triton_mask.py, test_mask_non_finite_inputs).
+                    if DOT_F32:
+                        s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION)) * scale
+                    else:
+                        s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale
+                    # At most 0: P <= 1 keeps the sums finite, whatever the rounding.
                     p_t = tl.exp2(tl.minimum(s_t - lse[None, :], 0.0) * LOG2E_C)
                     tl.store(partial_row + cols, tl.sum(p_t, axis=1), mask=cols < NK)
         tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_live)
