@@ -76,10 +76,10 @@ if UNAVAILABLE is None:
         options = {"ratio": ratio, "num_per_query": num_per_query, "head_mix": head_mix,
                    "mask_self": mask_self, "noise": noise, "scale": scale}
         if fits_short_forward(q.shape[2], k.shape[2]):
-            return short_sequence_attention(q.detach(), k.detach(), None, valid, query_pool,
-                                            plan, **options, order_out=order_out).mask
+            return short_sequence_attention(q, k, None, valid, query_pool, plan, **options,
+                                            order_out=order_out).mask
         # Two launches: the plan's rows and the score partials, then the scores and the mask.
-        rows = chosen_row_scores(q.detach(), k.detach(), valid, query_pool, plan, **options)
+        rows = chosen_row_scores(q, k, valid, query_pool, plan, **options)
         mask, _ = select_from_partials(rows.partials, rows.block_rows, rows.head_weight, valid,
                                        rows.chosen if mask_self else None, rows.meta,
                                        plan.token_rank, order_out=order_out)

@@ -214,9 +214,11 @@ def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.con
 # passes None, which Triton compiles as a constant, so such a call fills no (B, L) tensor first.
 # A kernel offsets such a pointer to its row under `if FLAGS is not None` in its own body: a
 # jit function cannot return None on every Triton version (3.6 cannot).
+# Bool tensors go to the kernels as they are: Triton reads and writes a bool pointer as bytes
+# (int8), so no uint8 view is needed, which would cost two tensor ops per flags argument.
 def flags_arg(flags: torch.Tensor | None) -> torch.Tensor | None:
-    """A (B, n) bool flags tensor as the kernels read it (uint8, contiguous), or None (all set)."""
-    return None if flags is None else flags.contiguous().view(torch.uint8)
+    """A (B, n) bool flags tensor as the kernels read it (contiguous), or None (all set)."""
+    return None if flags is None else flags.contiguous()
 
 
 @triton.jit

@@ -89,9 +89,9 @@ def kept_keys(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, length = keep.shape
     order = torch.empty((batch, length), dtype=torch.int32, device=keep.device)
     kept = torch.empty((batch,), dtype=torch.int32, device=keep.device)
-    keep_u8 = keep.contiguous().view(torch.uint8)
-    launch(_kept_keys_kernel, _kept_keys_static(batch, length, keep_u8.stride(0), order.stride(0)),
-           KEEP=keep_u8, ORDER=order, KEPT=kept)
+    keep = keep.contiguous()
+    launch(_kept_keys_kernel, _kept_keys_static(batch, length, keep.stride(0), order.stride(0)),
+           KEEP=keep, ORDER=order, KEPT=kept)
     return order, kept
 
 

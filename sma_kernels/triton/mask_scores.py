@@ -299,7 +299,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
                          head.stride(0), q.dtype, scale, head_mix == "random", config, row_blocks,
                          rows_from_plan, mask_self, ratio, num_per_query, noise),
            Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool), QUERY_RANK=query_rank,
-           HEAD=head, CHOSEN=chosen.view(torch.uint8), META=meta, PARTIALS=partials,
+           HEAD=head, CHOSEN=chosen, META=meta, PARTIALS=partials,
            BLOCK_ROWS=block_rows)
     return RowScores(partials, block_rows, 1.0 if head_mix == "random" else 1.0 / heads, chosen,
                      meta)

@@ -404,7 +404,7 @@ def select_from_partials(partials: torch.Tensor, block_rows: torch.Tensor, head_
            _select_static(batch, num_partials, num_k, head_weight, token_rank.stride(0),
                           forced is not None, order_out is not None, config),
            PARTIALS=partials, BLOCK_ROWS=block_rows, SCORES=scores, VALID=flags_arg(valid),
-           FORCED=flags_arg(forced), RANK=token_rank, META=meta, OUT=out.view(torch.uint8),
+           FORCED=flags_arg(forced), RANK=token_rank, META=meta, OUT=out,
            ORDER=order, KEPT=kept)
     return out, scores
 

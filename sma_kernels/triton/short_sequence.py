@@ -416,7 +416,7 @@ def short_sequence_attention(
                            order_out is not None, attend),
            Q=q, K=k, V=values, VALID=flags_arg(valid), POOL=flags_arg(query_pool),
            QUERY_RANK=query_rank, HEAD=head, TOKEN_RANK=token_rank, CHOSEN=chosen, SCORES=scores,
-           MASK=mask.view(torch.uint8), ORDER=order, KEPT=kept, OUT=out if attend else scores,
+           MASK=mask, ORDER=order, KEPT=kept, OUT=out if attend else scores,
            LSE=lse if attend else scores)
     return ShortSequenceResult(mask, scores, out, lse)
 
