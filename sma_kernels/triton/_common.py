@@ -35,6 +35,23 @@ AUTOTUNE = os.environ.get("SMA_KERNELS_AUTOTUNE", "1") != "0"
 # same result up to rounding, fewer instructions, no libdevice.
 LOG2E = math.log2(math.e)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same number inside the kernels
+INTERPRET_C: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def rounded_product(x, y):
+    """x * y in fp32, rounded on its own: never contracted with a later add into an FMA.
+
+    A contracted ``x * y - c`` rounds once, so it differs from the rounded product minus c by
+    that product's rounding error, up to half an ulp of x * y: at large x * y, exponents of such
+    differences would not match those of a pass that rounded the product (PTX's ``mul.rn`` is
+    never contracted). The interpreter (NumPy) does not contract.
+    """
+    if INTERPRET_C:
+        return x * y
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, y],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 # The head-dim blocks of the attention kernels, and the widest at which every config is tried.

@@ -90,6 +90,7 @@ from ._common import (
     load_flags,
     load_tile,
     next_power_of_2,
+    rounded_product,
     strides,
     tile_grid,
 )
@@ -219,7 +220,7 @@ def _chosen_row_scores_kernel(
                 cols = start_n + offs_n
                 valid = load_flags(valid_row, cols, cols < NK)
                 k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale)
                 non_finite += s * 0.0
                 s = tl.where(valid[None, :], s, float("-inf"))
                 # A row with a non-finite logit may compute NaN here: it is dead below.
@@ -252,19 +253,27 @@ def _chosen_row_scores_kernel(
                     cols = start_n + offs_n
                     valid = load_flags(valid_row, cols, cols < NK)
                     k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                    # P of a row's largest logit is 1 only if loop 2 computes the very logit
-                    # loop 1 did: one ulp less is a factor exp(-ulp), which at logits near
-                    # FLT_MAX is 0. On a GPU both dots are the same instruction over the same
-                    # products, summed over d in the same order. NumPy's matmul, the
-                    # interpreter's dot, picks its kernel and order by the operands' shapes, so
-                    # there loop 2 takes loop 1's product and transposes it
-                    # (tests/test_triton_mask.py, test_mask_non_finite_inputs).
+                    # Loop 2 must compute the very logits loop 1 did: P = exp(S - lse) is off
+                    # by a factor exp(difference), and one ulp of a logit is 1 from 2^23 on and
+                    # 2^104 near FLT_MAX. So both loops round scale * dot on its own
+                    # (rounded_product: a compiler would otherwise contract it with loop 2's
+                    # "- lse" into one FMA, 0.5 ulp off), and both dots must sum the same
+                    # products alike. fp32 inputs take FMAs in d order in both. For 16-bit
+                    # inputs, on sm_90, loop 1's dot is an mma.sync below BLOCK_M = 64 and loop
+                    # 2's a wgmma, whose rounding of a sum NVIDIA does not document:
+                    # tests/test_triton_mask.py, test_mask_non_finite_inputs, checks them at
+                    # logits near FLT_MAX (bench/gpu_check.sh runs it). NumPy's matmul, the
+                    # interpreter's dot, picks its summation order by the operands' shapes, so
+                    # there loop 2 transposes loop 1's product.
                     if DOT_F32:
-                        s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION)) * scale
+                        s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION))
                     else:
-                        s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale
-                    # At most 0: P <= 1 keeps the sums finite, whatever the rounding.
-                    p_t = tl.exp2(tl.minimum(s_t - lse[None, :], 0.0) * LOG2E_C)
+                        s_t = tl.dot(k, q_t, input_precision=PRECISION)
+                    s_t = rounded_product(s_t, scale)
+                    # P <= 1 at valid tokens, up to the rounding of lse: a row's lse is at
+                    # least its largest logit, whose own term in l is exp2(0) = 1. At padding
+                    # (k read as 0) P may be anything, even +inf: nobody reads those columns.
+                    p_t = tl.exp2((s_t - lse[None, :]) * LOG2E_C)
                     tl.store(partial_row + cols, tl.sum(p_t, axis=1), mask=cols < NK)
         tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_live)
 
