@@ -104,6 +104,18 @@ def test_unavailable_backend_says_why():
     assert all(isinstance(i["reason"], str) for i in info.values() if not i["available"])
 
 
+def test_triton_says_why_it_cannot_run_on_a_rocm_gpu(monkeypatch):
+    pytest.importorskip("triton", reason="needs Triton installed")
+    from sma_kernels import triton as triton_backend
+    from sma_kernels.triton import _common
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert "NVIDIA GPUs only" in triton_backend._unavailable()
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert triton_backend._unavailable() is None
+
+
 ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.floats(allow_nan=True),
                       st.text(max_size=6), st.just(torch.ones(2)), st.just([0.3]))
 

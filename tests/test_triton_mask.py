@@ -241,7 +241,7 @@ NON_FINITE_SETUPS = {
 
 # Under the interpreter NumPy warns about the overflows these inputs are made of.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "overflow"])
 @pytest.mark.parametrize("setup", NON_FINITE_SETUPS.values(), ids=NON_FINITE_SETUPS.keys())
 def test_mask_non_finite_inputs(setup, value, dtype, triton_path):

@@ -39,9 +39,13 @@ def _unavailable() -> str | None:
         import triton  # noqa: F401
     except ImportError as error:
         return f"triton is not installed ({error})"
-    from ._common import INTERPRET
-    if not (INTERPRET or torch.cuda.is_available()):
+    from . import _common
+    if _common.INTERPRET:
+        return None
+    if not torch.cuda.is_available():
         return "no CUDA GPU here (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    if torch.version.hip is not None:  # torch.cuda also stands for ROCm GPUs
+        return "NVIDIA GPUs only: the kernels hold PTX, and this torch is a ROCm build"
     return None
 
 

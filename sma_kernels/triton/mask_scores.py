@@ -74,6 +74,7 @@ import triton.language as tl
 from ..plan import MaskPlan
 from ._common import (
     INTERPRET,
+    INTERPRET_C,
     LOG2E_C,
     META_FIRST_C,
     META_LAST_C,
@@ -253,27 +254,17 @@ def _chosen_row_scores_kernel(
                     cols = start_n + offs_n
                     valid = load_flags(valid_row, cols, cols < NK)
                     k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                    # Loop 2 must compute the very logits loop 1 did: P = exp(S - lse) is off
-                    # by a factor exp(difference), and one ulp of a logit is 1 from 2^23 on and
-                    # 2^104 near FLT_MAX. So both loops round scale * dot on its own
-                    # (rounded_product: a compiler would otherwise contract it with loop 2's
-                    # "- lse" into one FMA, 0.5 ulp off), and both dots must sum the same
-                    # products alike. fp32 inputs take FMAs in d order in both. For 16-bit
-                    # inputs, on sm_90, loop 1's dot is an mma.sync below BLOCK_M = 64 and loop
-                    # 2's a wgmma, whose rounding of a sum NVIDIA does not document:
-                    # tests/test_triton_mask.py, test_mask_non_finite_inputs, checks them at
-                    # logits near FLT_MAX (bench/gpu_check.sh runs it). NumPy's matmul, the
-                    # interpreter's dot, picks its summation order by the operands' shapes, so
-                    # there loop 2 transposes loop 1's product.
-                    if DOT_F32:
+                    # The very logits of loop 1, bit for bit, or P = exp(S - lse) is off by a
+                    # factor exp(difference): the product rounded on its own, and under the
+                    # interpreter loop 1's orientation (docs/design.md, "Kernels").
+                    if INTERPRET_C:
                         s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION))
                     else:
                         s_t = tl.dot(k, q_t, input_precision=PRECISION)
                     s_t = rounded_product(s_t, scale)
-                    # P <= 1 at valid tokens, up to the rounding of lse: a row's lse is at
-                    # least its largest logit, whose own term in l is exp2(0) = 1. At padding
-                    # (k read as 0) P may be anything, even +inf: nobody reads those columns.
-                    p_t = tl.exp2((s_t - lse[None, :]) * LOG2E_C)
+                    # At most 0: P <= 1 even where the two dots round a sum apart (16-bit
+                    # inputs below BLOCK_M = 64 take two kinds of MMA, see the design).
+                    p_t = tl.exp2(tl.minimum(s_t - lse[None, :], 0.0) * LOG2E_C)
                     tl.store(partial_row + cols, tl.sum(p_t, axis=1), mask=cols < NK)
         tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_live)
 
