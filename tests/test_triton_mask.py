@@ -20,6 +20,7 @@ triton_backend = import_triton_backend()
 
 from sma_kernels.triton._common import META_FIRST, META_LAST, META_RANDOM, META_TOP
 from sma_kernels.triton.mask_scores import (
+    CANDIDATE_CONFIGS,
     chosen_row_scores,
     max_chosen_rows,
     score_config,
@@ -281,6 +282,26 @@ def test_mask_non_finite_inputs(setup, value, dtype, triton_path):
     assert torch.equal(got, want)
     assert not (got & ~valid.cpu()).any(), "padding masked"
     assert torch.equal(got.sum(dim=1), counts.num_masked)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_score_passes_compute_the_same_logits(dtype, block_m):
+    """The score kernel's second pass computes its first pass's logits bit for bit
+    (docs/design.md, "Kernels"). At logits of order 1e8 one ulp is 8 or more, so a row's top
+    token gets P = 1 only then, and exp(-8) or less a ulp below. At d = 64 a 16-bit dot takes
+    four MMA steps; on sm_90 BLOCK_M = 16 runs the passes on mma.sync and wgmma, 64 on wgmma."""
+    batch, heads, num_q, length, dim = 3, 2, 12, 100, 64
+    q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=7)
+    chosen = torch.ones(batch, num_q, dtype=torch.bool, device=DEVICE)
+    scale = 1e7
+    want, bad = rule_scores(q.cpu(), k.cpu(), valid.cpu(), chosen.cpu(), plan.head.cpu(),
+                            head_mix="mean", scale=scale)
+    assert not bad.any(), "the logits are finite"
+    config = next(c for c in CANDIDATE_CONFIGS if c.block_m == block_m)
+    got = token_scores(q, k, valid, chosen, plan.head, head_mix="mean", scale=scale,
+                       config=config).cpu()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- GPU only
