@@ -114,9 +114,9 @@ class TileConfig(NamedTuple):
 
 
 def strides(name: str, stride: tuple[int, ...], axes: str) -> dict[str, int]:
-    """A tensor's strides (``tensor.stride()``) as kernel keyword arguments:
-    ``strides("q", q.stride(), "bhmd")`` is
-    ``{"stride_qb": ..., "stride_qh": ..., "stride_qm": ..., "stride_qd": ...}``."""
+    """A tensor's strides (``tensor.stride()``) as kernel keyword arguments: ``strides("q",
+    q.stride(), "bhmd")`` is ``{"stride_qb": ..., "stride_qh": ..., "stride_qm": ...,
+    "stride_qd": ...}``."""
     return {f"stride_{name}{axis}": value for axis, value in zip(axes, stride, strict=True)}
 
 

@@ -3,9 +3,10 @@
 ``kernel[grid](**kwargs)`` goes through ``Autotuner.run`` (for an autotuned kernel) and
 ``JITFunction.run`` on every call: they bind the arguments, specialize each one, build the
 cache key, look up the autotuned config and the compiled kernel, and check the kernel's
-globals. With the 7-60 arguments of these kernels that Python costs 35-65 us per launch on a
-2-core VM (``python -m bench.launch_overhead``): as much as all of sma-kernels' own host work in
-a call. At the small workloads a call is bound by host time, so the ratio to SDPA pays for it.
+globals. With the 7-60 arguments of these kernels that Python costs 20-39 us per launch on a
+2-core VM (``python -m bench.launch_overhead``): over a forward's three launches, more than all
+of sma-kernels' other host work in the call. At the small workloads a call is bound by host
+time, so the ratio to SDPA pays for it.
 
 A launch here comes in two parts. The tensors are passed as keyword arguments. Everything else
 (the grid, the sizes, strides and flags, the meta-parameters) is a :class:`Static`. A launcher
