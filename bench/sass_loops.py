@@ -65,7 +65,7 @@ BATCH, HEADS, TOKENS = 1, 2, 256
 def score_config(case: bench_cases.Case) -> mask_scores.TileConfig:
     """The score kernel's config at the case's full size."""
     rows = mask_scores.max_chosen_rows(case.queries, case.tokens, case.ratio, case.num_per_query)
-    return mask_scores.default_score_config(rows, case.heads, case.head_mix)
+    return mask_scores.default_score_config(rows, case.heads, case.head_mix, case.dim)
 
 
 def record_launches(case: bench_cases.Case) -> list[dict]:

@@ -66,7 +66,7 @@ def time_configs(case: bench_cases.Case, device: torch.device, dtype: torch.dtyp
     pool = x.query_pool if options["mask_self"] else None
     default = default_score_config(
         max_chosen_rows(num_q, num_k, options["ratio"], options["num_per_query"]), heads,
-        options["head_mix"])
+        options["head_mix"], x.q.shape[3])
     records = []
     for config in [None, *(TileConfig(*candidate) for candidate in candidates)]:
         record = {"case": case.name, "shape": list(case.shape), "config": _name(config or default),

@@ -4,9 +4,11 @@ under every config of its kernels and in every process (docs/design.md, "Kernels
 What may change bits and what may not (sma_kernels/triton/mask_scores.py and select.py):
 
 * The score kernel's config (BLOCK_M, BLOCK_N, warps) sets the fp32 summation order of the
-  log-sum-exp and of the column partials, so it is not autotuned: ``score_config`` is a fixed
-  function of the shape. Every candidate config must still give the reference's mask up to
-  float near-ties, and exact ties must go to the lower index under each.
+  log-sum-exp and of the column partials, and so does the number of partial rows that the row
+  blocks share (``partial_rows``), so neither is autotuned: both are fixed functions of the
+  shape. Every candidate config, with a partial row per block or with a few shared, must still
+  give the reference's mask up to float near-ties, and exact ties must go to the lower index
+  under each.
 * The selection kernel adds the partials of each token in row order whatever its BLOCK, and the
   rest is integer work, so its configs (autotuned) must give the same score and mask bits.
 * Two fresh processes must give the same bits (on a GPU each autotunes the selection anew),
@@ -20,6 +22,7 @@ ulps of one coordinate (near-ties, which a different summation order may flip).
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -39,8 +42,11 @@ from sma_kernels.triton import mask_scores, select
 from sma_kernels.triton._common import GRID_X_MAX, GRID_YZ_MAX, cdiv
 from sma_kernels.triton.mask_scores import (
     CANDIDATE_CONFIGS,
+    MAX_PARTIALS,
     chosen_row_scores,
+    default_score_config,
     max_chosen_rows,
+    partial_rows,
     score_config,
 )
 from sma_kernels.triton.select import select_from_partials
@@ -81,9 +87,11 @@ def setup_inputs(setup, length=LENGTH):
     return q, k, valid, pool, plan, kwargs
 
 
-def triton_mask(q, k, valid, pool, plan, kwargs, *, score=None, selection=None):
+def triton_mask(q, k, valid, pool, plan, kwargs, *, score=None, selection=None,
+                max_partials=MAX_PARTIALS):
     """The backend's two launches, with these configs forced (None: the backend's own)."""
-    rows = chosen_row_scores(q, k, valid, pool, plan, **kwargs, config=score)
+    rows = chosen_row_scores(q, k, valid, pool, plan, **kwargs, config=score,
+                             max_partials=max_partials)
     return select_from_partials(rows.partials, rows.block_rows, rows.head_weight, valid,
                                 rows.chosen if kwargs["mask_self"] else None, rows.meta,
                                 plan.token_rank, config=selection)
@@ -108,8 +116,10 @@ def test_every_score_config_gives_the_reference_mask(setup):
               "mask_self": kwargs["mask_self"], "noise": kwargs["noise"], "scale": SCALE,
               "plan": plan}
     want = sk.self_guided_mask(q, k, valid, backend="reference", **public)
-    for config in CANDIDATE_CONFIGS:
-        mask, scores = triton_mask(q, k, valid, pool, plan, kwargs, score=config)
+    # 3 partial rows: 2 to 4 row blocks sum into each at every config.
+    for config, max_partials in itertools.product(CANDIDATE_CONFIGS, (MAX_PARTIALS, 3)):
+        mask, scores = triton_mask(q, k, valid, pool, plan, kwargs, score=config,
+                                   max_partials=max_partials)
         assert_masks_match(mask, want, q, k, valid, **public)
         # Exact ties are exact under every summation order; noise 0 keeps the check to the
         # top-score step (random picks ignore scores).
@@ -148,6 +158,18 @@ def test_default_score_config_is_the_shapes_and_ignores_the_batch():
     assert torch.equal(mask_one, mask[:1])
 
 
+def test_accumulating_kernel_takes_smaller_row_blocks_at_wide_heads():
+    # 8 heads, mean, self-attention at L = 131,072 (4915 chosen rows): 77 blocks of 64 rows a
+    # head, 616 units, more than MAX_PARTIALS, so units share partial rows; above d = 128 that
+    # kernel takes blocks of 32 rows (tests/test_triton_sm90.py compiles it spill-free).
+    max_rows = max_chosen_rows(131_072, 131_072, 0.15, 4)
+    assert 8 * cdiv(max_rows, 64) > MAX_PARTIALS
+    assert [default_score_config(max_rows, 8, "mean", dim).block_m for dim in (64, 128, 256)] \
+        == [64, 64, 32]
+    # A partial row per unit (the pixel workload's 32) keeps 64 at every head dim.
+    assert default_score_config(256, 8, "mean", 256).block_m == 64
+
+
 _FRESH_PROCESS = textwrap.dedent("""
     import hashlib, sys
     sys.path[:0] = {paths!r}
@@ -178,14 +200,14 @@ def test_fresh_processes_give_the_same_bits():
 
 
 class RecordedLaunch:
-    """Stands in for a kernel: records the grid of each launch, runs nothing."""
+    """Stands in for a kernel: records the grid and arguments of each launch, runs nothing."""
 
     def __init__(self):
-        self.grids = []
+        self.grids, self.arguments = [], []
 
     def __getitem__(self, grid):
         self.grids.append(grid)
-        return lambda **kwargs: None
+        return lambda **kwargs: self.arguments.append(kwargs)
 
 
 @pytest.mark.parametrize("head_mix", ["mean", "random"])
@@ -209,7 +231,10 @@ def test_mask_grids_fit_cuda_limits_past_two_billion_programs(monkeypatch, head_
     (score_grid,), (select_grid,) = score_kernel.grids, select_kernel.grids
     max_rows = max_chosen_rows(num_q, length, 0.25, 1)
     rows_per_head = cdiv(max_rows, heads) if head_mix == "random" else max_rows
-    programs = batch * heads * cdiv(max_rows, score_config(rows_per_head).block_m)
+    units = heads * cdiv(max_rows, score_config(rows_per_head).block_m)  # 64, or 256 ("random")
+    programs = batch * partial_rows(heads, units // heads)
+    # O(L) memory a sample: at most MAX_PARTIALS partial rows, however many units.
+    assert score_kernel.arguments[0]["PARTIALS"].shape == (batch, min(units, MAX_PARTIALS), length)
     x, y = score_grid
     assert programs > GRID_X_MAX
     assert x <= GRID_X_MAX and 1 < y <= GRID_YZ_MAX and programs <= x * y < programs + y

@@ -21,6 +21,7 @@ triton_backend = import_triton_backend()
 from sma_kernels.triton._common import META_FIRST, META_LAST, META_RANDOM, META_TOP
 from sma_kernels.triton.mask_scores import (
     CANDIDATE_CONFIGS,
+    MAX_PARTIALS,
     chosen_row_scores,
     max_chosen_rows,
     score_config,
@@ -101,17 +102,20 @@ def test_ties_go_to_the_lower_index(triton_path):
         assert torch.equal(taken, first_valid)
 
 
+@pytest.mark.parametrize("max_partials", [MAX_PARTIALS, 4, 1], ids=lambda n: f"partials{n}")
 @pytest.mark.parametrize("head_mix", ["mean", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_scores_close_to_reference(head_mix, dtype):
+def test_token_scores_close_to_reference(head_mix, dtype, max_partials):
     # About 78 chosen rows: more than one block of 64 rows per head under "mean" (the other
-    # block sizes run in test_triton_determinism.py).
+    # block sizes run in test_triton_determinism.py). Blocks of 64 of up to 130 rows: 3 blocks
+    # per head, 6 units; at most 4 partial rows sum 2, 2, 1 and 1 units, at most 1 all six.
     batch, heads, num_q, length, dim = 7, 2, 130, 50, 32
     q, k, valid, plan = make_inputs(batch, heads, num_q, length, dim, dtype, seed=11)
     g = torch.Generator().manual_seed(5)
     chosen = (torch.rand(batch, num_q, generator=g) < 0.6).to(DEVICE)
     chosen[0] = False  # a sample with no chosen row scores 0 on every valid token
-    got = token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix, scale=0.3)
+    got = token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix, scale=0.3,
+                       max_partials=max_partials)
     want = reference.token_scores(q, k, valid, chosen, plan.head, head_mix=head_mix, scale=0.3)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
     assert torch.equal(got[0][valid[0]], torch.zeros_like(got[0][valid[0]]))
@@ -144,9 +148,11 @@ def test_select_matches_reference(length, ties, mask_self):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("max_partials", [MAX_PARTIALS, 2], ids=lambda n: f"partials{n}")
 @pytest.mark.parametrize(("ratio", "npq", "noise", "mask_self", "head_mix"), [
     (0.5, 1, 0.5, False, "mean"), (0.3, 3, 0.5, True, "random")])
-def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, head_mix):
+def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, head_mix,
+                                                max_partials):
     # Every valid count 0..L-1 once: the float64 rounding of k, k_q and k_rand hits exact
     # halves (ratio 0.5, noise 0.5), which must round half-to-even as plan.mask_counts does.
     length, heads, dim = 40, 3, 16
@@ -160,7 +166,7 @@ def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, he
     want_chosen = chosen_rows(plan, pool, counts.num_rows)
     rows = chosen_row_scores(q, k, valid.to(DEVICE), pool.to(DEVICE), plan.to(DEVICE),
                              ratio=ratio, num_per_query=npq, mask_self=mask_self, noise=noise,
-                             head_mix=head_mix, scale=0.25)
+                             head_mix=head_mix, scale=0.25, max_partials=max_partials)
     meta = rows.meta.cpu().long()
     assert torch.equal(meta[:, META_TOP], counts.num_top)
     assert torch.equal(meta[:, META_RANDOM], counts.num_random)
@@ -170,16 +176,19 @@ def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, he
     assert torch.equal(meta[:, META_LAST], torch.where(valid, index + 1, 0).amax(dim=1))
     # Each head's rows (its own under "random", all chosen rows under "mean") fill its row
     # blocks in order: full blocks, then the rest. Each block counts the rows that add to the
-    # scores: all of them (finite inputs), none in a sample without valid tokens.
+    # scores: all of them (finite inputs), none in a sample without valid tokens. Partial row p
+    # sums units (head, block) p, p + R, ... of R rows (here 3 units: 2 rows sum 2 and 1).
     per_head = (want_chosen[:, None, :] & (plan.head[:, None, :] == torch.arange(heads)[:, None])
                 if head_mix == "random" else want_chosen[:, None, :].expand(-1, heads, -1))
     max_rows = max_chosen_rows(length, length, ratio, npq)
     block = score_config(-(-max_rows // heads) if head_mix == "random" else max_rows).block_m
-    block_rows = rows.block_rows.cpu().view(length, heads, -1)
-    starts = torch.arange(block_rows.shape[2]) * block
-    want_rows = (per_head.sum(dim=2, keepdim=True) - starts).clamp(0, block)
-    want_rows *= valid.any(dim=1)[:, None, None]
-    assert torch.equal(block_rows, want_rows.int())
+    starts = torch.arange(-(-max_rows // block)) * block
+    unit_rows = (per_head.sum(dim=2, keepdim=True) - starts).clamp(0, block)
+    unit_rows = (unit_rows * valid.any(dim=1)[:, None, None]).flatten(1)
+    num_partials = min(unit_rows.shape[1], max_partials)
+    want_rows = torch.zeros(length, num_partials, dtype=unit_rows.dtype)
+    want_rows.index_add_(1, torch.arange(unit_rows.shape[1]) % num_partials, unit_rows)
+    assert torch.equal(rows.block_rows.cpu(), want_rows.int())
 
 
 def test_opcheck_mask_op():

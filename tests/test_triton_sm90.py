@@ -114,19 +114,25 @@ def _run_backend(monkeypatch) -> None:
         _run_score_configs(dim)
 
 
-def _run_score_configs(dim: int, configs=mask_scores.CANDIDATE_CONFIGS) -> None:
+def _run_score_configs(dim: int, configs=mask_scores.CANDIDATE_CONFIGS, *,
+                       accumulate: bool = True) -> None:
     """The score kernel at each of ``configs``, by default those it may take (its config follows
-    from the shape, and these small shapes would not reach BLOCK_M = 64)."""
+    from the shape, and these small shapes would not reach BLOCK_M = 64), with a partial row per
+    row block and (``accumulate``), where it may take the config, with all of them summed into
+    one."""
     g = torch.Generator().manual_seed(dim)
     batch, heads, num_q, length = 1, 2, 64, 100
     q, k = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.bfloat16)
             for n in (num_q, length))
     valid = padded_valid(batch, length, g)
     plan = sk.make_plan(batch, num_q, length, heads, generator=g)
-    for config in configs:
+    for config, max_partials in itertools.product(configs, (mask_scores.MAX_PARTIALS, 1)):
+        if max_partials == 1 and (not accumulate
+                                  or config.block_m > mask_scores.accumulating_block_m(dim)):
+            continue  # not a config the accumulating kernel takes
         mask_scores.chosen_row_scores(q, k, valid, None, plan, ratio=0.9, num_per_query=1,
                                       mask_self=False, noise=0.0, head_mix="mean", scale=0.1,
-                                      config=config)
+                                      config=config, max_partials=max_partials)
 
 
 def test_no_jit_function_returns_none():
@@ -192,7 +198,7 @@ def test_score_configs_candidates_compile_without_spills():
     # each must be one it could take, spill-free and pipelined (at the pixel workload's d = 32).
     candidates = [TileConfig(*candidate) for candidate in score_configs.CANDIDATES]
     with recorded_launches() as launches:
-        _run_score_configs(32, candidates)
+        _run_score_configs(32, candidates, accumulate=False)
     results = compile_launches(launches)
     assert len(results) == len(candidates)
     for result in results:

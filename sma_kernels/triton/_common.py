@@ -54,6 +54,18 @@ def rounded_product(x, y):
                                          dtype=tl.float32, is_pure=True, pack=1)
 
 
+@triton.jit
+def opaque(x):
+    """x (int32), through a copy the compiler can neither see through nor move: what is computed
+    from it inside a loop stays in that loop (PTX ``mov`` in a volatile asm statement). The
+    interpreter runs no compiler."""
+    if INTERPRET_C:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+
+
 # The head-dim blocks of the attention kernels, and the widest at which every config is tried.
 HEAD_BLOCKS = ("BLOCK_D", "BLOCK_DV")
 WIDE_HEAD_BLOCK = 128

@@ -6,7 +6,8 @@ plan's head of row i mod H (floor modulo, so any int32 draw names a head). Only 
 rows of each sample matter (the plan picks them), and the softmax runs over the token axis, so
 every chosen row needs its full log-sum-exp before any of its probabilities is known.
 
-One program per (sample, head, block of BLOCK_M chosen rows) does all of it:
+A unit is a (head, block of BLOCK_M chosen rows) pair of a sample; one program per unit does
+all of it (but see "Memory" below):
 
 1. The sample's plan: its valid token range and counts, and its chosen rows by the radix search
    of select.py over the plan's query ranks (:func:`~.select.mask_counts`,
@@ -22,7 +23,7 @@ One program per (sample, head, block of BLOCK_M chosen rows) does all of it:
    so lse = m + log(l), as in the FlashAttention forward (no V, no output), and which rows have
    a non-finite logit (below).
 3. Loop 2 over the keys: P = exp(S - lse), summed over its rows into one (L,) row of column
-   partials, a (B, H * ROW_BLOCKS, L) fp32 buffer: each program writes its own row, no atomics.
+   partials, a (B, NUM_PARTIALS, L) fp32 buffer: each program writes its own row, no atomics.
    The tile is computed transposed, S^T = K Q^T. A tensor-core tile's rows are split over the
    warps and its columns lie within each warp, so the sum over query rows of a Q K^T tile
    would cross warps, through shared memory and a barrier on every tile; over the columns of
@@ -33,11 +34,21 @@ The selection kernel (select.py) adds a sample's partial rows in row order and w
 pixel workload has one sample of 8 heads and 256 chosen rows: row blocks give it 32 programs
 instead of 8, and a head's K tiles stay in L2 for its blocks.
 
+Memory. A partial row per unit would cost H * ROW_BLOCKS rows of L per sample, which grows
+with k_q, so with L under self-attention: O(L^2) per sample. So a sample has at most
+NUM_PARTIALS = min(H * ROW_BLOCKS, MAX_PARTIALS) rows, one program each, and where units
+outnumber them (ACCUMULATE) the program of row p runs units p, p + NUM_PARTIALS, ... in turn,
+adding each unit's column sums to the ones before in its row (a load and a store per column,
+the program's own row). MAX_PARTIALS = 128 rows are 512 bytes a token, O(B * L) in all. The
+workloads of bench/README.md have at most 48 units a sample and never accumulate: their
+kernel is the one-unit code, compiled without the loop over units.
+
 Determinism. The fp32 order of every sum here is fixed by the config: BLOCK_N sets the tiles of
 the lse's running sum, BLOCK_M and num_warps the reduction tree of the column sums over rows
-(and the tensor-core instruction of the dots). So the kernel is not autotuned: :func:`score_config`
-is a fixed function of the shape and the arguments (never of timing, the batch size or the
-process), and the selection's own config changes no bit. The same inputs give the same mask bits
+(and the tensor-core instruction of the dots), and NUM_PARTIALS which units share a row. So the
+kernel is not autotuned: :func:`score_config` and :func:`partial_rows` are fixed functions of
+the shape and the arguments (never of timing, the batch size or the process), and the
+selection's own config changes no bit. The same inputs give the same mask bits
 in every process, on one GPU model and Triton version.
 
 Non-finite inputs. A (sample, head, chosen row) whose fp32 logits scale * q.k over the sample's
@@ -54,7 +65,7 @@ padding columns of a partial row hold values nobody reads). So the scores are fi
 valid token.
 
 Work: k_q * L * d multiply-adds per sample and loop under "random", H times that under "mean",
-a fraction k_q / Q of one attention pass; memory is the partials, H * ROW_BLOCKS rows of L fp32
+a fraction k_q / Q of one attention pass; memory is the partials, NUM_PARTIALS rows of L fp32
 per sample, where ROW_BLOCKS covers the most chosen rows a sample of this shape can have.
 Logits are scale * q.k in natural units, the fp32 values the rule tests, and exponentials are
 exp2((S - m) * log2 e), so no libdevice is needed. (Folding log2 e into the scale, as
@@ -82,15 +93,17 @@ from ._common import (
     META_TOP_C,
     META_WIDTH,
     META_WIDTH_C,
+    WIDE_HEAD_BLOCK,
     TileConfig,
     block_dim,
     cdiv,
     dot_precision,
     flags_arg,
-    head_tile,
     load_flags,
     load_tile,
     next_power_of_2,
+    opaque,
+    program_tile,
     rounded_product,
     strides,
     tile_grid,
@@ -112,6 +125,18 @@ from .select import (
 CANDIDATE_CONFIGS = tuple(TileConfig(block_m, 64, warps=4, stages=3) for block_m in (16, 32, 64))
 
 
+# Partial rows of column sums per sample at most: 512 bytes a token, the size of a bf16 key of
+# H * d = 256, so the scores' memory is O(B * L) at any number of chosen rows. Not a function of
+# the batch size (it sets the summation order); 128 programs fill an H100 or H200 at B = 1.
+MAX_PARTIALS = 128
+
+
+def partial_rows(heads: int, row_blocks: int, max_partials: int = MAX_PARTIALS) -> int:
+    """The partial rows per sample for ``heads * row_blocks`` units (a block of a head's chosen
+    rows): one each, or units p, p + R, ... summed into row p of R = ``max_partials``."""
+    return min(heads * row_blocks, max_partials)
+
+
 def max_chosen_rows(num_q: int, num_k: int, ratio: float, num_per_query: int) -> int:
     """The most chosen rows a sample of this shape can have: plan.mask_counts's k_q for a sample
     whose num_k tokens are all valid (k_q grows with the valid count, and float64 rounding is
@@ -119,18 +144,31 @@ def max_chosen_rows(num_q: int, num_k: int, ratio: float, num_per_query: int) ->
     return min(num_q, max(1, round(num_k * ratio / num_per_query)))
 
 
-def score_config(rows_per_head: int) -> TileConfig:
+def score_config(rows_per_head: int, max_block_m: int = 64) -> TileConfig:
     """The score kernel's config for at most ``rows_per_head`` chosen rows per (sample, head)
-    (k_q under "mean", k_q / H under "random" on average): a fixed function of the shape, since
-    it sets the summation order (see the module docstring)."""
-    block_m = min(64, max(16, next_power_of_2(rows_per_head)))
+    (k_q under "mean", k_q / H under "random" on average) and blocks of at most ``max_block_m``
+    rows: a fixed function of the shape, since it sets the summation order (see the module
+    docstring)."""
+    block_m = min(max_block_m, max(16, next_power_of_2(rows_per_head)))
     return next(config for config in CANDIDATE_CONFIGS if config.block_m == block_m)
 
 
-def default_score_config(max_rows: int, heads: int, head_mix: str) -> TileConfig:
+def accumulating_block_m(head_dim: int) -> int:
+    """The largest BLOCK_M of a kernel that sums several units into a partial row: both loops'
+    precomputed values stay live across the loop over units, and at head dims above 128 a block
+    of 64 rows spilled registers on sm_90 (``tests/test_triton_sm90.py``)."""
+    return 32 if block_dim(head_dim) > WIDE_HEAD_BLOCK else 64
+
+
+def default_score_config(max_rows: int, heads: int, head_mix: str, head_dim: int,
+                         max_partials: int = MAX_PARTIALS) -> TileConfig:
     """The config the score kernel takes for at most ``max_rows`` chosen rows per sample (see
-    :func:`max_chosen_rows`): each head's share of them under "random"."""
-    return score_config(cdiv(max_rows, heads) if head_mix == "random" else max_rows)
+    :func:`max_chosen_rows`), each head's share of them under "random", at ``head_dim``."""
+    rows_per_head = cdiv(max_rows, heads) if head_mix == "random" else max_rows
+    config = score_config(rows_per_head)
+    if heads * cdiv(max_rows, config.block_m) > max_partials:  # units share partial rows
+        config = score_config(rows_per_head, accumulating_block_m(head_dim))
+    return config
 
 
 @triton.jit
@@ -139,17 +177,20 @@ def _chosen_row_scores_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_rank, stride_head,
-    B, H, NQ, NK, ROW_BLOCKS, scale, ratio_bits, num_per_query, noise_bits,
+    B, H, NQ, NK, ROW_BLOCKS, NUM_PARTIALS, scale, ratio_bits, num_per_query, noise_bits,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     ROWS_FROM_PLAN: tl.constexpr, MASK_SELF: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     RADIX_BITS: tl.constexpr, SWEEP: tl.constexpr, LIST_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """PARTIALS[b, h * ROW_BLOCKS + r] = the column sums of the probabilities of block r of head
-    h's chosen rows, and BLOCK_ROWS[b, h * ROW_BLOCKS + r] its live rows (0: row not written).
-    Rows from the plan (ROWS_FROM_PLAN; CHOSEN and META are then written), else from CHOSEN."""
-    # One program per (sample, head, row block); (sample, head) is int64.
-    b, h, bh, r = head_tile(H, ROW_BLOCKS)
+    """PARTIALS[b, p] = the column sums of the probabilities of the units p, p + NUM_PARTIALS,
+    ... < H * ROW_BLOCKS, unit u being block u % ROW_BLOCKS of head u // ROW_BLOCKS's chosen rows,
+    and BLOCK_ROWS[b, p] their live rows (0: row not written). More than one unit per partial
+    row (ACCUMULATE) only where H * ROW_BLOCKS exceeds NUM_PARTIALS. Rows from the plan
+    (ROWS_FROM_PLAN; CHOSEN and META are then written), else from CHOSEN."""
+    # One program per (sample, partial row); the sample is int64.
+    b, partial = program_tile(NUM_PARTIALS)
     if b < B:  # the grid's partial last row of programs (see tile_grid) has nothing to do
         valid_row, pool_row = VALID, POOL  # None: every token valid, every row in the pool
         if VALID is not None:
@@ -159,8 +200,8 @@ def _chosen_row_scores_kernel(
         rank_row = QUERY_RANK + b * stride_rank
         head_row = HEAD + b * stride_head
         chosen_row = CHOSEN + b * NQ
+        partial_row = PARTIALS + (b * NUM_PARTIALS + partial) * NK
         n, first, last = token_range(valid_row, NK, SWEEP)
-        writer = (h == 0) & (r == 0)  # the program that records the sample's plan
         t = tl.zeros((), tl.int32)
         ties = tl.zeros((), tl.int32)
         if ROWS_FROM_PLAN:
@@ -168,105 +209,130 @@ def _chosen_row_scores_kernel(
                                                    num_per_query, noise_bits, MASK_SELF, SWEEP)
             t, ties = chosen_threshold(pool_row, valid_row, rank_row, NQ, k_q, MASK_SELF, SWEEP,
                                        RADIX_BITS)
-            if writer:
+            if partial == 0:  # the program that records the sample's plan
                 meta = META + b * META_WIDTH_C
                 tl.store(meta + META_TOP_C, num_top)
                 tl.store(meta + META_RANDOM_C, num_random)
                 tl.store(meta + META_FIRST_C, first)
                 tl.store(meta + META_LAST_C, last)
 
-        # This program's rows: slots [r * BLOCK_M, (r + 1) * BLOCK_M) of the head's list of
-        # chosen rows in index order, gathered by a (LIST_BLOCK, BLOCK_M) match per block.
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
         slots = tl.arange(0, BLOCK_M)
         offs_l = tl.arange(0, LIST_BLOCK)
-        rows = tl.zeros([BLOCK_M], tl.int32)
-        listed = tl.zeros((), tl.int32) - r * BLOCK_M  # the list's entries before this block
-        ties_before = tl.zeros((), tl.int32)
-        for start in range(0, NQ, LIST_BLOCK):
-            candidates = start + offs_l
-            if ROWS_FROM_PLAN:
-                member, ties_before = chosen_in_block(pool_row, valid_row, rank_row, candidates,
-                                                      NQ, t, ties, ties_before, MASK_SELF)
-                if writer:
-                    tl.store(chosen_row + candidates, member.to(tl.uint8), mask=candidates < NQ)
-            else:
-                member = tl.load(chosen_row + candidates, mask=candidates < NQ, other=0) != 0
-            if GROUP_BY_HEAD:
-                member = member & (plan_heads(head_row, candidates, NQ, H) == h)
-            count = member.to(tl.int32)
-            slot = listed + tl.cumsum(count, axis=0) - count
-            hit = member[:, None] & (slot[:, None] == slots[None, :])
-            rows += tl.sum(tl.where(hit, candidates[:, None], 0), axis=0)
-            listed += tl.sum(count, axis=0)
-        num_rows = tl.minimum(tl.maximum(listed, 0), BLOCK_M)
+        # Only the tiles from the first to the last valid token: no branch in the loop bodies,
+        # so the K loads are prefetched (see attention.py).
+        sample_key_start = (first // BLOCK_N) * BLOCK_N
+        num_live = tl.zeros((), tl.int32)  # rows added to the partial row so far
+        # A loop of one constant trip when not ACCUMULATE, which the compiler removes. Not
+        # software-pipelined: that would load the next unit's q tile during this one's loops.
+        num_units = tl.cdiv(H * ROW_BLOCKS - partial, NUM_PARTIALS) if ACCUMULATE else 1
+        for unit_step in tl.range(num_units, num_stages=1):
+            unit = partial + unit_step * NUM_PARTIALS
+            # The tiles' offsets follow from key_start, the same in every unit: hoisted out of
+            # the loop over units, those of both loops would stay live across both (spills at
+            # head dims from 128 on sm_90), so each unit takes it anew.
+            key_start = opaque(sample_key_start) if ACCUMULATE else sample_key_start
+            key_tiles = tl.cdiv(tl.maximum(last - key_start, 0), BLOCK_N)
+            h = (unit // ROW_BLOCKS).to(tl.int64)
+            r = unit % ROW_BLOCKS
 
-        num_live = tl.zeros((), tl.int32)  # rows that add to the scores
-        if num_rows > 0:
-            offs_n = tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, BLOCK_D)
-            row_ok = slots < num_rows
-            q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
-                          stride_qd, D, DOT_F32)
-            k_base = K + b * stride_kb + h * stride_kh
-            # Only the tiles from the first to the last valid token: no branch in the loop
-            # bodies, so the K loads are prefetched (see attention.py).
-            key_start = (first // BLOCK_N) * BLOCK_N
+            # The unit's rows: slots [r * BLOCK_M, (r + 1) * BLOCK_M) of head h's list of
+            # chosen rows in index order, gathered by a (LIST_BLOCK, BLOCK_M) match per block.
+            rows = tl.zeros([BLOCK_M], tl.int32)
+            listed = tl.zeros((), tl.int32) - r * BLOCK_M  # the list's entries before the unit
+            ties_before = tl.zeros((), tl.int32)
+            for start in range(0, NQ, LIST_BLOCK):
+                candidates = start + offs_l
+                if ROWS_FROM_PLAN:
+                    member, ties_before = chosen_in_block(pool_row, valid_row, rank_row,
+                                                          candidates, NQ, t, ties, ties_before,
+                                                          MASK_SELF)
+                    if unit == 0:  # the sample's chosen rows, written once
+                        tl.store(chosen_row + candidates, member.to(tl.uint8),
+                                 mask=candidates < NQ)
+                else:
+                    member = tl.load(chosen_row + candidates, mask=candidates < NQ, other=0) != 0
+                if GROUP_BY_HEAD:
+                    member = member & (plan_heads(head_row, candidates, NQ, H) == h)
+                count = member.to(tl.int32)
+                slot = listed + tl.cumsum(count, axis=0) - count
+                hit = member[:, None] & (slot[:, None] == slots[None, :])
+                rows += tl.sum(tl.where(hit, candidates[:, None], 0), axis=0)
+                listed += tl.sum(count, axis=0)
+            num_rows = tl.minimum(tl.maximum(listed, 0), BLOCK_M)
 
-            # Loop 1: lse of the rows.
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            # S * 0 per logit, reduced after the loop: NaN for a row with a non-finite logit.
-            non_finite = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for start_n in range(key_start, last, BLOCK_N):
-                cols = start_n + offs_n
-                valid = load_flags(valid_row, cols, cols < NK)
-                k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale)
-                non_finite += s * 0.0
-                s = tl.where(valid[None, :], s, float("-inf"))
-                # A row with a non-finite logit may compute NaN here: it is dead below.
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
-                l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
-                m_i = m_new
-            # Live rows: in the block, with finite logits (an ordered == is false for NaN, under
-            # any fast-math flags), and with valid tokens.
-            live = row_ok & (l_i > 0.0) & (tl.sum(non_finite, axis=1) == 0.0)
-            num_live = tl.sum(live.to(tl.int32), axis=0)
+            if num_rows > 0:
+                row_ok = slots < num_rows
+                q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
+                              stride_qd, D, DOT_F32)
+                k_base = K + b * stride_kb + h * stride_kh
 
-            if num_live > 0:
-                # Loop 2: the column sums of P = exp(S - lse) over the rows, as S^T = K Q^T (see
-                # the module docstring), on the same tiles from the last to the first. Dead rows
-                # get q = 0 and lse = +inf: their P is exactly 0. Each column is written once,
-                # so the order changes no bit. In loop 1's order the compiler shares loop 2's
-                # prefetch of the first tiles (their pointers and masks) with loop 1's, which
-                # keeps them live across all of loop 1: more registers (140 instead of 76 at
-                # d = 128 on sm_90), and ptxas spilled some of them. Backwards, loop 2 also
-                # starts on the tiles loop 1 read last, in L2.
-                lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)) / LOG2E_C,
-                               float("inf"))
-                q = tl.where(live[:, None], q, 0.0)
-                q_t = tl.trans(q)
-                partial_row = PARTIALS + (bh * ROW_BLOCKS + r) * NK
-                key_tiles = tl.cdiv(tl.maximum(last - key_start, 0), BLOCK_N)
-                for start_n in range(key_start + (key_tiles - 1) * BLOCK_N, key_start - BLOCK_N,
-                                     -BLOCK_N):
+                # Loop 1: lse of the rows.
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                # S * 0 per logit, reduced after the loop: NaN for a row with a non-finite logit.
+                non_finite = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for start_n in range(key_start, last, BLOCK_N):
                     cols = start_n + offs_n
                     valid = load_flags(valid_row, cols, cols < NK)
                     k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
-                    # The very logits of loop 1, bit for bit, or P = exp(S - lse) is off by a
-                    # factor exp(difference): the product rounded on its own, and under the
-                    # interpreter loop 1's orientation (docs/design.md, "Kernels").
-                    if INTERPRET_C:
-                        s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION))
-                    else:
-                        s_t = tl.dot(k, q_t, input_precision=PRECISION)
-                    s_t = rounded_product(s_t, scale)
-                    # At most 0: P <= 1 even where the two dots round a sum apart (16-bit
-                    # inputs below BLOCK_M = 64 take two kinds of MMA, see the design).
-                    p_t = tl.exp2(tl.minimum(s_t - lse[None, :], 0.0) * LOG2E_C)
-                    tl.store(partial_row + cols, tl.sum(p_t, axis=1), mask=cols < NK)
-        tl.store(BLOCK_ROWS + bh * ROW_BLOCKS + r, num_live)
+                    s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale)
+                    non_finite += s * 0.0
+                    s = tl.where(valid[None, :], s, float("-inf"))
+                    # A row with a non-finite logit may compute NaN here: it is dead below.
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
+                    l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
+                    m_i = m_new
+                # Live rows: in the block, with finite logits (an ordered == is false for NaN,
+                # under any fast-math flags), and with valid tokens.
+                live = row_ok & (l_i > 0.0) & (tl.sum(non_finite, axis=1) == 0.0)
+                unit_live = tl.sum(live.to(tl.int32), axis=0)
+
+                if unit_live > 0:
+                    # Loop 2: the column sums of P = exp(S - lse) over the rows, as S^T = K Q^T
+                    # (see the module docstring), on the same tiles from the last to the first.
+                    # Dead rows get q = 0 and lse = +inf: their P is exactly 0. In loop 1's order
+                    # the compiler shares loop 2's prefetch of the first tiles (their pointers
+                    # and masks) with loop 1's, which keeps them live across all of loop 1: more
+                    # registers (140 instead of 76 at d = 128 on sm_90), and ptxas spilled some
+                    # of them. Backwards, loop 2 also starts on the tiles loop 1 read last, in L2.
+                    lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)) / LOG2E_C,
+                                   float("inf"))
+                    q = tl.where(live[:, None], q, 0.0)
+                    q_t = tl.trans(q)
+                    if ACCUMULATE:
+                        # The partial row's earlier sums, stored by other threads of this
+                        # program: a barrier orders their stores before these loads. Columns
+                        # below summed_to hold them: all, or none before the first live unit.
+                        tl.debug_barrier()
+                        summed_to = tl.where(num_live > 0, NK, 0)
+                    for start_n in range(key_start + (key_tiles - 1) * BLOCK_N,
+                                         key_start - BLOCK_N, -BLOCK_N):
+                        cols = start_n + offs_n
+                        valid = load_flags(valid_row, cols, cols < NK)
+                        k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D,
+                                      DOT_F32)
+                        # The very logits of loop 1, bit for bit, or P = exp(S - lse) is off by
+                        # a factor exp(difference): the product rounded on its own, and under
+                        # the interpreter loop 1's orientation (docs/design.md, "Kernels").
+                        if INTERPRET_C:
+                            s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION))
+                        else:
+                            s_t = tl.dot(k, q_t, input_precision=PRECISION)
+                        s_t = rounded_product(s_t, scale)
+                        # At most 0: P <= 1 even where the two dots round a sum apart (16-bit
+                        # inputs below BLOCK_M = 64 take two kinds of MMA, see the design).
+                        p_t = tl.exp2(tl.minimum(s_t - lse[None, :], 0.0) * LOG2E_C)
+                        column_sums = tl.sum(p_t, axis=1)
+                        if ACCUMULATE:
+                            # 0 before the first: its sums are stored as they are.
+                            column_sums += tl.load(partial_row + cols, mask=cols < summed_to,
+                                                   other=0.0)
+                        tl.store(partial_row + cols, column_sums, mask=cols < NK)
+                    num_live += unit_live
+        tl.store(BLOCK_ROWS + b * NUM_PARTIALS + partial, num_live)
 
 
 class RowScores(NamedTuple):
@@ -283,21 +349,22 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
             pool: torch.Tensor | None,
             query_rank: torch.Tensor, head: torch.Tensor, chosen: torch.Tensor, *, max_rows: int,
             head_mix: str, scale: float, config: TileConfig | None, rows_from_plan: bool,
-            mask_self: bool, ratio: float, num_per_query: int, noise: float) -> RowScores:
+            mask_self: bool, ratio: float, num_per_query: int, noise: float,
+            max_partials: int) -> RowScores:
     batch, heads = q.shape[:2]
     num_k = k.shape[2]
     if config is None:
-        config = default_score_config(max_rows, heads, head_mix)
+        config = default_score_config(max_rows, heads, head_mix, q.shape[3], max_partials)
     row_blocks = max(1, cdiv(max_rows, config.block_m))
-    partials = torch.empty((batch, heads * row_blocks, num_k), dtype=torch.float32,
-                           device=q.device)
-    block_rows = torch.empty((batch, heads * row_blocks), dtype=torch.int32, device=q.device)
+    num_partials = partial_rows(heads, row_blocks, max_partials)
+    partials = torch.empty((batch, num_partials, num_k), dtype=torch.float32, device=q.device)
+    block_rows = torch.empty((batch, num_partials), dtype=torch.int32, device=q.device)
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=q.device)
     query_rank, head = row_strided(query_rank), row_strided(head)
     launch(_chosen_row_scores_kernel,
            _score_static(q.shape, num_k, q.stride(), k.stride(), query_rank.stride(0),
                          head.stride(0), q.dtype, scale, head_mix == "random", config, row_blocks,
-                         rows_from_plan, mask_self, ratio, num_per_query, noise),
+                         num_partials, rows_from_plan, mask_self, ratio, num_per_query, noise),
            Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool), QUERY_RANK=query_rank,
            HEAD=head, CHOSEN=chosen, META=meta, PARTIALS=partials,
            BLOCK_ROWS=block_rows)
@@ -309,18 +376,20 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
 def _score_static(q_shape: tuple[int, ...], num_k: int, q_strides: tuple[int, ...],
                   k_strides: tuple[int, ...], rank_stride: int, head_stride: int,
                   dtype: torch.dtype, scale: float, group_by_head: bool, config: TileConfig,
-                  row_blocks: int, rows_from_plan: bool, mask_self: bool, ratio: float,
-                  num_per_query: int, noise: float) -> Static:
+                  row_blocks: int, num_partials: int, rows_from_plan: bool, mask_self: bool,
+                  ratio: float, num_per_query: int, noise: float) -> Static:
     batch, heads, num_q, dim = q_shape
-    return Static(tile_grid(batch * heads, row_blocks), {
+    return Static(tile_grid(batch, num_partials), {
         **strides("q", q_strides, "bhmd"), **strides("k", k_strides, "bhnd"),
         "stride_rank": rank_stride, "stride_head": head_stride, "B": batch, "H": heads,
-        "NQ": num_q, "NK": num_k, "ROW_BLOCKS": row_blocks, "scale": scale,
+        "NQ": num_q, "NK": num_k, "ROW_BLOCKS": row_blocks, "NUM_PARTIALS": num_partials,
+        "scale": scale,
         "ratio_bits": float_bits(ratio), "num_per_query": num_per_query,
         "noise_bits": float_bits(noise), "D": dim, "BLOCK_D": block_dim(dim),
         "DOT_F32": INTERPRET, "PRECISION": dot_precision(dtype),
         "ROWS_FROM_PLAN": rows_from_plan, "MASK_SELF": mask_self,
-        "GROUP_BY_HEAD": group_by_head, "RADIX_BITS": 4,
+        "GROUP_BY_HEAD": group_by_head, "ACCUMULATE": num_partials < heads * row_blocks,
+        "RADIX_BITS": 4,
         "SWEEP": min(512, next_power_of_2(max(num_q, num_k))), "LIST_BLOCK": 32,
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "num_warps": config.warps,
         "num_stages": config.stages})
@@ -329,29 +398,32 @@ def _score_static(q_shape: tuple[int, ...], num_k: int, q_strides: tuple[int, ..
 def chosen_row_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
                       query_pool: torch.Tensor | None, plan: MaskPlan, *, ratio: float,
                       num_per_query: int, mask_self: bool, noise: float, head_mix: str,
-                      scale: float, config: TileConfig | None = None) -> RowScores:
+                      scale: float, config: TileConfig | None = None,
+                      max_partials: int = MAX_PARTIALS) -> RowScores:
     """The mask's first launch: the counts and chosen rows of the plan, and the column partials
     of the token scores. ``valid`` and ``query_pool`` are the backends' arguments (None: every
     token, every row; the pool intersected with ``valid`` in-kernel under ``mask_self``),
-    ``plan.head`` any int32 (read mod H). ``config`` replaces
-    :func:`score_config`'s (tests)."""
+    ``plan.head`` any int32 (read mod H). ``config`` replaces :func:`score_config`'s, and
+    ``max_partials`` :data:`MAX_PARTIALS` (tests)."""
     chosen = torch.empty((q.shape[0], q.shape[2]), dtype=torch.bool, device=q.device)
     return _launch(
         q, k, valid, query_pool, plan.query_rank, plan.head, chosen,
         max_rows=max_chosen_rows(q.shape[2], k.shape[2], ratio, num_per_query),
         head_mix=head_mix, scale=scale, config=config, rows_from_plan=True, mask_self=mask_self,
-        ratio=ratio, num_per_query=num_per_query, noise=noise)
+        ratio=ratio, num_per_query=num_per_query, noise=noise, max_partials=max_partials)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
                  head: torch.Tensor, *, head_mix: str, scale: float,
-                 config: TileConfig | None = None) -> torch.Tensor:
+                 config: TileConfig | None = None,
+                 max_partials: int = MAX_PARTIALS) -> torch.Tensor:
     """(B, L) fp32: :func:`sma_kernels.reference.token_scores` (same arguments) from the score
     kernel and the selection kernel's reduction, with the rows given by ``chosen`` (B, Q) bool
     instead of a plan, and nothing selected."""
     rows = _launch(q, k, valid, valid, head, head, chosen.contiguous(), max_rows=q.shape[2],
                    head_mix=head_mix, scale=scale, config=config, rows_from_plan=False,
-                   mask_self=False, ratio=0.0, num_per_query=1, noise=0.0)
+                   mask_self=False, ratio=0.0, num_per_query=1, noise=0.0,
+                   max_partials=max_partials)
     no_picks = torch.zeros_like(rows.meta)
     _, scores = select_from_partials(rows.partials, rows.block_rows, rows.head_weight, valid,
                                      None, no_picks, torch.zeros_like(valid, dtype=torch.int32))
