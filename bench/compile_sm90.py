@@ -86,8 +86,6 @@ def launch_spec(function: Any, args: tuple, kwargs: dict) -> dict:
                 signature[name] = kind
                 if specialization == "D":
                     divisible.append(name)
-    if "DOT_F32" in constexprs:
-        constexprs["DOT_F32"] = False  # the fp32 cast is for the interpreter only
     return {"module": function.fn.__module__, "kernel": function.fn.__name__,
             "signature": signature, "constexprs": constexprs, "divisible": divisible,
             "options": {name: kwargs[name] for name in COMPILE_OPTIONS if name in kwargs}}

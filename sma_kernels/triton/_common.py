@@ -8,9 +8,10 @@ things differ there and are decided here once:
   :func:`autotune` keeps a single fixed config (large blocks: fewer, bigger NumPy steps).
   ``SMA_KERNELS_AUTOTUNE=0`` does the same on a GPU with each kernel's first config: one
   compilation per kernel variant instead of one per config, for test runs on a fresh machine.
-* The interpreter's ``tl.dot`` computes wrong results for bf16 operands, so the kernels take a
-  ``DOT_F32`` constexpr that casts dot operands to fp32 under the interpreter only; on a GPU the
-  dots stay in the input dtype (tensor cores, fp32 accumulation). The interpreter's dot is
+* The interpreter's ``tl.dot`` computes wrong results for bf16 operands, so :func:`load_tile`
+  casts the tiles it loads (the dots' operands) to fp32 under the interpreter only (the
+  ``INTERPRET_C`` constexpr); on a GPU the dots stay in the input dtype (tensor cores, fp32
+  accumulation). The interpreter's dot is
   NumPy's matmul, whose summation order depends on the operands' shapes: the score kernel
   (mask_scores.py) takes one orientation there for both of its passes over the same logits.
 """
@@ -227,14 +228,13 @@ def tile_offsets(rows, stride_row, cols, stride_col):
 
 
 @triton.jit
-def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.constexpr,
-              TO_F32: tl.constexpr):
+def load_tile(base, rows, row_ok, stride_row, offs_col, stride_col, COLS: tl.constexpr):
     """The (rows, offs_col) tile at ``base``: zero outside ``row_ok`` and the first COLS columns,
-    cast to fp32 when TO_F32 (the interpreter's ``tl.dot``, see above). Inlined by Triton, so a
-    load in a loop is still software-pipelined."""
+    cast to fp32 under the interpreter (its ``tl.dot``, see above). Inlined by Triton, so a load
+    in a loop is still software-pipelined."""
     tile = tl.load(base + tile_offsets(rows, stride_row, offs_col, stride_col),
                    mask=row_ok[:, None] & (offs_col[None, :] < COLS), other=0.0)
-    if TO_F32:
+    if INTERPRET_C:
         tile = tile.to(tl.float32)
     return tile
 

@@ -55,7 +55,6 @@ import triton.language as tl
 
 from ._common import (
     BUCKET_ARGS,
-    INTERPRET,
     LOG2E,
     LOG2E_C,
     WIDE_HEAD_BLOCK_C,
@@ -97,7 +96,7 @@ _KEY = [*BUCKET_ARGS, "BLOCK_D", "BLOCK_DV"]
 @triton.jit
 def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn, stride_kd,
                     stride_vn, stride_vd, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr,
-                    DOT_F32: tl.constexpr, FULL: tl.constexpr = False):
+                    FULL: tl.constexpr = False):
     """Which of the ``order`` positions start + offs_n hold a kept key (all but the tail of the
     last block), and the K and V rows of those keys; zeros elsewhere, nothing else is read.
     FULL: the caller knows every position holds one (a constant mask, so unmasked loads)."""
@@ -107,18 +106,18 @@ def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn
     else:
         listed = positions < num_kept
     keys = tl.load(order_row + positions, mask=listed, other=0)
-    k = load_tile(k_base, keys, listed, stride_kn, offs_d, stride_kd, D, DOT_F32)
-    v = load_tile(v_base, keys, listed, stride_vn, offs_dv, stride_vd, DV, DOT_F32)
+    k = load_tile(k_base, keys, listed, stride_kn, offs_d, stride_kd, D)
+    v = load_tile(v_base, keys, listed, stride_vn, offs_dv, stride_vd, DV)
     return listed, k, v
 
 
 @triton.jit
 def _query_tile(q_base, do_base, lse_base, rows, stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr):
+                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr):
     """Q, dO and lse (base 2) of the query tile ``rows``, for the backward."""
     row_ok = rows < NQ
-    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
-    do = load_tile(do_base, rows, row_ok, stride_dom, offs_dv, stride_dod, DV, DOT_F32)
+    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D)
+    do = load_tile(do_base, rows, row_ok, stride_dom, offs_dv, stride_dod, DV)
     lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E_C
     return q, do, lse2
 
@@ -165,15 +164,14 @@ def peel_last_block(BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n, k_base, v_base,
                   stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, qk_scale,
-                  D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
+                  D: tl.constexpr, DV: tl.constexpr,
                   PRECISION: tl.constexpr, FULL: tl.constexpr):
     """The online softmax over one block of kept keys: the new output accumulator, running
     maximum m (base 2) and running sum l. The logits are scaled before the maximum, so the
     largest one's exponent is exactly 0: as one multiply-add, S * qk_scale - m would carry the
     product's rounding error into the exponent, which overflows exp2 for logits near 2^31."""
     listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
-                                  stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV,
-                                  DOT_F32, FULL)
+                                  stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV, FULL)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if not FULL:
         s = tl.where(listed[None, :], s, float("-inf"))
@@ -201,7 +199,7 @@ def _attention_fwd_kernel(
     stride_order_b,
     B, H, NQ, NK, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (sample, head, query tile); int64 (sample, head) and bases: B*H*L*dv can
@@ -215,7 +213,7 @@ def _attention_fwd_kernel(
         row_ok = rows < NQ
 
         q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
-                      stride_qd, D, DOT_F32)
+                      stride_qd, D)
         order_row = ORDER + b * stride_order_b
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -229,13 +227,13 @@ def _attention_fwd_kernel(
         for start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n,
                                           k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                          stride_vd, offs_d, offs_dv, qk_scale, D, DV, DOT_F32,
+                                          stride_vd, offs_d, offs_dv, qk_scale, D, DV,
                                           PRECISION, peel)
         if full_end < num_kept:
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, order_row, full_end, num_kept,
                                           offs_n, k_base, v_base, stride_kn, stride_kd,
                                           stride_vn, stride_vd, offs_d, offs_dv, qk_scale, D, DV,
-                                          DOT_F32, PRECISION, False)
+                                          PRECISION, False)
 
         store_output(OUT + b * stride_ob + h * stride_oh, LSE + bh * NQ, acc, m_i, l_i, rows,
                      row_ok, row_ok, stride_om, offs_dv, stride_od, DV)
@@ -278,7 +276,7 @@ def _attention_bwd_dkdv_kernel(
     stride_order_b,
     B, H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (sample, head, block of BLOCK_N entries of the sample's order).
@@ -301,7 +299,7 @@ def _attention_bwd_dkdv_kernel(
             listed, k, v = kept_key_block(order_row, pid_n * BLOCK_N, num_kept,
                                            tl.arange(0, BLOCK_N), k_base, v_base, stride_kn,
                                            stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D,
-                                           DV, DOT_F32)
+                                           DV)
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
             lse_base = LSE + bh * NQ
@@ -309,8 +307,7 @@ def _attention_bwd_dkdv_kernel(
             for start_m in range(0, NQ, BLOCK_M):
                 rows = start_m + offs_m
                 q, do, lse2 = _query_tile(q_base, do_base, lse_base, rows, stride_qm, stride_qd,
-                                          stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV,
-                                          DOT_F32)
+                                          stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
                 delta = tl.load(delta_base + rows, mask=rows < NQ, other=0.0)
                 p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
                                                    PRECISION, True)
@@ -325,12 +322,11 @@ def _attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
               stride_kd, stride_vn, stride_vd, offs_d, offs_dv, qk_scale, D: tl.constexpr,
-              DV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+              DV: tl.constexpr, PRECISION: tl.constexpr,
               FULL: tl.constexpr):
     """dS K of a query tile over one block of kept keys (unscaled)."""
     listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
-                                  stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV,
-                                  DOT_F32, FULL)
+                                  stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV, FULL)
     _, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION,
                                   FULL=FULL)
     return tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -349,7 +345,7 @@ def _attention_bwd_dq_kernel(
     stride_order_b,
     B, H, NQ, NK, scale, qk_scale, NQ_BUCKET, NK_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (sample, head, query tile).
@@ -364,11 +360,11 @@ def _attention_bwd_dq_kernel(
         q, do, lse2 = _query_tile(Q + b * stride_qb + h * stride_qh,
                                   DO + b * stride_dob + h * stride_doh, LSE + bh * NQ, rows,
                                   stride_qm, stride_qd, stride_dom, stride_dod, offs_d, offs_dv,
-                                  NQ, D, DV, DOT_F32)
+                                  NQ, D, DV)
         # delta = rowsum(dO * O) of these rows, in fp32, for this kernel and for the dK/dV
         # kernel launched after it (see the module docstring).
         out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
-                        stride_od, DV, True)
+                        stride_od, DV).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * out, axis=1)
         tl.store(DELTA + bh * NQ + rows, delta, mask=row_ok)
         order_row = ORDER + b * stride_order_b
@@ -382,11 +378,11 @@ def _attention_bwd_dq_kernel(
         for start in range(0, full_end, BLOCK_N):
             dq += _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base,
                             v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv,
-                            qk_scale, D, DV, DOT_F32, PRECISION, peel)
+                            qk_scale, D, DV, PRECISION, peel)
         if full_end < num_kept:
             dq += _dq_block(q, do, lse2, delta, order_row, full_end, num_kept, offs_n, k_base,
                             v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv,
-                            qk_scale, D, DV, DOT_F32, PRECISION, False)
+                            qk_scale, D, DV, PRECISION, False)
         tl.store(DQ + b * stride_dqb + h * stride_dqh
                  + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
                  (dq * scale).to(DQ.dtype.element_ty),
@@ -402,7 +398,7 @@ def _common_args(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: torc
     Triton needs to prefetch them asynchronously (software pipelining).
     """
     return {"D": q_shape[-1], "DV": v_shape[-1], "BLOCK_D": block_dim(q_shape[-1]),
-            "BLOCK_DV": block_dim(v_shape[-1]), "DOT_F32": INTERPRET,
+            "BLOCK_DV": block_dim(v_shape[-1]),
             "PRECISION": dot_precision(dtype), **size_buckets(q_shape[2], v_shape[2])}
 
 

@@ -84,7 +84,6 @@ import triton.language as tl
 
 from ..plan import MaskPlan
 from ._common import (
-    INTERPRET,
     INTERPRET_C,
     LOG2E_C,
     META_FIRST_C,
@@ -178,7 +177,7 @@ def _chosen_row_scores_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_rank, stride_head,
     B, H, NQ, NK, ROW_BLOCKS, NUM_PARTIALS, scale, ratio_bits, num_per_query, noise_bits,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ROWS_FROM_PLAN: tl.constexpr, MASK_SELF: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     RADIX_BITS: tl.constexpr, SWEEP: tl.constexpr, LIST_BLOCK: tl.constexpr,
@@ -265,7 +264,7 @@ def _chosen_row_scores_kernel(
             if num_rows > 0:
                 row_ok = slots < num_rows
                 q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
-                              stride_qd, D, DOT_F32)
+                              stride_qd, D)
                 k_base = K + b * stride_kb + h * stride_kh
 
                 # Loop 1: lse of the rows.
@@ -276,7 +275,7 @@ def _chosen_row_scores_kernel(
                 for start_n in range(key_start, last, BLOCK_N):
                     cols = start_n + offs_n
                     valid = load_flags(valid_row, cols, cols < NK)
-                    k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D, DOT_F32)
+                    k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D)
                     s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale)
                     non_finite += s * 0.0
                     s = tl.where(valid[None, :], s, float("-inf"))
@@ -312,8 +311,7 @@ def _chosen_row_scores_kernel(
                                          key_start - BLOCK_N, -BLOCK_N):
                         cols = start_n + offs_n
                         valid = load_flags(valid_row, cols, cols < NK)
-                        k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D,
-                                      DOT_F32)
+                        k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D)
                         # The very logits of loop 1, bit for bit, or P = exp(S - lse) is off by
                         # a factor exp(difference): the product rounded on its own, and under
                         # the interpreter loop 1's orientation (docs/design.md, "Kernels").
@@ -386,7 +384,7 @@ def _score_static(q_shape: tuple[int, ...], num_k: int, q_strides: tuple[int, ..
         "scale": scale,
         "ratio_bits": float_bits(ratio), "num_per_query": num_per_query,
         "noise_bits": float_bits(noise), "D": dim, "BLOCK_D": block_dim(dim),
-        "DOT_F32": INTERPRET, "PRECISION": dot_precision(dtype),
+        "PRECISION": dot_precision(dtype),
         "ROWS_FROM_PLAN": rows_from_plan, "MASK_SELF": mask_self,
         "GROUP_BY_HEAD": group_by_head, "ACCUMULATE": num_partials < heads * row_blocks,
         "RADIX_BITS": 4,

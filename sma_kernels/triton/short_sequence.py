@@ -72,7 +72,7 @@ import triton.language as tl
 
 from ..plan import MaskPlan
 from ._common import (
-    INTERPRET,
+    INTERPRET_C,
     LOG2E,
     LOG2E_C,
     block_dim,
@@ -181,19 +181,19 @@ def finite_logits(s, valid):
 
 @triton.jit
 def _logits(q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn,
-            stride_kd, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+            stride_kd, D: tl.constexpr, BLOCK_D: tl.constexpr,
             PRECISION: tl.constexpr):
     """q.k for the (rows, cols) tile of one head, the head dim taken BLOCK_D columns at a time,
     so the Q and K tiles stay within the register budget."""
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D, DOT_F32)
-    k = load_tile(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, D, DOT_F32)
+    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D)
+    k = load_tile(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     # A runtime loop for the other chunks (none when D <= BLOCK_D): unrolled, their loads would be
     # hoisted and held together.
     for start in range(BLOCK_D, D, BLOCK_D):
-        q = load_tile(q_base, rows, row_ok, stride_qm, start + offs_d, stride_qd, D, DOT_F32)
-        k = load_tile(k_base, cols, col_ok, stride_kn, start + offs_d, stride_kd, D, DOT_F32)
+        q = load_tile(q_base, rows, row_ok, stride_qm, start + offs_d, stride_qd, D)
+        k = load_tile(k_base, cols, col_ok, stride_kn, start + offs_d, stride_kd, D)
         s = tl.dot(q, tl.trans(k), s, input_precision=PRECISION)
     return s
 
@@ -209,7 +209,7 @@ def _short_sequence_kernel(
     stride_query_rank, stride_head, stride_token_rank, stride_order_b,
     B, H, NQ, NK, scale, qk_scale, head_weight, ratio_bits, num_per_query, noise_bits,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, MASK_SELF: tl.constexpr,
+    PRECISION: tl.constexpr, MASK_SELF: tl.constexpr,
     GROUP_BY_HEAD: tl.constexpr, WRITE_ORDER: tl.constexpr, ATTEND: tl.constexpr,
     RADIX_BITS: tl.constexpr, ORDER_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -257,7 +257,7 @@ def _short_sequence_kernel(
                 if tl.max(mine.to(tl.int32), axis=0) > 0:
                     s, bad = finite_logits(
                         _logits(q_head, k_head, rows, mine, cols, valid, stride_qm, stride_qd,
-                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * scale,
+                                stride_kn, stride_kd, D, BLOCK_D, PRECISION) * scale,
                         valid)
                     m = tl.max(s, axis=1)
                     m = tl.where(m > float("-inf"), m, 0.0)  # no valid token: row_sum = 0 below
@@ -295,19 +295,18 @@ def _short_sequence_kernel(
                 lse_head = LSE + b * H * NQ
                 for h in range(H):
                     s = _logits(q_head, k_head, rows, row_ok, cols, keep, stride_qm, stride_qd,
-                                stride_kn, stride_kd, D, BLOCK_D, DOT_F32, PRECISION) * qk_scale
+                                stride_kn, stride_kd, D, BLOCK_D, PRECISION) * qk_scale
                     s = tl.where(keep[None, :], s, float("-inf"))
                     m = tl.max(s, axis=1)
                     m = tl.where(m > float("-inf"), m, 0.0)  # no kept key: p = 0, row_sum = 0
                     p = tl.exp2(s - m[:, None])
                     row_sum = tl.sum(p, axis=1)
                     # The output BLOCK_DV columns at a time, from the same P in V's type.
-                    if not DOT_F32:
+                    if not INTERPRET_C:
                         p = p.to(V.dtype.element_ty)
                     for start_dv in range(0, DV, BLOCK_DV):
                         offs_dv = start_dv + tl.arange(0, BLOCK_DV)
-                        v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV,
-                                      DOT_F32)
+                        v = load_tile(v_head, cols, keep, stride_vn, offs_dv, stride_vd, DV)
                         store_output(out_head, lse_head, tl.dot(p, v, input_precision=PRECISION),
                                      m, row_sum, rows, row_ok, row_ok & (start_dv == 0),
                                      stride_om, offs_dv, stride_od, DV)
@@ -331,7 +330,7 @@ def _short_sequence_bwd_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_order_b, B, H, NQ, NK, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # One program per (sample, head): every query row and every entry of the kept-key order in
@@ -350,13 +349,13 @@ def _short_sequence_bwd_kernel(
         listed, k, v = kept_key_block(order_row, 0, tl.load(KEPT + b), positions,
                                        K + b * stride_kb + h * stride_kh,
                                        V + b * stride_vb + h * stride_vh, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, offs_d, offs_dv, D, DV, DOT_F32)
-        q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
-                      D, DOT_F32)
+                                       stride_vn, stride_vd, offs_d, offs_dv, D, DV)
+        q = load_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, offs_d,
+                      stride_qd, D)
         do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, offs_dv,
-                       stride_dod, DV, DOT_F32)
+                       stride_dod, DV)
         out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
-                        stride_od, DV, True)
+                        stride_od, DV).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * out, axis=1)  # rowsum(dO * O), as in attention.py
         lse2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=float("inf")) * LOG2E_C
         p, ds = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION)
@@ -440,7 +439,7 @@ def _forward_static(q_shape: tuple[int, ...], num_k: int, dim_v: int,
         "qk_scale": scale * LOG2E, "head_weight": 1.0 if head_mix == "random" else 1.0 / heads,
         "ratio_bits": float_bits(ratio), "num_per_query": num_per_query,
         "noise_bits": float_bits(noise), "D": dim, "DV": dim_v, "BLOCK_D": block_d,
-        "BLOCK_DV": block_dv, "DOT_F32": INTERPRET, "PRECISION": dot_precision(dtype),
+        "BLOCK_DV": block_dv, "PRECISION": dot_precision(dtype),
         "MASK_SELF": mask_self, "GROUP_BY_HEAD": head_mix == "random",
         "WRITE_ORDER": write_order, "ATTEND": attend, "RADIX_BITS": 4,
         "ORDER_CHUNK": order_chunk(num_k), "BLOCK_M": block_m, "BLOCK_K": block_k,
@@ -480,6 +479,6 @@ def _backward_static(q_shape: tuple[int, ...], num_k: int, dim_v: int,
         **strides("dk", dk_strides, "bhnd"), **strides("dv", dv_strides, "bhnd"),
         "stride_order_b": order_stride, "B": batch, "H": heads, "NQ": num_q, "NK": num_k,
         "scale": scale, "qk_scale": scale * LOG2E, "D": dim, "DV": dim_v,
-        "BLOCK_D": block_dim(dim), "BLOCK_DV": block_dim(dim_v), "DOT_F32": INTERPRET,
+        "BLOCK_D": block_dim(dim), "BLOCK_DV": block_dim(dim_v),
         "PRECISION": dot_precision(dtype), "BLOCK_Q": block_q, "BLOCK_K": block_k,
         "num_warps": _warps(block_q, block_k), "num_stages": 1})
