@@ -2,9 +2,10 @@
 
 The score kernel (``sma_kernels/triton/mask_scores.py``) is not autotuned: its config sets the
 summation order of the token scores, so it is a fixed function of the shape
-(``mask_scores.score_config``), chosen by measurement and never by a run's timings. At the pixel
-workload the kernel takes most of a forward call's device time. Each of its programs streams all
-L keys twice for one block of chosen rows, so its speed depends on how many programs and warps
+(``mask_scores.default_score_config``), chosen by measurement and never by a run's timings. At
+the pixel workload the kernel takes most of a forward call's device time. Each of its programs
+streams all L keys twice for one block of chosen rows (a few blocks in turn only where a sample
+has more than ``MAX_PARTIALS``), so its speed depends on how many programs and warps
 keep each SM busy. This command measures that choice, to inform it: it runs the kernel at the
 pixel workload's full size (``--cases`` for others; a plan drawn as the ops draw one without a
 plan) under the default config and under each of :data:`CANDIDATES`, some of which the rule

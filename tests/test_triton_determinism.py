@@ -116,7 +116,8 @@ def test_every_score_config_gives_the_reference_mask(setup):
               "mask_self": kwargs["mask_self"], "noise": kwargs["noise"], "scale": SCALE,
               "plan": plan}
     want = sk.self_guided_mask(q, k, valid, backend="reference", **public)
-    # 3 partial rows: 2 to 4 row blocks sum into each at every config.
+    # At most 3 partial rows: 1 to 4 units (head, row block) sum into each (none shared in
+    # cross-mean at BLOCK_M = 64, 2 units).
     for config, max_partials in itertools.product(CANDIDATE_CONFIGS, (MAX_PARTIALS, 3)):
         mask, scores = triton_mask(q, k, valid, pool, plan, kwargs, score=config,
                                    max_partials=max_partials)

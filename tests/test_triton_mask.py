@@ -177,7 +177,8 @@ def test_score_kernel_plan_matches_plan_helpers(ratio, npq, noise, mask_self, he
     # Each head's rows (its own under "random", all chosen rows under "mean") fill its row
     # blocks in order: full blocks, then the rest. Each block counts the rows that add to the
     # scores: all of them (finite inputs), none in a sample without valid tokens. Partial row p
-    # sums units (head, block) p, p + R, ... of R rows (here 3 units: 2 rows sum 2 and 1).
+    # sums units (head, block) p, p + R, ... of R rows (here 3 units: one a row, or with
+    # max_partials = 2, 2 rows that sum 2 and 1).
     per_head = (want_chosen[:, None, :] & (plan.head[:, None, :] == torch.arange(heads)[:, None])
                 if head_mix == "random" else want_chosen[:, None, :].expand(-1, heads, -1))
     max_rows = max_chosen_rows(length, length, ratio, npq)

@@ -14,11 +14,12 @@ all of it (but see "Memory" below):
    :func:`~.select.chosen_threshold`; under ``mask_self`` the pool is ``query_pool`` & valid,
    taken as it is read). Every program of a sample repeats this; it reads the
    sample's (L,) valid flags and (Q,) ranks a few times, next to the two loops over (L, d) keys
-   below. The program then lists its block: the chosen rows in index order (under "random" only
-   those of its plan head, so that each (row, head) pair the mix uses is computed exactly once
-   and "random" costs 1/H of "mean"), rows [r * BLOCK_M, (r + 1) * BLOCK_M) of that list. The
-   program of head 0 and block 0 also writes what the selection needs: the counts, and the
-   chosen rows (the forced tokens of ``mask_self``).
+   below. The program then lists its unit's block r of head h: the chosen rows in index order
+   (under "random" only those of plan head h, so that each (row, head) pair the mix uses is
+   computed exactly once and "random" costs 1/H of "mean"), rows [r * BLOCK_M,
+   (r + 1) * BLOCK_M) of that list. The sample's first program (of head 0 and block 0) also
+   writes what the selection needs: the counts, and the chosen rows (the forced tokens of
+   ``mask_self``).
 2. Loop 1 over the keys: the running maximum m and running sum l = sum exp(S - m) of its rows,
    so lse = m + log(l), as in the FlashAttention forward (no V, no output), and which rows have
    a non-finite logit (below).
@@ -60,8 +61,8 @@ loop): 0 for a finite logit, NaN for any other, so a NaN sum flags the row. Such
 row of a sample without valid tokens, is dead: loop 2 gives it q = 0 and lse = +inf, so its
 probabilities are exactly 0, since its S = 0 * k is finite (a non-finite valid k makes every
 row's logit there non-finite, so the whole block is dead and skips loop 2). BLOCK_ROWS counts
-a block's live rows, and the selection adds only blocks with some, at valid columns only (the
-padding columns of a partial row hold values nobody reads). So the scores are finite at every
+the live rows summed into each partial row, and the selection adds only partial rows with
+some, at valid columns only (the padding columns of a partial row hold values nobody reads). So the scores are finite at every
 valid token.
 
 Work: k_q * L * d multiply-adds per sample and loop under "random", H times that under "mean",
@@ -336,8 +337,8 @@ def _chosen_row_scores_kernel(
 class RowScores(NamedTuple):
     """What the score kernel hands to the selection (:func:`.select.select_from_partials`)."""
 
-    partials: torch.Tensor  # (B, H * row blocks, L) fp32 column partials
-    block_rows: torch.Tensor  # (B, H * row blocks) int32 live rows per partial (0: not written)
+    partials: torch.Tensor  # (B, R, L) fp32 column partials, R = partial_rows(H, row blocks)
+    block_rows: torch.Tensor  # (B, R) int32 live rows summed into each (0: not written)
     head_weight: float  # 1/H under "mean", 1 under "random"
     chosen: torch.Tensor  # (B, Q) bool chosen rows (written only when they come from a plan)
     meta: torch.Tensor  # (B, META_WIDTH) int32 counts and valid range (the same)

@@ -3,10 +3,11 @@ the score kernel (mask_scores.py).
 
 The mask's second launch, ``_select_kernel``, is one program per sample. It first reduces the
 score kernel's column partials to the sample's (L,) token scores: per token, the partial rows
-(one per (head, chosen-row block)) are added one after the other in row order, then weighted
+(one per (head, chosen-row block) unit, or a few units summed, see mask_scores.py) are added one
+after the other in row order, then weighted
 (1/H for ``head_mix="mean"``). That order is fixed by the partials' layout, not by BLOCK: each
 token's sum is the same fp32 sequence under every config of this kernel, so its configs stay
-autotuned without changing a bit. Rows of blocks without a live chosen row (none held, or all
+autotuned without changing a bit. Rows whose units hold no live chosen row (none held, or all
 had a non-finite logit) were never written and are skipped. Then it builds the
 mask in three steps, in the reference's order:
 
