@@ -159,6 +159,12 @@ def test_default_score_config_is_the_shapes_and_ignores_the_batch():
     assert torch.equal(mask_one, mask[:1])
 
 
+def test_partial_rows_needs_one():
+    assert partial_rows(8, 77) == MAX_PARTIALS and partial_rows(8, 4) == 32
+    with pytest.raises(ValueError, match="max_partials"):
+        partial_rows(8, 4, 0)
+
+
 def test_accumulating_kernel_takes_smaller_row_blocks_at_wide_heads():
     # 8 heads, mean, self-attention at L = 131,072 (4915 chosen rows): 77 blocks of 64 rows a
     # head, 616 units, more than MAX_PARTIALS, so units share partial rows; above d = 128 that

@@ -62,8 +62,8 @@ row of a sample without valid tokens, is dead: loop 2 gives it q = 0 and lse = +
 probabilities are exactly 0, since its S = 0 * k is finite (a non-finite valid k makes every
 row's logit there non-finite, so the whole block is dead and skips loop 2). BLOCK_ROWS counts
 the live rows summed into each partial row, and the selection adds only partial rows with
-some, at valid columns only (the padding columns of a partial row hold values nobody reads). So the scores are finite at every
-valid token.
+some, at valid columns only (the padding columns of a partial row hold values nobody reads).
+So the scores are finite at every valid token.
 
 Work: k_q * L * d multiply-adds per sample and loop under "random", H times that under "mean",
 a fraction k_q / Q of one attention pass; memory is the partials, NUM_PARTIALS rows of L fp32
@@ -134,6 +134,8 @@ MAX_PARTIALS = 128
 def partial_rows(heads: int, row_blocks: int, max_partials: int = MAX_PARTIALS) -> int:
     """The partial rows per sample for ``heads * row_blocks`` units (a block of a head's chosen
     rows): one each, or units p, p + R, ... summed into row p of R = ``max_partials``."""
+    if max_partials < 1:
+        raise ValueError(f"max_partials must be at least 1, got {max_partials}")
     return min(heads * row_blocks, max_partials)
 
 
