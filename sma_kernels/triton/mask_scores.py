@@ -226,8 +226,9 @@ def _chosen_row_scores_kernel(
         # so the K loads are prefetched (see attention.py).
         sample_key_start = (first // BLOCK_N) * BLOCK_N
         num_live = tl.zeros((), tl.int32)  # rows added to the partial row so far
-        # A loop of one constant trip when not ACCUMULATE, which the compiler removes. Not
-        # software-pipelined: that would load the next unit's q tile during this one's loops.
+        # A loop of one constant trip when not ACCUMULATE, which the compiler removes. Only
+        # the loops over the keys inside are software-pipelined (num_stages=1 says so here;
+        # the Triton 3.9 build is the same without it).
         num_units = tl.cdiv(H * ROW_BLOCKS - partial, NUM_PARTIALS) if ACCUMULATE else 1
         for unit_step in tl.range(num_units, num_stages=1):
             unit = partial + unit_step * NUM_PARTIALS
