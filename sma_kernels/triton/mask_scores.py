@@ -131,6 +131,11 @@ CANDIDATE_CONFIGS = tuple(TileConfig(block_m, 64, warps=4, stages=3) for block_m
 MAX_PARTIALS = 128
 
 
+def num_row_blocks(max_rows: int, block_m: int) -> int:
+    """The blocks of ``block_m`` rows that hold a head's chosen rows, for at most ``max_rows``."""
+    return max(1, cdiv(max_rows, block_m))
+
+
 def partial_rows(heads: int, row_blocks: int, max_partials: int = MAX_PARTIALS) -> int:
     """The partial rows per sample for ``heads * row_blocks`` units (a block of a head's chosen
     rows): one each, or units p, p + R, ... summed into row p of R = ``max_partials``."""
@@ -168,7 +173,8 @@ def default_score_config(max_rows: int, heads: int, head_mix: str, head_dim: int
     :func:`max_chosen_rows`), each head's share of them under "random", at ``head_dim``."""
     rows_per_head = cdiv(max_rows, heads) if head_mix == "random" else max_rows
     config = score_config(rows_per_head)
-    if heads * cdiv(max_rows, config.block_m) > max_partials:  # units share partial rows
+    blocks = num_row_blocks(max_rows, config.block_m)
+    if partial_rows(heads, blocks, max_partials) < heads * blocks:  # units share partial rows
         config = score_config(rows_per_head, accumulating_block_m(head_dim))
     return config
 
@@ -357,15 +363,15 @@ def _launch(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None,
     num_k = k.shape[2]
     if config is None:
         config = default_score_config(max_rows, heads, head_mix, q.shape[3], max_partials)
-    row_blocks = max(1, cdiv(max_rows, config.block_m))
-    num_partials = partial_rows(heads, row_blocks, max_partials)
+    blocks = num_row_blocks(max_rows, config.block_m)
+    num_partials = partial_rows(heads, blocks, max_partials)
     partials = torch.empty((batch, num_partials, num_k), dtype=torch.float32, device=q.device)
     block_rows = torch.empty((batch, num_partials), dtype=torch.int32, device=q.device)
     meta = torch.empty((batch, META_WIDTH), dtype=torch.int32, device=q.device)
     query_rank, head = row_strided(query_rank), row_strided(head)
     launch(_chosen_row_scores_kernel,
            _score_static(q.shape, num_k, q.stride(), k.stride(), query_rank.stride(0),
-                         head.stride(0), q.dtype, scale, head_mix == "random", config, row_blocks,
+                         head.stride(0), q.dtype, scale, head_mix == "random", config, blocks,
                          num_partials, rows_from_plan, mask_self, ratio, num_per_query, noise),
            Q=q, K=k, VALID=flags_arg(valid), POOL=flags_arg(pool), QUERY_RANK=query_rank,
            HEAD=head, CHOSEN=chosen, META=meta, PARTIALS=partials,
