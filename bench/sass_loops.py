@@ -12,8 +12,10 @@ the one-kernel short-sequence path, which has no streaming loop), this records u
 interpreter, at a small size with the workload's head dims and options:
 
 * the score kernel (``mask_scores.py``) at the config the full-size workload takes (it is a
-  function of the shape, see ``score_config``): loop 1, the row log-sum-exp; loop 2, the
-  column sums of the probabilities;
+  function of the shape, see ``score_config``): loop 1, the row log-sum-exp, in its two
+  copies: over the tiles that hold valid tokens only ("lse", which every tile of the
+  workloads but the last takes), and over tiles that may hold invalid ones ("lse, masked");
+  loop 2, the column sums of the probabilities;
 * the attention (``attention.py``) at every autotune config: the forward's loop over the kept
   keys, and the backward's over the query tiles (dK and dV of a block of kept keys) and over the
   kept keys (dQ of a query tile). The forward and dQ run a sample's last block of keys, which
@@ -55,7 +57,7 @@ ISSUE_PER_CYCLE = 4  # warp instructions an sm_90 SM issues per cycle (4 schedul
 EXP_PER_CYCLE = 16  # MUFU.EX2 results an sm_90 SM computes per cycle
 WARP = 32
 # Each kernel's streaming loops, in program order.
-KERNELS = {"_chosen_row_scores_kernel": ("lse", "column sums"),
+KERNELS = {"_chosen_row_scores_kernel": ("lse", "lse, masked", "column sums"),
            "_attention_fwd_kernel": ("attention",), "_attention_bwd_dkdv_kernel": ("dK dV",),
            "_attention_bwd_dq_kernel": ("dQ",)}
 # The recording's small size: enough keys for several tiles, and the full-size score config.

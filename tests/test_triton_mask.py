@@ -121,6 +121,36 @@ def test_token_scores_close_to_reference(head_mix, dtype, max_partials):
     assert torch.equal(got[0][valid[0]], torch.zeros_like(got[0][valid[0]]))
 
 
+# Valid ranges [first, last) against the key tiles of 64: aligned or not at either end, within
+# one tile, one tile wide, across several tiles.
+TILE_ALIGNMENTS = ((0, 200), (0, 128), (1, 127), (63, 65), (64, 192), (65, 130), (70, 100),
+                   (130, 200))
+
+
+@pytest.mark.parametrize("hole", [False, True], ids=["contiguous", "hole"])
+def test_token_scores_at_every_tile_alignment(hole):
+    # The lse pass reads no flags on the tiles inside a contiguous valid range, only on its edge
+    # tiles, and on every tile of a range with a hole; the column sums read padded keys as they
+    # are. Padded keys hold NaN here: no score may see them.
+    length = 200
+    cols = torch.arange(length)
+    valid = torch.stack([(cols >= first) & (cols < last) for first, last in TILE_ALIGNMENTS])
+    if hole:
+        for b, (first, last) in enumerate(TILE_ALIGNMENTS):
+            valid[b, (first + last) // 2] = False
+    g = torch.Generator().manual_seed(2)
+    batch, heads, num_q, dim = len(TILE_ALIGNMENTS), 2, 8, 16
+    q = torch.randn(batch, heads, num_q, dim, generator=g)
+    k = torch.randn(batch, heads, length, dim, generator=g)
+    head = torch.randint(0, heads, (batch, num_q), generator=g, dtype=torch.int32)
+    chosen = torch.ones(batch, num_q, dtype=torch.bool)
+    want = reference.token_scores(q, k, valid, chosen, head, head_mix="mean", scale=0.3)
+    k[~valid[:, None, :].expand(-1, heads, -1)] = float("nan")
+    got = token_scores(q.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), chosen.to(DEVICE),
+                       head.to(DEVICE), head_mix="mean", scale=0.3).cpu()
+    torch.testing.assert_close(got[valid], want[valid], rtol=2e-6, atol=1e-6)
+
+
 def selection_inputs(batch, length, seed, *, ties):
     g = torch.Generator().manual_seed(seed)
     if ties:  # few distinct values: most decisions are ties

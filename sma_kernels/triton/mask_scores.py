@@ -22,7 +22,13 @@ all of it (but see "Memory" below):
    ``mask_self``).
 2. Loop 1 over the keys: the running maximum m and running sum l = sum exp(S - m) of its rows,
    so lse = m + log(l), as in the FlashAttention forward (no V, no output), and which rows have
-   a non-finite logit (below).
+   a non-finite logit (below). Invalid tokens are at S = -inf, which takes the flags of the
+   tile's tokens, a load and a select per logit. A sample whose valid tokens are contiguous, as
+   padding on either side or none leaves them, needs them only on its first and last tile: the
+   tiles between run a copy of the loop body without flags (in the sm_90 build 306 warp
+   instructions per tile of 64 x 64 instead of 426). A sample with a hole reads them on every
+   tile, and so does every sample above head blocks of 128, where the copy spilled registers.
+   The tiles run in the same order either way, so the lse is the same.
 3. Loop 2 over the keys: P = exp(S - lse), summed over its rows into one (L,) row of column
    partials, a (B, NUM_PARTIALS, L) fp32 buffer: each program writes its own row, no atomics.
    The tile is computed transposed, S^T = K Q^T. A tensor-core tile's rows are split over the
@@ -54,16 +60,17 @@ in every process, on one GPU model and Triton version.
 
 Non-finite inputs. A (sample, head, chosen row) whose fp32 logits scale * q.k over the sample's
 valid tokens are not all finite (a NaN or infinite q or valid k, or a product that overflows)
-contributes nothing. Padded keys are loaded as 0, whatever k holds there, so S is 0 at padding
+contributes nothing. Loop 1 loads padded keys as 0, whatever k holds there, so S is 0 at padding
 unless q is not finite, and then every valid logit of the row is not finite either. Loop 1 sums
 S * 0 over its tiles, element by element (one multiply-add per logit, reduced once after the
 loop): 0 for a finite logit, NaN for any other, so a NaN sum flags the row. Such a row, and a
 row of a sample without valid tokens, is dead: loop 2 gives it q = 0 and lse = +inf, so its
 probabilities are exactly 0, since its S = 0 * k is finite (a non-finite valid k makes every
-row's logit there non-finite, so the whole block is dead and skips loop 2). BLOCK_ROWS counts
-the live rows summed into each partial row, and the selection adds only partial rows with
-some, at valid columns only (the padding columns of a partial row hold values nobody reads).
-So the scores are finite at every valid token.
+row's logit there non-finite, so the whole block is dead and skips loop 2). Loop 2 loads padded
+keys as they are, without the flags: a key enters only its own column of the sums. BLOCK_ROWS
+counts the live rows summed into each partial row, and the selection adds only partial rows
+with some, at valid columns only (the padding columns of a partial row hold values nobody
+reads). So the scores are finite at every valid token.
 
 Work: k_q * L * d multiply-adds per sample and loop under "random", H times that under "mean",
 a fraction k_q / Q of one attention pass; memory is the partials, NUM_PARTIALS rows of L fp32
@@ -94,6 +101,7 @@ from ._common import (
     META_WIDTH,
     META_WIDTH_C,
     WIDE_HEAD_BLOCK,
+    WIDE_HEAD_BLOCK_C,
     TileConfig,
     block_dim,
     cdiv,
@@ -177,6 +185,29 @@ def default_score_config(max_rows: int, heads: int, head_mix: str, head_dim: int
     if partial_rows(heads, blocks, max_partials) < heads * blocks:  # units share partial rows
         config = score_config(rows_per_head, accumulating_block_m(head_dim))
     return config
+
+
+@triton.jit
+def _lse_step(q, k_base, valid_row, start_n, m_i, l_i, non_finite, stride_kn, stride_kd, scale,
+              NK, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Loop 1's running (m, l, non_finite) after the key tile at ``start_n``. Its invalid tokens
+    are -inf; a tile not MASKED has none, and reads no flags and selects nothing."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        valid = load_flags(valid_row, cols, cols < NK)
+    else:
+        valid = tl.full([BLOCK_N], True, tl.int1)
+    k = load_tile(k_base, cols, valid, stride_kn, tl.arange(0, BLOCK_D), stride_kd, D)
+    s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale)
+    non_finite += s * 0.0
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    # A row with a non-finite logit may compute NaN here: it is dead below.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
+    l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
+    return m_new, l_i, non_finite
 
 
 @triton.jit
@@ -277,23 +308,35 @@ def _chosen_row_scores_kernel(
                               stride_qd, D)
                 k_base = K + b * stride_kb + h * stride_kh
 
-                # Loop 1: lse of the rows.
+                # Loop 1: lse of the rows, over the tiles in order. Where the sample's valid
+                # tokens are contiguous, the tiles from inner_start to inner_end hold valid
+                # tokens only and read no flags: all but a first tile that starts before the
+                # first valid token and a last one that ends past the last. Otherwise every
+                # tile is read as one that may hold invalid tokens.
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 # S * 0 per logit, reduced after the loop: NaN for a row with a non-finite logit.
                 non_finite = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for start_n in range(key_start, last, BLOCK_N):
-                    cols = start_n + offs_n
-                    valid = load_flags(valid_row, cols, cols < NK)
-                    k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D)
-                    s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale)
-                    non_finite += s * 0.0
-                    s = tl.where(valid[None, :], s, float("-inf"))
-                    # A row with a non-finite logit may compute NaN here: it is dead below.
-                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                    p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
-                    l_i = l_i * tl.exp2((m_i - m_new) * LOG2E_C) + tl.sum(p, axis=1)
-                    m_i = m_new
+                inner_end = key_start
+                # Above head blocks of 128 the second copy spilled registers on sm_90 (Triton
+                # 3.6, d = 256): there every tile reads the flags.
+                if BLOCK_D <= WIDE_HEAD_BLOCK_C:
+                    inner_start = key_start
+                    if n == last - first:
+                        inner_start += tl.where(first > key_start, BLOCK_N, 0)
+                        inner_end = tl.maximum(inner_start, last - last % BLOCK_N)
+                    if inner_start > key_start:
+                        m_i, l_i, non_finite = _lse_step(
+                            q, k_base, valid_row, key_start, m_i, l_i, non_finite, stride_kn,
+                            stride_kd, scale, NK, D, BLOCK_D, BLOCK_N, PRECISION, MASKED=True)
+                    for start_n in range(inner_start, inner_end, BLOCK_N):
+                        m_i, l_i, non_finite = _lse_step(
+                            q, k_base, valid_row, start_n, m_i, l_i, non_finite, stride_kn,
+                            stride_kd, scale, NK, D, BLOCK_D, BLOCK_N, PRECISION, MASKED=False)
+                for start_n in range(inner_end, last, BLOCK_N):
+                    m_i, l_i, non_finite = _lse_step(
+                        q, k_base, valid_row, start_n, m_i, l_i, non_finite, stride_kn,
+                        stride_kd, scale, NK, D, BLOCK_D, BLOCK_N, PRECISION, MASKED=True)
                 # Live rows: in the block, with finite logits (an ordered == is false for NaN,
                 # under any fast-math flags), and with valid tokens.
                 live = row_ok & (l_i > 0.0) & (tl.sum(non_finite, axis=1) == 0.0)
@@ -320,8 +363,8 @@ def _chosen_row_scores_kernel(
                     for start_n in range(key_start + (key_tiles - 1) * BLOCK_N,
                                          key_start - BLOCK_N, -BLOCK_N):
                         cols = start_n + offs_n
-                        valid = load_flags(valid_row, cols, cols < NK)
-                        k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D)
+                        # Padded keys as they are: only their own columns see them.
+                        k = load_tile(k_base, cols, cols < NK, stride_kn, offs_d, stride_kd, D)
                         # The very logits of loop 1, bit for bit, or P = exp(S - lse) is off by
                         # a factor exp(difference): the product rounded on its own, and under
                         # the interpreter loop 1's orientation (docs/design.md, "Kernels").
