@@ -60,17 +60,16 @@ in every process, on one GPU model and Triton version.
 
 Non-finite inputs. A (sample, head, chosen row) whose fp32 logits scale * q.k over the sample's
 valid tokens are not all finite (a NaN or infinite q or valid k, or a product that overflows)
-contributes nothing. Loop 1 loads padded keys as 0, whatever k holds there, so S is 0 at padding
+contributes nothing. Padded keys are loaded as 0, whatever k holds there, so S is 0 at padding
 unless q is not finite, and then every valid logit of the row is not finite either. Loop 1 sums
 S * 0 over its tiles, element by element (one multiply-add per logit, reduced once after the
 loop): 0 for a finite logit, NaN for any other, so a NaN sum flags the row. Such a row, and a
 row of a sample without valid tokens, is dead: loop 2 gives it q = 0 and lse = +inf, so its
 probabilities are exactly 0, since its S = 0 * k is finite (a non-finite valid k makes every
-row's logit there non-finite, so the whole block is dead and skips loop 2). Loop 2 loads padded
-keys as they are, without the flags: a key enters only its own column of the sums. BLOCK_ROWS
-counts the live rows summed into each partial row, and the selection adds only partial rows
-with some, at valid columns only (the padding columns of a partial row hold values nobody
-reads). So the scores are finite at every valid token.
+row's logit there non-finite, so the whole block is dead and skips loop 2). BLOCK_ROWS counts
+the live rows summed into each partial row, and the selection adds only partial rows with
+some, at valid columns only (the padding columns of a partial row hold values nobody reads).
+So the scores are finite at every valid token.
 
 Work: k_q * L * d multiply-adds per sample and loop under "random", H times that under "mean",
 a fraction k_q / Q of one attention pass; memory is the partials, NUM_PARTIALS rows of L fp32
@@ -363,8 +362,8 @@ def _chosen_row_scores_kernel(
                     for start_n in range(key_start + (key_tiles - 1) * BLOCK_N,
                                          key_start - BLOCK_N, -BLOCK_N):
                         cols = start_n + offs_n
-                        # Padded keys as they are: only their own columns see them.
-                        k = load_tile(k_base, cols, cols < NK, stride_kn, offs_d, stride_kd, D)
+                        valid = load_flags(valid_row, cols, cols < NK)
+                        k = load_tile(k_base, cols, valid, stride_kn, offs_d, stride_kd, D)
                         # The very logits of loop 1, bit for bit, or P = exp(S - lse) is off by
                         # a factor exp(difference): the product rounded on its own, and under
                         # the interpreter loop 1's orientation (docs/design.md, "Kernels").
