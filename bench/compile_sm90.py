@@ -192,6 +192,34 @@ def _loop_async_copies(ttgir: str) -> int:
     return copies
 
 
+def contracted_exponents(ptx: str) -> int:
+    """The exponentials (``ex2``) of a kernel's PTX whose argument is a product's multiply-add:
+    an ``fma``, or an add or subtract of a plain ``mul.f32``, which ptxas may contract (``.rn``
+    forbids it). Such an exponent carries the product's rounding error, which a maximum or lse
+    taken from the rounded product does not: exp2(S - m) above 1 at the maximum (see
+    ``sma_kernels/triton/_common.py``, ``rounded_product``)."""
+    definitions: dict[str, list[tuple[str, list[str]]]] = {}
+    exponents = []
+    for opcode, operands in re.findall(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+([^;{}]*);",
+                                       ptx, re.MULTILINE):
+        registers = [operand.strip() for operand in operands.split(",")]
+        if opcode.startswith("ex2."):
+            exponents.append(registers[1])
+        definitions.setdefault(registers[0], []).append((opcode, registers[1:]))
+
+    def plain_product(register: str) -> bool:
+        return any(re.fullmatch(r"mul(\.ftz)?\.f32", opcode)
+                   for opcode, _ in definitions.get(register, []))
+
+    def multiply_add(register: str) -> bool:
+        return any(opcode.startswith("fma.") or (
+            re.fullmatch(r"(add|sub)(\.ftz)?\.f32", opcode) is not None
+            and any(plain_product(source) for source in sources))
+            for opcode, sources in definitions.get(register, []))
+
+    return sum(map(multiply_add, exponents))
+
+
 def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
@@ -226,6 +254,7 @@ def _compile(job: dict) -> dict:
         result["loops"] = streaming_loops(_cuobjdump(cubin, "-sass"))
     return {**result, "shared_bytes": compiled.metadata.shared,
             "loop_async_copies": _loop_async_copies(compiled.asm["ttgir"]),
+            "contracted_exponents": contracted_exponents(compiled.asm["ptx"]),
             "cubin_bytes": len(cubin), **_resource_usage(cubin)}
 
 

@@ -361,6 +361,34 @@ def test_rows_whose_kept_logits_are_all_minus_inf_get_the_references_zeros(trito
     assert not fused[0, 0, 1].isnan().any() and not fused[0, 0, 1].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_forward_weights_a_rows_largest_logit_by_exactly_one(dtype):
+    """The forward's exponent at a row's maximum is exactly 0 (docs/design.md, "Kernels"). Row i
+    has one key at the logit a * b_i, near 2^32 in base 2, where one ulp is 512, and every other
+    key at 0: the softmax is one-hot, so out = that key's value. Each b_i makes the fp32 product
+    a * b_i * scale * log2(e) err by more than 150: an exponent that kept that error, as a
+    multiply-add of the product and the rounded maximum computes it on a GPU, makes exp2
+    overflow to inf or flush to 0, and the row NaN."""
+    qk_scale = np.float64(np.float32(attention_kernels.LOG2E))  # scale = 1, as the kernel has it
+    a = 65504.0  # the largest fp16
+    b = [value for value in np.arange(45536.0, 65505.0, 32.0)  # fp16 values
+         if abs(a * value * qk_scale - np.float32(a * value * qk_scale)) > 150][:8]
+    num_q, length, dim = len(b), 256, 16  # 256 keys: full key blocks at every config
+    big_key = torch.arange(num_q) * 29 + 3
+    q = torch.zeros(1, 1, num_q, dim)
+    k = torch.zeros(1, 1, length, dim)
+    for row, (key, value) in enumerate(zip(big_key.tolist(), b)):
+        q[0, 0, row, row] = a
+        k[0, 0, key, row] = value
+    v = torch.randn(1, 1, length, dim, generator=torch.Generator().manual_seed(3))
+    q, k, v = (x.to(DEVICE, dtype) for x in (q, k, v))
+    keep = torch.ones(1, length, dtype=torch.bool, device=DEVICE)
+    out, lse = triton_backend.attention_forward(q, k, v, keep, scale=1.0)
+    assert torch.equal(out[0, 0], v[0, 0, big_key.to(DEVICE)])
+    want_lse = torch.tensor([a * value for value in b], dtype=torch.float64)
+    torch.testing.assert_close(lse[0, 0].double().cpu(), want_lse, rtol=2e-7, atol=0)
+
+
 def test_opcheck_attention_op():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 2, 5, 16, generator=g).to(DEVICE).requires_grad_()

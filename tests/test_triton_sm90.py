@@ -67,6 +67,12 @@ NO_SPILLS = {"_kept_keys_kernel", "_attention_fwd_kernel",
              "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
              "_chosen_row_scores_kernel", "_select_kernel", "_short_sequence_kernel",
              "_short_sequence_bwd_kernel"}
+# The kernels that subtract a row's maximum or lse from logits they took it from: no exponential
+# there may take a multiply-add of the logits' product, whose rounding error would make the
+# maximum's exponent nonzero, or the score kernel's two passes differ (bench/compile_sm90.py,
+# contracted_exponents). The backward's exp2(S * scale - lse) keeps its multiply-add.
+EXACT_EXPONENTS = {"_attention_fwd_kernel", "_chosen_row_scores_kernel",
+                   "_short_sequence_kernel"}
 
 
 def _run_backend(monkeypatch) -> None:
@@ -158,6 +164,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
     results = compile_launches(launches)
     compiled = {result["kernel"] for result in results}
     assert set(PIPELINED) | NO_SPILLS <= compiled, f"not recorded: {set(PIPELINED) - compiled}"
+    assert any(result["contracted_exponents"] for result in results), \
+        "no exponential of a multiply-add found anywhere, not even in the backward"
     for result in results:
         where = f"{result['kernel']} {result['constexprs']} {result['options']}"
         assert "error" not in result, f"{where}: {result.get('error')}"
@@ -173,6 +181,9 @@ def test_kernels_compile_for_sm90(monkeypatch):
                 and not (wide and result["config"] > 0)):
             assert result["local_bytes"] == 0, \
                 f"{where}: {result['registers']} registers, {result['local_bytes']} B spilled"
+        if result["kernel"] in EXACT_EXPONENTS:
+            assert result["contracted_exponents"] == 0, \
+                f"{where}: {result['contracted_exponents']} exponentials of a multiply-add"
         if result["kernel"] in PIPELINED and result["options"].get("num_stages", 1) >= 2:
             prefetched = (PIPELINED_WIDE if wide else PIPELINED)[result["kernel"]]
             assert result["loop_async_copies"] >= prefetched, \

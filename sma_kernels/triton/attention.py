@@ -64,6 +64,7 @@ from ._common import (
     dot_precision,
     head_tile,
     load_tile,
+    rounded_product,
     size_buckets,
     strides,
     tile_offsets,
@@ -167,12 +168,14 @@ def _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n, k_base, 
                   D: tl.constexpr, DV: tl.constexpr,
                   PRECISION: tl.constexpr, FULL: tl.constexpr):
     """The online softmax over one block of kept keys: the new output accumulator, running
-    maximum m (base 2) and running sum l. The logits are scaled before the maximum, so the
-    largest one's exponent is exactly 0: as one multiply-add, S * qk_scale - m would carry the
-    product's rounding error into the exponent, which overflows exp2 for logits near 2^31."""
+    maximum m (base 2) and running sum l. The largest logit's exponent is exactly 0: the
+    exponent subtracts m from the very product the maximum took (rounded_product). The sm_90
+    build otherwise contracted S * qk_scale - m into one multiply-add, whose exponent at the
+    maximum is the product's rounding error, up to half an ulp of m: a weight above 1, and
+    exp2 overflows from logits near 2^31."""
     listed, k, v = kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn,
                                   stride_kd, stride_vn, stride_vd, offs_d, offs_dv, D, DV, FULL)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = rounded_product(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale)
     if not FULL:
         s = tl.where(listed[None, :], s, float("-inf"))
     # Every block starts with a kept key, so m_new is finite from the first block on, unless
