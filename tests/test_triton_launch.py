@@ -88,6 +88,22 @@ def test_through_triton_turns_direct_launches_off_while_active(monkeypatch):
     assert launch.DIRECT is True
 
 
+def test_launches_through_triton_hold_the_first_launch_lock(monkeypatch):
+    # A launch through Triton may run the autotuner, which sets the best_config that a first
+    # direct launch in another thread reads under this lock: it must not run beside one.
+    held = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(**arguments):
+                held.append((grid, arguments, launch._first_launch._is_owned()))
+            return run
+
+    monkeypatch.setattr(launch, "DIRECT", False)
+    launch.launch(Kernel(), launch.Static((3,), {"n": 5}), X=None)
+    assert held == [((3,), {"X": None, "n": 5}, True)]
+
+
 def test_launchers_build_each_static_once_per_layout():
     # The Statics are memoized functions of the shapes, strides, dtype and options: a call with
     # the layout of an earlier one gets that call's Static, any other layout another.

@@ -160,7 +160,11 @@ def launch(kernel: Any, static: Static, /, **tensors: torch.Tensor | None) -> No
     function, or one behind ``triton.autotune``; ``tensors`` are its tensor arguments, each a
     ``torch.Tensor`` or None (anything else belongs in the Static)."""
     if not DIRECT:
-        kernel[static.grid](**tensors, **static.scalars)
+        # Under the lock too: an autotuned launch sets the autotuner's best_config, which a
+        # first direct launch in another thread reads (through_triton() turns DIRECT off for
+        # every thread at once).
+        with _first_launch:
+            kernel[static.grid](**tensors, **static.scalars)
         return
     active = driver.active
     device = active.get_current_device()
