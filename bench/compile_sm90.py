@@ -15,8 +15,9 @@ config's index in the kernel's list.
 Register and local-memory use come from the cubin (``cuobjdump -res-usage``, which Triton ships
 with its NVIDIA backend): on a GPU Triton reads the same figures from the driver, as
 ``n_regs`` and ``n_spills`` (the local memory in 4-byte words, the stack frame included: what
-ptxas spills registers to). Asked for, a result also lists the machine code's streaming loops
-(:func:`streaming_loops`, from ``cuobjdump -sass``). The compiler is the installed Triton's,
+ptxas spills registers to). The PTX gives the exponentials of a multiply-add
+(:func:`contracted_exponents`). Asked for, a result also lists the machine code's streaming
+loops (:func:`streaming_loops`, from ``cuobjdump -sass``). The compiler is the installed Triton's,
 which may differ from a GPU host's; to compile with the host's version, install it apart and
 name its folder in ``SMA_KERNELS_SM90_TRITON`` (recording still uses the installed one)::
 

@@ -1,5 +1,7 @@
 """The Triton kernels compile for an H100 (sm_90) with every autotune config, the first config
-fits its shared memory, and their streaming loops are software-pipelined; the score kernel's
+fits its shared memory, their streaming loops are software-pipelined, and the kernels that
+subtract a maximum or lse taken from their own logits exponentiate no multiply-add of those
+logits (which the interpreter, never contracting, cannot show); the score kernel's
 column sums stay within warps, the configs ``python -m bench.score_configs`` times compile
 spill-free, and ``python -m bench.sass_loops`` reads every streaming loop.
 No GPU needed.
