@@ -173,13 +173,13 @@ def program_tile(NUM_TILES):
     return linear // NUM_TILES, (linear % NUM_TILES).to(tl.int32)
 
 
-
 @triton.jit
 def head_tile(H, NUM_TILES):
     """:func:`program_tile` for rows that are (sample, head) pairs of H heads a sample: the
     sample, the head, the pair's row index (all int64), and the tile."""
     bh, tile = program_tile(NUM_TILES)
     return bh // H, bh % H, bh, tile
+
 
 def cdiv(a: int, b: int) -> int:
     """Host-side ceil(a / b). (``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
