@@ -53,8 +53,9 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 # Options of a launch that are not kernel arguments; the ones the compiler takes are kept.
 COMPILE_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 # Opcodes that :func:`streaming_loops` counts apart, each with any further modifiers: the
-# tensor-core products, the exponentials, warp shuffles, barriers, shared-memory stores and loads.
-COUNTED_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "SHFL", "BAR", "STS", "LDS")
+# tensor-core products, the exponentials, warp shuffles, barriers, shared-memory stores and loads,
+# and the waits for warp-group MMAs (ptxas waits after each one where it serializes them).
+COUNTED_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "SHFL", "BAR", "STS", "LDS", "WARPGROUP.DEPBAR")
 
 
 # ----------------------------------------------------------------------------- recording

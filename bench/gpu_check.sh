@@ -16,8 +16,9 @@
 #    GPU masks equal to the reference's (both Triton paths, and the short-sequence kernel's own
 #    tests; at logits near FLT_MAX and of order 1e8 too, where the score kernel's two passes
 #    must round each logit alike, in fp32, fp16 and bf16), the attention forward's weight of
-#    exactly 1 at a row's largest logit near 2^32, the token scores where row blocks
-#    share partial rows (the score kernel's ACCUMULATE variant), repeated calls (direct launches,
+#    exactly 1 at a row's largest logit near 2^32, the dK/dV kernel's zero rows for the entries
+#    past the kept keys where their unmasked probabilities overflow, the token scores where row
+#    blocks share partial rows (the score kernel's ACCUMULATE variant), repeated calls (direct launches,
 #    sma_kernels/triton/launch.py) equal to the first,
 #    the bf16 workloads at full size, CUDA-graph capture and torch.compile(mode="reduce-overhead")
 #    (tests/test_cuda_graphs.py), no host sync and the launch budget (the whole GPU suite takes
@@ -110,6 +111,7 @@ step gpu-tests 150 env SMA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprov
     "tests/test_triton_mask.py::test_mask_non_finite_inputs[general-cross-mean-overflow-torch.bfloat16]" \
     tests/test_triton_mask.py::test_score_passes_compute_the_same_logits \
     tests/test_triton_attention.py::test_forward_weights_a_rows_largest_logit_by_exactly_one \
+    tests/test_triton_attention.py::test_dropped_entries_get_zero_gradients_where_their_probabilities_overflow \
     "tests/test_triton_mask.py::test_token_scores_close_to_reference[dtype0-mean-partials1]" \
     "tests/test_triton_mask.py::test_token_scores_close_to_reference[dtype1-random-partials4]" \
     tests/test_triton_launch.py::test_repeated_calls_match_the_first_on_gpu \

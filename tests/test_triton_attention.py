@@ -119,6 +119,41 @@ def test_host_block_arithmetic_matches_triton():
             assert cdiv(n, block) == triton.cdiv(n, block)
 
 
+# Under the interpreter NumPy warns of the overflow this test provokes, and of its NaN.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropped_entries_get_zero_gradients_where_their_probabilities_overflow(dtype):
+    # The dK/dV kernel masks no logit in its loop: a block's entries past the kept keys hold
+    # K = V = 0, so their P is exp(-lse), whatever that is. With every logit near -144, lse is
+    # below -89 and exp(-lse) overflows fp32: those entries' rows of the accumulators hold inf
+    # and NaN. The stores must still write zeros there, and nothing of it may reach the kept
+    # keys' gradients. (At such logits the backward's P, recomputed from the lse, is off by
+    # about an ulp of the logit, 1.5e-5: the tolerance is that, not the accuracy rule.)
+    g = torch.Generator().manual_seed(5)
+    batch, heads, num_q, length, dim = 3, 2, 9, 70, 16
+    sign = torch.randint(0, 2, (dim,), generator=g) * 2.0 - 1.0
+    q = torch.randn(batch, heads, num_q, dim, generator=g) + 6.0 * sign
+    k = torch.randn(batch, heads, length, dim, generator=g) - 6.0 * sign
+    v = torch.randn(batch, heads, length, dim, generator=g)
+    grad_out = torch.randn(batch, heads, num_q, dim, generator=g)
+    keep = torch.rand(batch, length, generator=g) < 0.7
+    q, k, v, grad_out = (x.to(DEVICE, dtype) for x in (q, k, v, grad_out))
+    keep = keep.to(DEVICE)
+    out, lse = triton_backend.attention_forward(q, k, v, keep, scale=0.25)
+    assert (lse < -89.0).all()  # exp(-lse) overflows fp32 in every row
+    grads = triton_backend.attention_backward(grad_out, q, k, v, keep, out, lse, scale=0.25)
+    q64, k64, v64, go64 = (x.double() for x in (q, k, v, grad_out))
+    out64, lse64 = reference.attention_forward(q64, k64, v64, keep, scale=0.25)
+    grads64 = reference.attention_backward(go64, q64, k64, v64, keep, out64, lse64, scale=0.25)
+    dropped = ~keep[:, None, :, None]
+    for name, got, oracle in zip(("dq", "dk", "dv"), grads, grads64):
+        assert torch.isfinite(got).all(), name
+        tolerance = (1e-4 if dtype == torch.float32 else 1e-2) * float(oracle.abs().max())
+        torch.testing.assert_close(got.double(), oracle, rtol=0.0, atol=tolerance, msg=name)
+    for name, got in zip(("dk", "dv"), grads[1:]):
+        assert not got.masked_select(dropped).any(), name
+
+
 @pytest.mark.parametrize("length", [1, 37, 200, 1000, 9000])
 def test_kept_key_order(length):
     # L = 9000 sweeps three chunks of 4096 keys: the prefix counts carry across chunks.

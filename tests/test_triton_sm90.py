@@ -3,7 +3,8 @@ fits its shared memory, their streaming loops are software-pipelined, and the ke
 subtract a maximum or lse taken from their own logits exponentiate no multiply-add of those
 logits (which the interpreter, never contracting, cannot show); the score kernel's
 column sums stay within warps, the configs ``python -m bench.score_configs`` times compile
-spill-free, and ``python -m bench.sass_loops`` reads every streaming loop.
+spill-free, and ``python -m bench.sass_loops`` reads every streaming loop, none of which
+serializes its warp-group MMAs.
 No GPU needed.
 
 The interpreter tests check what the kernels compute, not that they compile: a GPU-only error
@@ -253,3 +254,8 @@ def test_sass_loops_reports_each_streaming_loop(tmp_path):
                 assert 1.0 <= loop["per_logit"]["exponentials"] <= 2.1, (record["case"], loop)
                 cycles = loop["sm_cycles_per_logit"]
                 assert cycles["floor"] == max(cycles["issue"], cycles["exp"]) > 0
+                # Warp-group MMAs overlap: ptxas, where it serializes them (a select on the
+                # dK/dV kernel's accumulators after its loop did), waits after every one.
+                tile = loop["per_warp_and_tile"]
+                if tile["HGMMA"] > 1:
+                    assert tile["WARPGROUP.DEPBAR"] < tile["HGMMA"], (record["case"], loop)

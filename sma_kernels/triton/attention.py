@@ -17,7 +17,7 @@ the maximum grows (the online softmax of FlashAttention). The loop runs over the
 with no mask and no branch, so Triton prefetches the next block's indices, K and V while
 computing; the last block, if partial, follows the loop, its tail's columns at S = -inf and
 their K and V loaded as zeros. The dQ kernel walks the blocks the same way. (Above head blocks
-of 128 the loop takes every block, masked: see :func:`peel_last_block`.) At the end
+of 128 the loop takes every block, masked: see :func:`narrow_heads`.) At the end
 out = acc / l and lse = m + log(l) per row.
 ``keep`` is per (sample, token), the same for every row and head, so a row has no kept key only
 when its whole sample has none: then the loop does not run, out = 0 and lse = +inf, which makes
@@ -113,13 +113,18 @@ def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn
 
 
 @triton.jit
-def _query_tile(q_base, do_base, lse_base, rows, stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr):
-    """Q, dO and lse (base 2) of the query tile ``rows``, for the backward."""
-    row_ok = rows < NQ
-    q = load_tile(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, D)
-    do = load_tile(do_base, rows, row_ok, stride_dom, offs_dv, stride_dod, DV)
-    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E_C
+def _query_tile(q_base, do_base, lse_base, start, offs_m, stride_qm, stride_qd, stride_dom,
+                stride_dod, offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr):
+    """Q, dO and lse (base 2) of the query rows start + offs_m, for the backward; rows past NQ
+    get zeros (lse 0: finite, so their P is 1 and dS 0, and their zero Q and dO add nothing).
+    The bases advance by ``start`` and the tiles' offsets depend on ``offs_m`` only, so in a
+    loop over ``start`` the offsets are computed once and an address costs one 64-bit add."""
+    row_ok = offs_m < NQ - start
+    start = tl.cast(start, tl.int64)
+    q = load_tile(q_base + start * stride_qm, offs_m, row_ok, stride_qm, offs_d, stride_qd, D)
+    do = load_tile(do_base + start * stride_dom, offs_m, row_ok, stride_dom, offs_dv, stride_dod,
+                   DV)
+    lse2 = tl.load(lse_base + start + offs_m, mask=row_ok, other=0.0) * LOG2E_C
     return q, do, lse2
 
 
@@ -141,24 +146,39 @@ def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, lse_ok, strid
 
 
 @triton.jit
-def store_key_gradients(dk_base, dv_base, keys, in_row, dk, dv, stride_dkn, stride_dkd,
+def store_key_gradients(dk_base, dv_base, keys, kept, in_row, dk, dv, stride_dkn, stride_dkd,
                         stride_dvn, stride_dvd, offs_d, offs_dv, D: tl.constexpr,
                         DV: tl.constexpr):
     """dK and dV rows of a block of entries of the kept-key order, written to the entries'
-    keys: kept ones their gradients, dropped ones (P = 0 there) zeros, so no zero fill is
-    needed and each key row has one writer (the order is a permutation)."""
-    tl.store(dk_base + tile_offsets(keys, stride_dkn, offs_d, stride_dkd),
-             dk.to(dk_base.dtype.element_ty), mask=in_row[:, None] & (offs_d[None, :] < D))
-    tl.store(dv_base + tile_offsets(keys, stride_dvn, offs_dv, stride_dvd),
-             dv.to(dv_base.dtype.element_ty), mask=in_row[:, None] & (offs_dv[None, :] < DV))
+    keys: ``kept`` entries their rows of ``dk`` and ``dv``, the other entries of ``in_row``
+    (dropped keys) zeros, whatever ``dk`` and ``dv`` hold there. So no zero fill is needed and
+    each key row has one writer (the order is a permutation). Two masked stores, not a select
+    on the accumulators: after the dK/dV kernel's loop a select made ptxas serialize every
+    warp-group MMA of the loop (sm_90)."""
+    dropped = (in_row & ~kept)[:, None]
+    dk_offsets = tile_offsets(keys, stride_dkn, offs_d, stride_dkd)
+    dk_columns = offs_d[None, :] < D
+    tl.store(dk_base + dk_offsets, dk.to(dk_base.dtype.element_ty),
+             mask=kept[:, None] & dk_columns)
+    tl.store(dk_base + dk_offsets, tl.zeros_like(dk).to(dk_base.dtype.element_ty),
+             mask=dropped & dk_columns)
+    dv_offsets = tile_offsets(keys, stride_dvn, offs_dv, stride_dvd)
+    dv_columns = offs_dv[None, :] < DV
+    tl.store(dv_base + dv_offsets, dv.to(dv_base.dtype.element_ty),
+             mask=kept[:, None] & dv_columns)
+    tl.store(dv_base + dv_offsets, tl.zeros_like(dv).to(dv_base.dtype.element_ty),
+             mask=dropped & dv_columns)
 
 
 @triton.jit
-def peel_last_block(BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Whether a loop over blocks of kept keys takes the full blocks only, with no mask, the
-    last block following it (if partial, its tail masked); else the loop takes every block,
-    masked. Not above head blocks of WIDE_HEAD_BLOCK: there the second copy of the block's code
-    makes the first config spill registers on sm_90 (tests/test_triton_sm90.py)."""
+def narrow_heads(BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Whether both head-dim blocks are at most WIDE_HEAD_BLOCK: only then do the loops take
+    their faster forms, which hold more registers. The loops over blocks of kept keys (forward,
+    dQ) take the full blocks only, with no mask, the last block following (if partial, its tail
+    masked), else every block, masked; the dK/dV loop holds its query tiles' offsets across the
+    loop (see _query_tile), else recomputes them per tile. Above, the second copy of the block's
+    code, and the held offsets, made the first config spill registers on sm_90
+    (tests/test_triton_sm90.py)."""
     return (BLOCK_D <= WIDE_HEAD_BLOCK_C) & (BLOCK_DV <= WIDE_HEAD_BLOCK_C)
 
 
@@ -225,7 +245,7 @@ def _attention_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         num_kept = tl.load(KEPT + b)
-        peel = peel_last_block(BLOCK_D, BLOCK_DV)
+        peel = narrow_heads(BLOCK_D, BLOCK_DV)
         full_end = num_kept - num_kept % BLOCK_N if peel else num_kept
         for start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, order_row, start, num_kept, offs_n,
@@ -249,8 +269,9 @@ def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION:
     dS = P * (dO V^T - delta) for one (query tile, block of kept keys); under KEYS_AS_ROWS their
     transposes (keys x queries), computed as K Q^T and V dO^T. The dK/dV kernel takes those: they
     are the A operands of its products (dV += P^T dO, dK += dS^T Q) as the tensor cores return
-    them, where P's transpose would go through shared memory on every tile. FULL: every key of
-    the block is listed (no mask)."""
+    them, where P's transpose would go through shared memory on every tile. FULL: no mask on
+    the keys, because every key of the block is listed, or because the caller discards the
+    rows of P^T and dS^T of the others (each is a key's own; the dK/dV kernel)."""
     if KEYS_AS_ROWS:
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -259,7 +280,7 @@ def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         lse2, delta, listed = lse2[:, None], delta[:, None], listed[None, :]
-    # lse2 = +inf (no kept key, or a padding row) gives 0.
+    # lse2 = +inf (a row without kept keys) gives 0.
     p = tl.exp2(s * qk_scale - lse2)
     if not FULL:
         p = tl.where(listed, p, 0.0)
@@ -307,19 +328,30 @@ def _attention_bwd_dkdv_kernel(
             do_base = DO + b * stride_dob + h * stride_doh
             lse_base = LSE + bh * NQ
             delta_base = DELTA + bh * NQ
+            # The entries past the kept keys are not masked in the loop (their K and V are
+            # loaded as zeros): store_key_gradients writes zeros to their rows, whatever the
+            # loop leaves there.
+            narrow = narrow_heads(BLOCK_D, BLOCK_DV)
             for start_m in range(0, NQ, BLOCK_M):
-                rows = start_m + offs_m
-                q, do, lse2 = _query_tile(q_base, do_base, lse_base, rows, stride_qm, stride_qd,
-                                          stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
-                delta = tl.load(delta_base + rows, mask=rows < NQ, other=0.0)
+                # The tile's rows as start + rows: offsets of loop-invariant rows are held.
+                if narrow:
+                    start = start_m
+                    rows = offs_m
+                else:
+                    start = 0
+                    rows = start_m + offs_m
+                q, do, lse2 = _query_tile(q_base, do_base, lse_base, start, rows, stride_qm,
+                                          stride_qd, stride_dom, stride_dod, offs_d, offs_dv, NQ,
+                                          D, DV)
+                delta = tl.load(delta_base + start + rows, mask=rows < NQ - start, other=0.0)
                 p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
-                                                   PRECISION, True)
+                                                   PRECISION, KEYS_AS_ROWS=True, FULL=True)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
         store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
-                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale, dv,
-                            stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv, D,
-                            DV)
+                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, positions < num_kept,
+                            in_row, dk * scale, dv, stride_dkn, stride_dkd, stride_dvn,
+                            stride_dvd, offs_d, offs_dv, D, DV)
 
 
 @triton.jit
@@ -361,9 +393,9 @@ def _attention_bwd_dq_kernel(
         offs_dv = tl.arange(0, BLOCK_DV)
 
         q, do, lse2 = _query_tile(Q + b * stride_qb + h * stride_qh,
-                                  DO + b * stride_dob + h * stride_doh, LSE + bh * NQ, rows,
-                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_d, offs_dv,
-                                  NQ, D, DV)
+                                  DO + b * stride_dob + h * stride_doh, LSE + bh * NQ,
+                                  pid_m * BLOCK_M, tl.arange(0, BLOCK_M), stride_qm, stride_qd,
+                                  stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
         # delta = rowsum(dO * O) of these rows, in fp32, for this kernel and for the dK/dV
         # kernel launched after it (see the module docstring).
         out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
@@ -376,7 +408,7 @@ def _attention_bwd_dq_kernel(
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         num_kept = tl.load(KEPT + b)
-        peel = peel_last_block(BLOCK_D, BLOCK_DV)
+        peel = narrow_heads(BLOCK_D, BLOCK_DV)
         full_end = num_kept - num_kept % BLOCK_N if peel else num_kept
         for start in range(0, full_end, BLOCK_N):
             dq += _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base,

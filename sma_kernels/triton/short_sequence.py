@@ -366,9 +366,9 @@ def _short_sequence_bwd_kernel(
                  + tile_offsets(rows, stride_dqm, offs_d, stride_dqd),
                  (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
         store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
-                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, in_row, dk * scale,
-                            dv, stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, offs_dv,
-                            D, DV)
+                            DV_OUT + b * stride_dvb + h * stride_dvh, keys, listed, in_row,
+                            dk * scale, dv, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                            offs_d, offs_dv, D, DV)
 
 
 class ShortSequenceResult(NamedTuple):
