@@ -146,6 +146,17 @@ def store_output(out_base, lse_row, acc, m, row_sum, rows, row_ok, lse_ok, strid
 
 
 @triton.jit
+def _store_key_rows(base, keys, kept, dropped, x, stride_row, offs_col, stride_col,
+                    COLS: tl.constexpr):
+    """x's rows at the keys of the ``kept`` entries, zeros at those of the ``dropped`` ones."""
+    offsets = tile_offsets(keys, stride_row, offs_col, stride_col)
+    columns = offs_col[None, :] < COLS
+    tl.store(base + offsets, x.to(base.dtype.element_ty), mask=kept[:, None] & columns)
+    tl.store(base + offsets, tl.zeros_like(x).to(base.dtype.element_ty),
+             mask=dropped[:, None] & columns)
+
+
+@triton.jit
 def store_key_gradients(dk_base, dv_base, keys, kept, in_row, dk, dv, stride_dkn, stride_dkd,
                         stride_dvn, stride_dvd, offs_d, offs_dv, D: tl.constexpr,
                         DV: tl.constexpr):
@@ -155,19 +166,9 @@ def store_key_gradients(dk_base, dv_base, keys, kept, in_row, dk, dv, stride_dkn
     each key row has one writer (the order is a permutation). Two masked stores, not a select
     on the accumulators: after the dK/dV kernel's loop a select made ptxas serialize every
     warp-group MMA of the loop (sm_90)."""
-    dropped = (in_row & ~kept)[:, None]
-    dk_offsets = tile_offsets(keys, stride_dkn, offs_d, stride_dkd)
-    dk_columns = offs_d[None, :] < D
-    tl.store(dk_base + dk_offsets, dk.to(dk_base.dtype.element_ty),
-             mask=kept[:, None] & dk_columns)
-    tl.store(dk_base + dk_offsets, tl.zeros_like(dk).to(dk_base.dtype.element_ty),
-             mask=dropped & dk_columns)
-    dv_offsets = tile_offsets(keys, stride_dvn, offs_dv, stride_dvd)
-    dv_columns = offs_dv[None, :] < DV
-    tl.store(dv_base + dv_offsets, dv.to(dv_base.dtype.element_ty),
-             mask=kept[:, None] & dv_columns)
-    tl.store(dv_base + dv_offsets, tl.zeros_like(dv).to(dv_base.dtype.element_ty),
-             mask=dropped & dv_columns)
+    dropped = in_row & ~kept
+    _store_key_rows(dk_base, keys, kept, dropped, dk, stride_dkn, offs_d, stride_dkd, D)
+    _store_key_rows(dv_base, keys, kept, dropped, dv, stride_dvn, offs_dv, stride_dvd, DV)
 
 
 @triton.jit
