@@ -18,8 +18,8 @@
 #    must round each logit alike, in fp32, fp16 and bf16), the attention forward's weight of
 #    exactly 1 at a row's largest logit near 2^32, the dK/dV kernel's zero rows for the entries
 #    past the kept keys where their unmasked probabilities overflow, the token scores where row
-#    blocks share partial rows (the score kernel's ACCUMULATE variant), repeated calls (direct launches,
-#    sma_kernels/triton/launch.py) equal to the first,
+#    blocks share partial rows (the score kernel's ACCUMULATE variant), repeated calls (direct
+#    launches, sma_kernels/triton/launch.py) equal to the first,
 #    the bf16 workloads at full size, CUDA-graph capture and torch.compile(mode="reduce-overhead")
 #    (tests/test_cuda_graphs.py), no host sync and the launch budget (the whole GPU suite takes
 #    longer than this check may),

@@ -394,9 +394,9 @@ def _attention_bwd_dq_kernel(
         offs_dv = tl.arange(0, BLOCK_DV)
 
         q, do, lse2 = _query_tile(Q + b * stride_qb + h * stride_qh,
-                                  DO + b * stride_dob + h * stride_doh, LSE + bh * NQ,
-                                  pid_m * BLOCK_M, tl.arange(0, BLOCK_M), stride_qm, stride_qd,
-                                  stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
+                                  DO + b * stride_dob + h * stride_doh, LSE + bh * NQ, 0, rows,
+                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_d, offs_dv,
+                                  NQ, D, DV)
         # delta = rowsum(dO * O) of these rows, in fp32, for this kernel and for the dK/dV
         # kernel launched after it (see the module docstring).
         out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
