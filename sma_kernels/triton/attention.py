@@ -30,14 +30,16 @@ Two launches, so that every output element has exactly one writer and no atomics
 (deterministic bits), over the order the forward used (``self_guided_attention``'s fused op
 saves it; ``masked_attention``'s backward rebuilds it from ``keep`` in a launch of its own):
 * dQ first: one program per (sample, head, query tile) computes delta for its rows from the dO
-  and O tiles and writes it, then accumulates dQ over the same blocks of kept keys as the
-  forward. (Computing delta there costs one O tile per program and no launch; inside the dK/dV
-  kernel it would be recomputed by every key block.)
-* dK/dV, after it, reading its delta: one program per (sample, head, block of BLOCK_N
-  consecutive entries of ``order``) accumulates dK and dV of its kept keys over all query tiles
-  and writes their rows; its dropped entries get exact zeros, so no separate zero fill is
-  needed, and each key row has one writer, because ``order`` is a permutation. A block with no
-  kept entry skips the query loop.
+  and O tiles, and their lse in base 2 (lse * log2 e), and writes both, then accumulates dQ
+  over the same blocks of kept keys as the forward. (There they cost one O tile and a multiply
+  per row, once, and no launch; inside the dK/dV kernel every key block would recompute them:
+  the conversion to base 2 alone was 8 of the 253 sm_90 instructions per warp of its loop's
+  32 x 64 tile.)
+* dK/dV, after it, reading that delta and base-2 lse: one program per (sample, head, block of
+  BLOCK_N consecutive entries of ``order``) accumulates dK and dV of its kept keys over all
+  query tiles and writes their rows; its dropped entries get exact zeros, so no separate zero
+  fill is needed, and each key row has one writer, because ``order`` is a permutation. A block
+  with no kept entry skips the query loop.
 
 Dropped keys (``keep`` False: padded or masked) influence no output or gradient, whatever they
 hold, NaN and Inf included: no kernel loads them.
@@ -113,19 +115,24 @@ def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn
 
 
 @triton.jit
-def _query_tile(q_base, do_base, lse_base, start, offs_m, stride_qm, stride_qd, stride_dom,
-                stride_dod, offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr):
-    """Q, dO and lse (base 2) of the query rows start + offs_m, for the backward; rows past NQ
-    get zeros (lse 0: finite, so their P is 1 and dS 0, and their zero Q and dO add nothing).
-    The bases advance by ``start`` and the tiles' offsets depend on ``offs_m`` only, so in a
-    loop over ``start`` the offsets are computed once and an address costs one 64-bit add."""
+def _query_tile(q_base, do_base, start, offs_m, stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr):
+    """Q and dO of the query rows start + offs_m, for the backward; zeros past NQ. The bases
+    advance by ``start`` and the tiles' offsets depend on ``offs_m`` only, so in a loop over
+    ``start`` the offsets are computed once and an address costs one 64-bit add."""
     row_ok = offs_m < NQ - start
     start = tl.cast(start, tl.int64)
     q = load_tile(q_base + start * stride_qm, offs_m, row_ok, stride_qm, offs_d, stride_qd, D)
     do = load_tile(do_base + start * stride_dom, offs_m, row_ok, stride_dom, offs_dv, stride_dod,
                    DV)
-    lse2 = tl.load(lse_base + start + offs_m, mask=row_ok, other=0.0) * LOG2E_C
-    return q, do, lse2
+    return q, do
+
+
+@triton.jit
+def _row_stat(base, start, offs_m, NQ):
+    """A per-row statistic of the backward (lse, base-2 lse, delta) at rows start + offs_m; 0
+    past NQ, finite, so that those rows' P is 1 and dS 0, and their zero Q and dO add nothing."""
+    return tl.load(base + start + offs_m, mask=offs_m < NQ - start, other=0.0)
 
 
 @triton.jit
@@ -291,7 +298,7 @@ def probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION:
 @autotune(_DKDV_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, ORDER, KEPT, DO, LSE, DELTA, DK, DV_OUT,
+    Q, K, V, ORDER, KEPT, DO, LSE2, DELTA, DK, DV_OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -327,7 +334,7 @@ def _attention_bwd_dkdv_kernel(
                                            DV)
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
-            lse_base = LSE + bh * NQ
+            lse2_base = LSE2 + bh * NQ
             delta_base = DELTA + bh * NQ
             # The entries past the kept keys are not masked in the loop (their K and V are
             # loaded as zeros): store_key_gradients writes zeros to their rows, whatever the
@@ -341,10 +348,10 @@ def _attention_bwd_dkdv_kernel(
                 else:
                     start = 0
                     rows = start_m + offs_m
-                q, do, lse2 = _query_tile(q_base, do_base, lse_base, start, rows, stride_qm,
-                                          stride_qd, stride_dom, stride_dod, offs_d, offs_dv, NQ,
-                                          D, DV)
-                delta = tl.load(delta_base + start + rows, mask=rows < NQ - start, other=0.0)
+                q, do = _query_tile(q_base, do_base, start, rows, stride_qm, stride_qd,
+                                    stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
+                lse2 = _row_stat(lse2_base, start, rows, NQ)
+                delta = _row_stat(delta_base, start, rows, NQ)
                 p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
                                                    PRECISION, KEYS_AS_ROWS=True, FULL=True)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -371,7 +378,7 @@ def _dq_block(q, do, lse2, delta, order_row, start, num_kept, offs_n, k_base, v_
 @autotune(_DQ_CONFIGS, _INTERPRET_TILES.to_triton(), key=_KEY, bounds=_BOUNDS)
 @triton.jit(do_not_specialize=BUCKET_ARGS)
 def _attention_bwd_dq_kernel(
-    Q, K, V, ORDER, KEPT, DO, LSE, DELTA, OUT, DQ,
+    Q, K, V, ORDER, KEPT, DO, LSE, LSE2, DELTA, OUT, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -393,15 +400,16 @@ def _attention_bwd_dq_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
 
-        q, do, lse2 = _query_tile(Q + b * stride_qb + h * stride_qh,
-                                  DO + b * stride_dob + h * stride_doh, LSE + bh * NQ, 0, rows,
-                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_d, offs_dv,
-                                  NQ, D, DV)
-        # delta = rowsum(dO * O) of these rows, in fp32, for this kernel and for the dK/dV
-        # kernel launched after it (see the module docstring).
+        q, do = _query_tile(Q + b * stride_qb + h * stride_qh,
+                            DO + b * stride_dob + h * stride_doh, 0, rows, stride_qm, stride_qd,
+                            stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
+        # The lse in base 2 and delta = rowsum(dO * O) of these rows, in fp32, for this kernel
+        # and for the dK/dV kernel launched after it (see the module docstring).
+        lse2 = _row_stat(LSE + bh * NQ, 0, rows, NQ) * LOG2E_C
         out = load_tile(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, offs_dv,
                         stride_od, DV).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * out, axis=1)
+        tl.store(LSE2 + bh * NQ + rows, lse2, mask=row_ok)
         tl.store(DELTA + bh * NQ + rows, delta, mask=row_ok)
         order_row = ORDER + b * stride_order_b
         k_base = K + b * stride_kb + h * stride_kh
@@ -489,19 +497,19 @@ def ordered_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
                                out: torch.Tensor, lse: torch.Tensor, *, scale: float
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK and dV of :func:`ordered_attention_forward`, over the same ``order`` and ``kept``,
-    in two launches: dQ (which also writes delta), then dK and dV."""
+    in two launches: dQ (which also writes the lse in base 2 and delta), then dK and dV."""
     batch, heads, num_q, _ = q.shape
-    delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    lse2, delta = torch.empty((2, batch, heads, num_q), dtype=torch.float32, device=q.device)
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)
     d_v = torch.empty_like(v)
     dq_static, dkdv_static = _backward_statics(
         q.shape, v.shape, q.stride(), k.stride(), v.stride(), grad_out.stride(), out.stride(),
         d_q.stride(), d_k.stride(), d_v.stride(), order.stride(0), q.dtype, scale)
-    # What both kernels read: the inputs, the order, the saved forward statistics.
+    # What both kernels read: the inputs, the order, the rows' statistics (the dQ kernel's).
     inputs = {"Q": q, "K": k, "V": v, "ORDER": order, "KEPT": kept, "DO": grad_out,
-              "LSE": lse.contiguous(), "DELTA": delta}
-    launch(_attention_bwd_dq_kernel, dq_static, OUT=out, DQ=d_q, **inputs)
+              "LSE2": lse2, "DELTA": delta}
+    launch(_attention_bwd_dq_kernel, dq_static, LSE=lse.contiguous(), OUT=out, DQ=d_q, **inputs)
     launch(_attention_bwd_dkdv_kernel, dkdv_static, DK=d_k, DV_OUT=d_v, **inputs)
     return d_q, d_k, d_v
 
