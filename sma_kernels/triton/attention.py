@@ -499,7 +499,8 @@ def ordered_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     """dQ, dK and dV of :func:`ordered_attention_forward`, over the same ``order`` and ``kept``,
     in two launches: dQ (which also writes the lse in base 2 and delta), then dK and dV."""
     batch, heads, num_q, _ = q.shape
-    lse2, delta = torch.empty((2, batch, heads, num_q), dtype=torch.float32, device=q.device)
+    lse2, delta = torch.empty((2, batch, heads, num_q), dtype=torch.float32,
+                              device=q.device).unbind()
     d_q = torch.empty_like(q)
     d_k = torch.empty_like(k)
     d_v = torch.empty_like(v)
