@@ -194,6 +194,10 @@ def test_attention_with_each_gpu_config(config, monkeypatch):
     keep[1, [3, length - 1]] = True  # two kept keys, one in the tail of the last block
     keep[2] = False  # no kept key
     q, k, v = check_attention(3, 1, 130, length, 16, 16, torch.float32, seed=config, keep=keep)
+    # Query counts below every config's query tile (only a partial tile), and a multiple of
+    # them all (full tiles only): the dK/dV loop takes its full tiles apart.
+    for num_q in (7, 64):
+        check_attention(2, 1, num_q, 70, 16, 16, torch.float32, seed=config + num_q)
     keep[1, 3] = False
     out, _ = triton_backend.attention_forward(q, k, v, keep.to(DEVICE), scale=0.25)
     assert torch.equal(out[1], v[1, :, length - 1 :].expand(1, 130, 16))

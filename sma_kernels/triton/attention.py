@@ -115,12 +115,22 @@ def kept_key_block(order_row, start, num_kept, offs_n, k_base, v_base, stride_kn
 
 
 @triton.jit
+def _rows_in(start, offs_m, NQ, FULL_ROWS: tl.constexpr):
+    """Which rows start + offs_m lie below NQ; FULL_ROWS: the caller knows all do (a constant
+    mask, so unmasked loads)."""
+    if FULL_ROWS:
+        return tl.full(offs_m.shape, 1, tl.int1)
+    return offs_m < NQ - start
+
+
+@triton.jit
 def _query_tile(q_base, do_base, start, offs_m, stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr):
+                offs_d, offs_dv, NQ, D: tl.constexpr, DV: tl.constexpr,
+                FULL_ROWS: tl.constexpr = False):
     """Q and dO of the query rows start + offs_m, for the backward; zeros past NQ. The bases
     advance by ``start`` and the tiles' offsets depend on ``offs_m`` only, so in a loop over
     ``start`` the offsets are computed once and an address costs one 64-bit add."""
-    row_ok = offs_m < NQ - start
+    row_ok = _rows_in(start, offs_m, NQ, FULL_ROWS)
     start = tl.cast(start, tl.int64)
     q = load_tile(q_base + start * stride_qm, offs_m, row_ok, stride_qm, offs_d, stride_qd, D)
     do = load_tile(do_base + start * stride_dom, offs_m, row_ok, stride_dom, offs_dv, stride_dod,
@@ -129,10 +139,27 @@ def _query_tile(q_base, do_base, start, offs_m, stride_qm, stride_qd, stride_dom
 
 
 @triton.jit
-def _row_stat(base, start, offs_m, NQ):
+def _row_stat(base, start, offs_m, NQ, FULL_ROWS: tl.constexpr = False):
     """A per-row statistic of the backward (lse, base-2 lse, delta) at rows start + offs_m; 0
     past NQ, finite, so that those rows' P is 1 and dS 0, and their zero Q and dO add nothing."""
-    return tl.load(base + start + offs_m, mask=offs_m < NQ - start, other=0.0)
+    return tl.load(base + start + offs_m, mask=_rows_in(start, offs_m, NQ, FULL_ROWS), other=0.0)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, listed, q_base, do_base, lse2_base, delta_base, start, offs_m,
+               stride_qm, stride_qd, stride_dom, stride_dod, offs_d, offs_dv, NQ, qk_scale,
+               D: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
+               FULL_ROWS: tl.constexpr):
+    """dK (unscaled) and dV of a block of keys after the query rows start + offs_m."""
+    q, do = _query_tile(q_base, do_base, start, offs_m, stride_qm, stride_qd, stride_dom,
+                        stride_dod, offs_d, offs_dv, NQ, D, DV, FULL_ROWS)
+    lse2 = _row_stat(lse2_base, start, offs_m, NQ, FULL_ROWS)
+    delta = _row_stat(delta_base, start, offs_m, NQ, FULL_ROWS)
+    p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale, PRECISION,
+                                      KEYS_AS_ROWS=True, FULL=True)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -338,24 +365,35 @@ def _attention_bwd_dkdv_kernel(
             delta_base = DELTA + bh * NQ
             # The entries past the kept keys are not masked in the loop (their K and V are
             # loaded as zeros): store_key_gradients writes zeros to their rows, whatever the
-            # loop leaves there.
+            # loop leaves there. The query tiles are at start + rows: up to head blocks of 128
+            # the offsets of loop-invariant rows are held (start = start_m). With 64 or more
+            # keys a block, the full tiles mask no row and the last, if partial, follows the
+            # loop; the 32-key tile's second copy spilled registers on sm_90 at dv = 128.
             narrow = narrow_heads(BLOCK_D, BLOCK_DV)
-            for start_m in range(0, NQ, BLOCK_M):
-                # The tile's rows as start + rows: offsets of loop-invariant rows are held.
-                if narrow:
-                    start = start_m
-                    rows = offs_m
-                else:
-                    start = 0
-                    rows = start_m + offs_m
-                q, do = _query_tile(q_base, do_base, start, rows, stride_qm, stride_qd,
-                                    stride_dom, stride_dod, offs_d, offs_dv, NQ, D, DV)
-                lse2 = _row_stat(lse2_base, start, rows, NQ)
-                delta = _row_stat(delta_base, start, rows, NQ)
-                p_t, ds_t = probs_and_grad_logits(q, k, v, listed, do, lse2, delta, qk_scale,
-                                                   PRECISION, KEYS_AS_ROWS=True, FULL=True)
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            if narrow & (BLOCK_N >= 64):
+                full_end = NQ - NQ % BLOCK_M
+                for start_m in range(0, full_end, BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, listed, q_base, do_base, lse2_base,
+                                        delta_base, start_m, offs_m, stride_qm, stride_qd,
+                                        stride_dom, stride_dod, offs_d, offs_dv, NQ, qk_scale,
+                                        D, DV, PRECISION, True)
+                if full_end < NQ:
+                    dk, dv = _dkdv_tile(dk, dv, k, v, listed, q_base, do_base, lse2_base,
+                                        delta_base, full_end, offs_m, stride_qm, stride_qd,
+                                        stride_dom, stride_dod, offs_d, offs_dv, NQ, qk_scale,
+                                        D, DV, PRECISION, False)
+            else:
+                for start_m in range(0, NQ, BLOCK_M):
+                    if narrow:
+                        start = start_m
+                        rows = offs_m
+                    else:
+                        start = 0
+                        rows = start_m + offs_m
+                    dk, dv = _dkdv_tile(dk, dv, k, v, listed, q_base, do_base, lse2_base,
+                                        delta_base, start, rows, stride_qm, stride_qd,
+                                        stride_dom, stride_dod, offs_d, offs_dv, NQ, qk_scale,
+                                        D, DV, PRECISION, False)
         store_key_gradients(DK + b * stride_dkb + h * stride_dkh,
                             DV_OUT + b * stride_dvb + h * stride_dvh, keys, positions < num_kept,
                             in_row, dk * scale, dv, stride_dkn, stride_dkd, stride_dvn,
