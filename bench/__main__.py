@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from . import cases as bench_cases
-from . import e2e, measure, plots, report, suite
+from . import e2e, measure, plots, report, suite, summary
 from .providers import SmaBackend, default_providers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=summary(__doc__))
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="bigger CPU sizes and all sweeps")

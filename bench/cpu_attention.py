@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import sma_kernels
 from sma_kernels.reference import kept_rows
 
+from . import summary
 from .cases import WORKLOADS, Case, Inputs, make_inputs
 
 SIZES = {  # (B, H, Q, L, d, dv)
@@ -179,7 +180,7 @@ def table(title: str, rows: list[tuple[Case, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_attention",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     parser.add_argument("--cases", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per timing (median)")
     parser.add_argument("--timings", nargs="+", default=["wall", "cpu"], choices=["wall", "cpu"],

@@ -44,7 +44,7 @@ import sma_kernels
 from sma_kernels import ops
 
 from . import cases as bench_cases
-from . import measure, report
+from . import measure, report, summary
 from .launches import count_launches
 
 
@@ -109,7 +109,7 @@ def calls(case: bench_cases.Case) -> dict[str, Callable[[], object]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     report.add_output_options(parser)
     parser.add_argument("--blocks", type=int, default=60)
     parser.add_argument("--calls", type=int, default=100)

@@ -59,6 +59,8 @@ from sma_kernels import ops
 from sma_kernels.triton import kernel_modules
 from sma_kernels.triton.launch import hooked, launch, through_triton
 
+from . import summary
+
 
 def recorded(fn: Callable[[], Any]) -> list[tuple]:
     """The launches ``fn`` makes, as the compiled kernels' launchers receive them."""
@@ -217,7 +219,7 @@ def _innermost(kernel: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.launch_overhead",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     report.add_output_options(parser)
     parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--calls", type=int, default=50)

@@ -61,7 +61,7 @@ from sma_kernels import ops
 from sma_kernels.backends import declared, unavailable_reasons
 
 from . import cases as bench_cases
-from . import measure, report
+from . import measure, report, summary
 
 aten = torch.ops.aten
 
@@ -294,7 +294,7 @@ def compiled_kernels() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.launches",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     report.add_output_options(parser)

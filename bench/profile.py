@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 from sma_kernels import ops
 
 from . import cases as bench_cases
-from . import measure, report
+from . import measure, report, summary
 from .providers import Provider, Sdpa, SmaBackend
 
 CALLS = ("fwd", "fwdbwd")
@@ -221,7 +221,7 @@ def chosen_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     parser.add_argument("--backend", default=None,
                         help="the sma-kernels backend (default: triton on a GPU, cpp on the CPU)")
     add_workload_options(parser, cases_default=None, cases_help="only these workloads",

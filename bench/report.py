@@ -24,6 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import summary
+
 ROOT = Path(__file__).resolve().parent.parent
 # Committed results: only ``python -m bench --save`` (or an explicit --out) writes here.
 RESULTS = ROOT / "bench" / "results"
@@ -352,7 +354,7 @@ def update_readme(readme: Path, results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("results", nargs="*", type=Path,
                         help="result JSON files (default: DIR/latest-*.json)")
     parser.add_argument("--dir", type=Path, default=RESULTS,

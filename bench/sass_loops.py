@@ -50,7 +50,7 @@ from sma_kernels.triton.attention import attention_backward, attention_forward
 from sma_kernels.triton.short_sequence import SHORT_LENGTH
 
 from . import cases as bench_cases
-from . import measure, report
+from . import measure, report, summary
 from .compile_sm90 import compile_launches, recorded_launches
 
 ISSUE_PER_CYCLE = 4  # warp instructions an sm_90 SM issues per cycle (4 schedulers)
@@ -158,7 +158,7 @@ def table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass_loops",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     report.add_output_options(parser)
     args = parser.parse_args(argv)
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import cases as bench_cases
-from . import measure
+from . import measure, summary
 from .profile import add_workload_options, chosen_workloads, profile_call
 
 SCORE_KERNEL = "_chosen_row_scores_kernel"
@@ -107,7 +107,7 @@ def _name(config: tuple[int, int, int, int] | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench.score_configs",
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     add_workload_options(parser, cases_default=["pixels"],
                          cases_help="workloads (default: pixels, the one whose call the kernel "
                                     "bounds)",
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     device, cases = chosen_workloads(parser, args)
     on_device = device.type == "cuda"
     repeats = args.repeats or (10 if on_device else 1)
-    # The interpreter is slow: two configs are enough for a smoke run.
+    # The interpreter is slow: the default and two candidates are enough for a smoke run.
     candidates = CANDIDATES if on_device else CANDIDATES[:2]
     dtype = torch.bfloat16 if on_device else torch.float32
     result = measure.new_result(

@@ -25,7 +25,9 @@ def autocast_inputs(*tensors: object) -> tuple[tuple[object, ...], contextlib.Ab
     the output in that dtype. Returns the inputs and the context to run the op in.
     """
     first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+    # Device types without autocast (meta, for one) reach the argument checks unchanged.
+    if (not isinstance(first, torch.Tensor) or not torch.amp.is_autocast_available(first.device.type)
+            or not torch.is_autocast_enabled(first.device.type)):
         return tensors, contextlib.nullcontext()
     device_type = first.device.type
     dtype = torch.get_autocast_dtype(device_type)

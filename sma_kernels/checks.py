@@ -52,14 +52,16 @@ def check_tensor(name: str, x: object, rank: int, shape_doc: str) -> torch.Tenso
 
 
 def check_mask_tensor(name: str, x: object, shape: tuple[int, int], shape_doc: str,
-                       device: torch.device) -> torch.Tensor:
+                       device: torch.device, *, on: str = "q",
+                       meaning: str = "True = real token") -> torch.Tensor:
+    """A (B, L) or (B, Q) bool tensor ``name`` on the device of the tensor named ``on``."""
     x = check_tensor(name, x, 2, shape_doc)
     if x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = real token), got {x.dtype}")
+        raise TypeError(f"{name} must be a bool tensor ({meaning}), got {x.dtype}")
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+        raise ValueError(f"{name} is on {x.device} but {on} is on {device}")
     return x
 
 
@@ -74,6 +76,14 @@ def check_bool(name: str, value: object) -> bool:
     if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {type_name(value)}")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type_name(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def check_real(name: str, value: object) -> float:
@@ -142,9 +152,9 @@ def check_call(q: object, k: object, valid: object, *, ratio: object, num_per_qu
                                         q.device)
     query_pool = query_pool_argument(valid, query_valid, mask_self)
 
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type_name(generator)}")
     if plan is None:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type_name(generator)}")
         if generator is not None and torch.compiler.is_compiling():
             raise TypeError("generator cannot be used inside torch.compile: TorchDynamo does not trace "
                             "torch.Generator objects. Draw a plan outside the compiled function with "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import api, backends, ops
-from .checks import check_mask_tensor, check_tensor
+from .checks import check_mask_tensor, check_positive_int, check_tensor
 from .packing import drop_masked
 from .plan import MaskPlan, kept_tokens
 
@@ -73,22 +73,20 @@ class SelfGuidedAttention(nn.Module):
         qk_dim = embed_dim if qk_dim is None else qk_dim
         value_dim = embed_dim if value_dim is None else value_dim
         out_dim = query_dim if out_dim is None else out_dim
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("query_dim", query_dim),
-                            ("qk_dim", qk_dim), ("value_dim", value_dim), ("out_dim", out_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        embed_dim, num_heads, query_dim, qk_dim, value_dim, out_dim = (
+            check_positive_int(name, value) for name, value in (
+                ("embed_dim", embed_dim), ("num_heads", num_heads), ("query_dim", query_dim),
+                ("qk_dim", qk_dim), ("value_dim", value_dim), ("out_dim", out_dim)))
         if qk_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"qk_dim={qk_dim} and value_dim={value_dim} must be divisible by "
                              f"num_heads={num_heads}")
         if num_latents is not None:
-            if isinstance(num_latents, bool) or not isinstance(num_latents, int) or num_latents < 1:
-                raise ValueError(f"num_latents must be None (self-attention) or a positive int, got "
-                                 f"{num_latents!r}")
+            num_latents = check_positive_int("num_latents", num_latents)
             if mask_self:
                 raise ValueError("mask_self=True needs self-attention (num_latents=None)")
         if query_dim != embed_dim and num_latents is None:
-            raise ValueError(f"self-attention reads its queries from the tokens: query_dim={query_dim} "
-                             f"must equal embed_dim={embed_dim}")
+            raise ValueError(f"query_dim={query_dim} must equal embed_dim={embed_dim}: self-attention "
+                             f"reads its queries from the tokens")
         self.num_heads = num_heads
         self.ratio, self.num_per_query, self.head_mix = ratio, num_per_query, head_mix
         self.mask_self, self.noise, self.masking, self.backend = mask_self, noise, masking, backend
@@ -127,7 +125,7 @@ class SelfGuidedAttention(nn.Module):
         x = check_tensor("x", x, 3, "(B, L, embed_dim)")
         batch, num_tokens, _ = x.shape
         if valid is not None:  # None reaches the op as it is: every token, and no fill
-            valid = check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", x.device)
+            valid = check_mask_tensor("valid", valid, (batch, num_tokens), "(B, L)", x.device, on="x")
         if queries is None:
             queries = x if self.self_attention else self.latents.expand(batch, -1, -1)
         else:

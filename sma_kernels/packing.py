@@ -23,7 +23,8 @@ def drop_masked(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torc
         raise TypeError(f"x must be a torch.Tensor of shape (B, L, ...), got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (B, L, ...), got {tuple(x.shape)}")
-    keep = check_mask_tensor("keep", keep, tuple(x.shape[:2]), "(B, L)", x.device)
+    keep = check_mask_tensor("keep", keep, tuple(x.shape[:2]), "(B, L)", x.device, on="x",
+                             meaning="True = keep")
     counts = keep.sum(dim=1)
     width = int(counts.max()) if keep.numel() else 0
     # A stable sort of "dropped" flags puts the kept tokens first, in their original order.

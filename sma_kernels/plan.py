@@ -23,13 +23,13 @@ How each backend reads the plan:
 
 Ranks may hold any int32 values, so any plan with the right shapes gives exactly the documented
 counts; only ``head`` must lie in [0, H) (checked in a caller's plan). The helpers below derive
-the per-sample counts and the chosen rows from a plan, vectorized over the batch; the reference
-and the Triton backend share them, the C++ kernel re-derives them per sample and is tested
-against them.
+the per-sample counts and the chosen rows from a plan, vectorized over the batch, for the
+reference; the C++ and Triton kernels re-derive them per sample and are tested against them.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -77,14 +77,14 @@ def make_plan(batch_size: int, num_queries: int, num_tokens: int, num_heads: int
     """
     for name, value in (("batch_size", batch_size), ("num_queries", num_queries),
                         ("num_tokens", num_tokens), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"make_plan: {name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"make_plan: {name} must be >= 1, got {value}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"make_plan: generator must be a torch.Generator, got {type(generator).__name__}")
-    plan = draw_plan(batch_size, num_queries, num_tokens, generator=generator, device=device)
-    return plan._replace(head=plan.head.remainder(num_heads))
+    plan = draw_plan(int(batch_size), int(num_queries), int(num_tokens), generator=generator, device=device)
+    return plan._replace(head=plan.head.remainder(int(num_heads)))
 
 
 def draw_plan(batch_size: int, num_queries: int, num_tokens: int, *,
@@ -114,9 +114,11 @@ def draw_plan(batch_size: int, num_queries: int, num_tokens: int, *,
 def make_plan_for(q: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None = None) -> MaskPlan:
     """A :class:`MaskPlan` for these q (B, H, Q, d) and k (B, H, L, d), on q's device."""
     for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"make_plan_for: {name} must be a 4-d tensor (B, H, n, d), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"make_plan_for: {name} must be a torch.Tensor (B, H, n, d), got "
+                            f"{type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"make_plan_for: {name} must be a 4-d tensor (B, H, n, d), got {tuple(x.shape)}")
     batch, heads, num_queries, _ = q.shape
     return make_plan(batch_size=batch, num_queries=num_queries, num_tokens=k.shape[2], num_heads=heads,
                      generator=generator, device=q.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,21 +130,32 @@ def test_noise_override_per_call():
     ({"qk_dim": 10}, ValueError, "qk_dim"),
     ({"query_dim": 8}, ValueError, "query_dim"),
     ({"num_heads": 0}, ValueError, "num_heads"),
+    ({"embed_dim": "16"}, TypeError, "embed_dim"),
+    ({"num_latents": 1.5}, TypeError, "num_latents"),
+    ({"value_dim": True}, TypeError, "value_dim"),
 ])
 def test_bad_construction_names_the_argument(kwargs, error, name):
     args = {"embed_dim": E, "num_heads": HEADS, **kwargs}
-    with pytest.raises(error, match=name):
+    with pytest.raises(error, match=rf"^{name}\b"):
         SelfGuidedAttention(**args)
+
+
+def test_numpy_integers_construct_the_layer():
+    layer = SelfGuidedAttention(np.int64(E), np.int32(HEADS), num_latents=np.int64(5))
+    assert layer.num_heads == HEADS and type(layer.num_heads) is int
+    assert layer.latents.shape == (5, E)
 
 
 def test_bad_call_names_the_argument():
     layer = SelfGuidedAttention(E, HEADS)
     x, valid = tokens()
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match=r"^x must have shape"):
         layer(x[0], valid)
-    with pytest.raises(TypeError, match="valid"):
+    with pytest.raises(TypeError, match=r"^valid must be a bool tensor"):
         layer(x, valid.float())
-    with pytest.raises(ValueError, match="queries"):
+    with pytest.raises(ValueError, match=r"^valid is on meta but x is on cpu"):
+        layer(x, valid.to("meta"))
+    with pytest.raises(ValueError, match=r"^self-attention queries"):
         layer(x, valid, queries=x[:, :3])
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(ValueError, match=r"^ratio"):
         SelfGuidedAttention(E, HEADS, ratio=1.5)(x, valid)
