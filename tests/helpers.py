@@ -1,10 +1,14 @@
-"""Test-session helpers: where the tests run and whether the Triton backend is here.
+"""Test-session helpers: where the tests run, whether the Triton backend is here, and the
+checks that several test modules make of error messages and measured times.
 
 What the tests compute and compare with (padding layouts, mask comparison, accuracy rule, loop
 oracle) is in :mod:`sma_kernels.testing`.
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 import pytest
 import torch
@@ -57,3 +61,16 @@ def element_addresses(x: torch.Tensor) -> torch.Tensor:
     offsets = sum(torch.arange(size)[(...,) + (None,) * (x.dim() - 1 - axis)] * stride
                   for axis, (size, stride) in enumerate(zip(x.shape, x.stride())))
     return x.data_ptr() + offsets * x.element_size()
+
+
+def blames(name: str, prefix: str = "") -> str:
+    """A ``pytest.raises(match=...)`` pattern: the message starts with ``prefix`` (e.g. the C++
+    ops' "self_guided_mask: ") and then names the argument ``name``, as a whole word."""
+    return rf"^{re.escape(prefix)}{re.escape(name)}\b"
+
+
+def is_duration(value: object) -> bool:
+    """Whether ``value`` can be a measured time: a finite, non-negative number. How long a call
+    takes is a benchmark's business, never a test's."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
+
 import pytest
 import torch
+from helpers import blames
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -11,6 +16,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import sma_kernels as sk
 from sma_kernels import ops
+from sma_kernels.backends import resolve, unavailable_reasons
+from sma_kernels.plan import mask_counts
 
 B, H, Q, L, D = 2, 2, 3, 6, 4
 
@@ -30,7 +37,7 @@ def call_mask(**overrides):
 
 
 BAD_MASK_ARGS = [
-    # (overrides, exception, text the message must contain)
+    # (overrides, exception, the argument the message must begin with)
     ({"q": torch.randn(B, Q, D)}, ValueError, "q"),
     ({"k": torch.randn(B, H, L)}, ValueError, "k"),
     ({"q": [[1.0]]}, TypeError, "q"),
@@ -67,7 +74,7 @@ BAD_MASK_ARGS = [
 
 @pytest.mark.parametrize("overrides,error,name", BAD_MASK_ARGS)
 def test_bad_arguments_name_the_argument(overrides, error, name):
-    with pytest.raises(error, match=name):
+    with pytest.raises(error, match=blames(name)):
         call_mask(**overrides)
 
 
@@ -75,14 +82,14 @@ def test_plan_modified_in_place_is_checked_again():
     plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(0))
     call_mask(plan=plan)  # a fresh plan passes without reading its values back
     plan.head.fill_(H)
-    with pytest.raises(ValueError, match="plan.head"):
+    with pytest.raises(ValueError, match=blames("plan.head")):
         call_mask(plan=plan)
 
 
 def test_plan_for_more_heads_is_refused():
     plan = sk.make_plan(B, Q, L, 8, generator=torch.Generator().manual_seed(0))
     assert int(plan.head.max()) >= H  # valid for 8 heads, out of range for these inputs' 2
-    with pytest.raises(ValueError, match="plan.head"):
+    with pytest.raises(ValueError, match=blames("plan.head")):
         call_mask(plan=plan)
 
 
@@ -90,18 +97,20 @@ def test_bad_v_names_v():
     q, k, v = inputs()
     for bad, error in ((v[:, :, :-1], ValueError), (v.double(), TypeError), (v[0], ValueError),
                        (torch.randn(B, H + 1, L, 5), ValueError)):
-        with pytest.raises(error, match="v"):
+        with pytest.raises(error, match=blames("v")):
             sk.self_guided_attention(q, k, bad, ratio=0.3, num_per_query=1)
 
 
-def test_unavailable_backend_says_why():
-    missing = [name for name, info in sk.backends().items() if not info["available"]]
-    for name in missing:
-        with pytest.raises(ValueError, match=f"backend={name!r}"):
-            call_mask(backend=name)
+def test_unavailable_backend_says_why(monkeypatch):
+    reason = "the compiled extension sma_kernels._C is not installed"
+    monkeypatch.setitem(unavailable_reasons(), "cpp", reason)
+    with pytest.raises(ValueError, match=rf"^backend='cpp' is not available here: {re.escape(reason)}$"):
+        call_mask(backend="cpp")
     info = sk.backends()
+    assert info["cpp"]["available"] is False and info["cpp"]["reason"] == reason
     assert info["reference"]["available"]
-    assert all(isinstance(i["reason"], str) for i in info.values() if not i["available"])
+    # "auto" passes over it: CPU tensors then go to the reference.
+    assert resolve("auto", torch.device("cpu"), torch.float32) == "reference"
 
 
 def test_triton_says_why_it_cannot_run_on_a_rocm_gpu(monkeypatch):
@@ -120,35 +129,147 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.floats(al
                       st.text(max_size=6), st.just(torch.ones(2)), st.just([0.3]))
 
 
+def one_argument_of(strategies: dict[str, st.SearchStrategy]) -> st.SearchStrategy[tuple[str, object]]:
+    """(name, value): one of the arguments, chosen by hypothesis, with a value from its strategy."""
+    return st.sampled_from(sorted(strategies)).flatmap(
+        lambda name: st.tuples(st.just(name), strategies[name]))
+
+
+def call_with_fuzzed(function: Callable[..., object], args: dict[str, object], name: str,
+                     prefix: str = "") -> object | None:
+    """``function(**args)``, where ``args[name]`` is fuzzed: its result, or None when it raised a
+    ValueError or TypeError whose message begins (after ``prefix``) by naming ``name``."""
+    try:
+        return function(**args)
+    except (ValueError, TypeError) as error:
+        assert re.search(blames(name, prefix), str(error)), f"{name}={args[name]!r}: {error}"
+        return None
+
+
+def assert_masks_k_real_tokens(mask: torch.Tensor, valid: torch.Tensor, ratio: float) -> None:
+    """``mask`` is (B, L) bool with exactly k = clamp(round(ratio * n), 1, n - 1) of each
+    sample's n real tokens masked, and no padding."""
+    assert mask.shape == valid.shape and mask.dtype == torch.bool
+    assert not (mask & ~valid).any()
+    any_rows = torch.ones(valid.shape[0], 1, dtype=torch.bool)  # k does not depend on the rows
+    counts = mask_counts(valid, any_rows, ratio=ratio, num_per_query=1, mask_self=False, noise=0.0)
+    assert torch.equal(mask.sum(dim=1), counts.num_masked)
+
+
+PADDED = torch.tensor([[True] * L, [True, False, True, True, False, True]])
+FUZZED_MASK_ARGS = {
+    "ratio": st.one_of(ANY_VALUE, st.floats(0.0, 1.0)),
+    "num_per_query": st.one_of(ANY_VALUE, st.integers(-1, 2**64)),
+    "head_mix": st.one_of(ANY_VALUE, st.sampled_from(["mean", "random"])),
+    "mask_self": ANY_VALUE,
+    "noise": st.one_of(ANY_VALUE, st.floats(0.0, 1.0)),
+    "scale": st.one_of(ANY_VALUE, st.floats(1e-40, 1e40)),
+    "generator": st.one_of(ANY_VALUE, st.builds(torch.Generator)),
+    "backend": st.one_of(ANY_VALUE, st.sampled_from(["auto", "reference", "cpp"])),
+}
+
+
 @settings(max_examples=200, deadline=None)
-@given(ratio=ANY_VALUE, num_per_query=ANY_VALUE,
-       head_mix=st.one_of(ANY_VALUE, st.sampled_from(["mean", "random"])), mask_self=ANY_VALUE,
-       noise=ANY_VALUE, scale=ANY_VALUE, backend=st.one_of(ANY_VALUE, st.just("auto")))
-def test_fuzzed_arguments_raise_clean_errors(ratio, num_per_query, head_mix, mask_self, noise, scale,
-                                             backend):
-    """Any argument either works (a correct mask) or raises ValueError/TypeError, never anything else."""
-    try:
-        mask = call_mask(ratio=ratio, num_per_query=num_per_query, head_mix=head_mix, mask_self=mask_self,
-                         noise=noise, scale=scale, backend=backend)
-    except (ValueError, TypeError):
-        return
-    assert mask.shape == (B, L) and mask.dtype == torch.bool
-    expected = min(max(round(float(ratio) * L), 1), L - 1)
-    assert mask.sum(dim=1).tolist() == [expected] * B
+@given(fuzzed=one_argument_of(FUZZED_MASK_ARGS))
+def test_fuzzed_arguments_raise_clean_errors(fuzzed):
+    """Valid arguments with one replaced: a correct mask, or a ValueError/TypeError naming it."""
+    name, value = fuzzed
+    q, k, _ = inputs()
+    args = {"q": q, "k": k, "valid": PADDED, "ratio": 0.3, "num_per_query": 1, "backend": "reference",
+            name: value}
+    mask = call_with_fuzzed(sk.self_guided_mask, args, name)
+    if mask is not None:
+        assert_masks_k_real_tokens(mask, PADDED, float(args["ratio"]))
 
 
-@settings(max_examples=50, deadline=None)
-@given(shape_q=st.lists(st.integers(0, 4), min_size=0, max_size=5),
-       shape_k=st.lists(st.integers(0, 4), min_size=0, max_size=5),
-       valid_shape=st.lists(st.integers(0, 4), min_size=0, max_size=3))
-def test_fuzzed_shapes_raise_clean_errors(shape_q, shape_k, valid_shape):
-    q, k = torch.randn(tuple(shape_q)), torch.randn(tuple(shape_k))
-    valid = torch.ones(tuple(valid_shape), dtype=torch.bool)
-    try:
-        mask = sk.self_guided_mask(q, k, valid, ratio=0.5, num_per_query=1)
-    except (ValueError, TypeError):
+SHAPE_SIZES = {"B": B, "H": H, "Q": Q, "L": L, "d": D}
+TENSOR_DIMENSIONS = {"q": "BHQd", "k": "BHLd", "valid": "BL"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(dimension=st.sampled_from([(name, axis) for name, symbols in TENSOR_DIMENSIONS.items()
+                                  for axis in range(len(symbols))]),
+       size=st.integers(0, 7))
+def test_fuzzed_shapes_raise_clean_errors(dimension, size):
+    """One dimension of q, k or valid resized: a mask while the shapes still agree, else a
+    ValueError naming a tensor that has that dimension (or, for a size 0, q's and k's shapes)."""
+    name, axis = dimension
+    symbol = TENSOR_DIMENSIONS[name][axis]
+    shapes = {tensor: [SHAPE_SIZES[s] for s in symbols] for tensor, symbols in TENSOR_DIMENSIONS.items()}
+    shapes[name][axis] = size
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(shapes[tensor], generator=g) for tensor in ("q", "k"))
+    valid = torch.ones(shapes["valid"], dtype=torch.bool)
+
+    def call():
+        return sk.self_guided_mask(q, k, valid, ratio=0.5, num_per_query=1, backend="reference")
+
+    if size > 0 and (size == SHAPE_SIZES[symbol] or symbol == "Q"):  # any number of query rows agrees
+        assert_masks_k_real_tokens(call(), valid, 0.5)
         return
-    assert mask.shape == valid.shape
+    holders = "|".join(tensor for tensor, symbols in TENSOR_DIMENSIONS.items() if symbol in symbols)
+    blamed = rf"^({holders})\b"
+    if size == 0:
+        blamed += r"|^q \(.*\) and k \(.*\) must have no empty dimension"
+    with pytest.raises(ValueError, match=blamed):
+        call()
+
+
+PLAN_SIZES = {"batch_size": B, "num_queries": Q, "num_tokens": L, "num_heads": H}
+FUZZED_PLAN_ARGS = {**{name: st.one_of(ANY_VALUE, st.integers(-1, 9)) for name in PLAN_SIZES},
+                    "generator": st.one_of(ANY_VALUE, st.builds(torch.Generator))}
+
+
+@settings(max_examples=60, deadline=None)
+@given(fuzzed=one_argument_of(FUZZED_PLAN_ARGS))
+def test_fuzzed_make_plan_arguments(fuzzed):
+    """make_plan with one argument replaced: a plan of those sizes, or an error naming it."""
+    name, value = fuzzed
+    args = {**PLAN_SIZES, name: value}
+    plan = call_with_fuzzed(sk.make_plan, args, name, prefix="make_plan: ")
+    if plan is not None:
+        batch, queries, tokens, heads = (args[size] for size in PLAN_SIZES)
+        assert [tuple(x.shape) for x in plan] == [(batch, queries), (batch, queries), (batch, tokens)]
+        assert all(x.dtype == torch.int32 for x in plan)
+        assert 0 <= int(plan.head.min()) and int(plan.head.max()) < heads
+
+
+def numbered_tensors(shapes: st.SearchStrategy[list[int]]) -> st.SearchStrategy[torch.Tensor]:
+    """Tensors of the given shapes, of a few dtypes, holding 0, 1, 2, ... (distinct where the
+    dtype allows)."""
+    return st.builds(lambda shape, dtype: torch.arange(math.prod(shape)).reshape(shape).to(dtype),
+                     shapes, st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool]))
+
+
+def random_keeps(shapes: st.SearchStrategy[list[int]]) -> st.SearchStrategy[torch.Tensor]:
+    """Random bool tensors of the given shapes, some cast to float32."""
+    def draw(shape: list[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
+        return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5).to(dtype)
+
+    return st.builds(draw, shapes, st.integers(0, 2**31 - 1), st.sampled_from([torch.bool, torch.float32]))
+
+
+FUZZED_DROP_ARGS = {
+    # x: (B, L, ...) of any dtype and features, fewer than two dimensions, or no tensor at all
+    "x": st.one_of(ANY_VALUE, numbered_tensors(st.lists(st.integers(0, 3), max_size=2).map(
+        lambda features: [B, L, *features])), numbered_tensors(st.lists(st.integers(0, 3), max_size=1))),
+    # keep: (B, L) or any other shape of sizes from x's, or no tensor at all
+    "keep": st.one_of(ANY_VALUE, random_keeps(st.just([B, L])),
+                      random_keeps(st.lists(st.sampled_from([0, 1, B, L]), max_size=3))),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(fuzzed=one_argument_of(FUZZED_DROP_ARGS))
+def test_fuzzed_drop_masked_arguments(fuzzed):
+    """drop_masked with x or keep replaced: a packing of the kept tokens, or an error naming it."""
+    name, value = fuzzed
+    g = torch.Generator().manual_seed(1)
+    args = {"x": torch.randn(B, L, 3, generator=g), "keep": torch.rand(B, L, generator=g) < 0.5,
+            name: value}
+    result = call_with_fuzzed(sk.drop_masked, args, name)
+    if result is not None:
+        assert_packs_kept_tokens(args["x"], args["keep"], *result)
 
 
 # ----------------------------------------------------------------------------- torch.library
@@ -168,15 +289,34 @@ def test_opcheck_mask(backend):
     torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, args)
 
 
-@pytest.mark.parametrize("backend", available_cpu_backends())
-def test_opcheck_with_default_valid_and_query_pool(backend):
-    # No valid and no query_valid reach the ops as None: every token, every query row.
-    q, k, v = (x.requires_grad_() for x in inputs())
+def fused_cpu_backends() -> list:
+    """The CPU backends with the fused self_guided_attention op; where there is none, one
+    parameter that skips, saying why (never an empty parameter list, which skips silently)."""
+    fused = [name for name in available_cpu_backends() if ops.has_fused_attention(name, torch.float32)]
+    why = sk.backends()["triton"]["reason"] or "runs on CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
+    reason = f"no backend with the fused op takes CPU tensors here (triton: {why})"
+    return fused or [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="none")]
+
+
+def default_valid_and_query_pool_args(backend: str) -> tuple:
+    """The ops' arguments after the tensors for no valid and no query_valid, which reach them as
+    None: every token, every query row."""
     plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(1))
-    args = (None, None, *plan, 0.3, 1, "mean", False, 0.5, 0.5, backend)
-    torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default, (q.detach(), k.detach(), *args))
-    if ops.has_fused_attention(backend, q.dtype):
-        torch.library.opcheck(torch.ops.sma_kernels.self_guided_attention.default, (q, k, v, *args))
+    return (None, None, *plan, 0.3, 1, "mean", False, 0.5, 0.5, backend)
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+def test_opcheck_mask_with_default_valid_and_query_pool(backend):
+    q, k, _ = inputs()
+    torch.library.opcheck(torch.ops.sma_kernels.self_guided_mask.default,
+                          (q, k, *default_valid_and_query_pool_args(backend)))
+
+
+@pytest.mark.parametrize("backend", fused_cpu_backends())
+def test_opcheck_fused_attention_with_default_valid_and_query_pool(backend):
+    q, k, v = (x.requires_grad_() for x in inputs())
+    torch.library.opcheck(torch.ops.sma_kernels.self_guided_attention.default,
+                          (q, k, v, *default_valid_and_query_pool_args(backend)))
 
 
 @pytest.mark.parametrize("backend", available_cpu_backends())
@@ -236,11 +376,12 @@ def test_torch_compile_matches_eager():
     plan = sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(3))
 
     def layer(q, k, v):
-        out, mask = sk.self_guided_attention(q, k, v, valid, ratio=0.3, num_per_query=1, plan=plan)
-        return out.sum() + mask.sum()
+        return sk.self_guided_attention(q, k, v, valid, ratio=0.3, num_per_query=1, plan=plan)
 
-    compiled = torch.compile(layer, backend="aot_eager")
-    assert torch.allclose(compiled(q, k, v), layer(q, k, v))
+    out, mask = torch.compile(layer, backend="aot_eager")(q, k, v)
+    want_out, want_mask = layer(q, k, v)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(out, want_out)
 
 
 def test_torch_compile_traces_the_registered_ops():
@@ -363,10 +504,6 @@ def test_eager_attention_equals_the_registered_op(backend):
         assert torch.equal(grad, op_grad)
 
 
-def fused_cpu_backends():
-    return [name for name in available_cpu_backends() if ops.has_fused_attention(name, torch.float32)]
-
-
 @pytest.mark.parametrize("backend", fused_cpu_backends())
 def test_eager_fused_attention_equals_the_registered_op(backend):
     """The fused op's eager autograd.Function gives the op's outputs and gradients, bit for bit."""
@@ -401,6 +538,22 @@ def test_calls_without_grad_skip_the_autograd_node_and_agree(backend, monkeypatc
 
 # ----------------------------------------------------------------------------- drop_masked
 
+def assert_packs_kept_tokens(x: torch.Tensor, keep: torch.Tensor, packed: torch.Tensor,
+                             valid: torch.Tensor, index: torch.Tensor) -> None:
+    """drop_masked(x, keep) gave (packed, valid, index): each sample's kept tokens first, in
+    order, zeros after them."""
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    assert packed.shape == (x.shape[0], width, *x.shape[2:]) and packed.dtype == x.dtype
+    assert valid.shape == index.shape == packed.shape[:2]
+    for b in range(x.shape[0]):
+        kept = keep[b].nonzero().flatten()
+        n = len(kept)
+        assert valid[b].tolist() == [True] * n + [False] * (width - n)
+        assert torch.equal(index[b, :n], kept)
+        assert torch.equal(packed[b, :n], x[b, kept])
+        assert bool((packed[b, n:] == 0).all())
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 2**31 - 1))
 def test_drop_masked_packs_kept_tokens_in_order(batch, length, seed):
@@ -408,23 +561,15 @@ def test_drop_masked_packs_kept_tokens_in_order(batch, length, seed):
     x = torch.randn(batch, length, 3, generator=g, requires_grad=True)
     keep = torch.rand(batch, length, generator=g) < 0.5
     packed, valid, index = sk.drop_masked(x, keep)
-    assert packed.shape[:2] == valid.shape == index.shape
-    assert packed.shape[1] == int(keep.sum(1).max())
-    for b in range(batch):
-        kept = keep[b].nonzero().flatten()
-        n = len(kept)
-        assert valid[b].tolist() == [True] * n + [False] * (packed.shape[1] - n)
-        assert torch.equal(index[b, :n], kept)
-        assert torch.equal(packed[b, :n], x[b, kept])
-        assert bool((packed[b, n:] == 0).all())
+    assert_packs_kept_tokens(x, keep, packed, valid, index)
     packed.sum().backward()
     assert torch.equal(x.grad, keep[..., None].expand_as(x).float())
 
 
 def test_drop_masked_bad_input():
-    with pytest.raises(TypeError, match="keep"):
+    with pytest.raises(TypeError, match=blames("keep")):
         sk.drop_masked(torch.randn(2, 3), torch.ones(2, 3))
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match=blames("keep")):
         sk.drop_masked(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match=blames("x")):
         sk.drop_masked(torch.randn(3), torch.ones(3, dtype=torch.bool))

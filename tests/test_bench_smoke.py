@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import is_duration
 
 import sma_kernels
 from bench import __main__ as bench_main
@@ -71,7 +72,7 @@ def test_main_writes_valid_json_and_table(tmp_path, capsys):
                 assert record["check"] is not None
             # beside each time: the host time of a call and its launches
             assert set(record["launches"]) == set(record["times"])
-            assert all(timing["host_median_ms"] > 0 for timing in record["times"].values())
+            assert all(is_duration(timing["host_median_ms"]) for timing in record["times"].values())
             assert all(count > 0 for count in record["launches"].values())
             if name.startswith("sma:"):  # as users call it, the op draws its plan: its launches show it
                 draws = [launch for launch in record["launch_names"]["fwd"] if launch.startswith("randint")]
@@ -353,7 +354,7 @@ def test_host_overhead_counts_every_launch(tmp_path):
         # As users call: the plan's one random draw is the only aten op.
         assert all(record["aten_ops"][metric] == ["randint.low_generator"]
                    for metric in ("mask", "fwd", "fwdbwd"))
-        assert all(record[f"{route}_{metric}_us"] > 0 for route in ("eager", "ops")
+        assert all(is_duration(record[f"{route}_{metric}_us"]) for route in ("eager", "ops")
                    for metric in ("mask", "fwd", "fwdbwd", "fwd_plan"))
 
 
@@ -365,7 +366,7 @@ def test_profile_lists_each_calls_ops(tmp_path):
     assert set(records) == {(provider, call) for provider in ("sdpa", "sma:cpp")
                             for call in bench_profile.CALLS}
     for record in records.values():
-        assert record["host_ms"] > 0 and record["device_ms"] is None  # no device on the CPU
+        assert is_duration(record["host_ms"]) and record["device_ms"] is None  # no device on the CPU
         assert record["host_functions"] and all(row["calls"] > 0 for row in record["host_functions"])
     # The C++ ops and sma-kernels' Python are the host time of its calls.
     assert any("sma_kernels" in row["function"]
@@ -404,7 +405,7 @@ def test_score_configs_times_the_default_and_each_candidate(tmp_path):
     assert score_configs.main(["--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "score-configs-cpu.json").read_text())["records"]
     assert [record["default"] for record in records] == [True, False, False]
-    assert all(record["case"] == "pixels" and record["time_ms"] > 0
+    assert all(record["case"] == "pixels" and is_duration(record["time_ms"])
                and record["kernel_ms"] is None for record in records)  # no device on the CPU
     assert records[0]["over_default"] == 1.0
     assert [record["config"] for record in records[1:]] == [
@@ -430,4 +431,6 @@ def test_end_to_end_training_step():
     for setting in record["settings"]:
         for name, entry in setting["providers"].items():
             assert entry["status"] == "ok", (setting["name"], name, entry["reason"])
-            assert 0 < entry["mask_share"] < 1
+            step, mask = entry["step"]["median_ms"], entry["mask"]["median_ms"]
+            assert is_duration(step) and is_duration(mask)
+            assert entry["mask_share"] == mask / step

