@@ -65,6 +65,10 @@ BAD_MASK_ARGS = [
     ({"query_valid": torch.ones(B, Q + 1, dtype=torch.bool)}, ValueError, "query_valid"),
     ({"query_valid": torch.ones(B, Q)}, TypeError, "query_valid"),
     ({"generator": 123}, TypeError, "generator"),
+    ({"generator": 123, "plan": sk.make_plan(B, Q, L, H)}, TypeError, "generator"),
+    ({"q": torch.randn(B, H, Q, D, device="meta"), "k": torch.randn(B, H, L, D, device="meta"),
+      "backend": "cpp"}, ValueError, "backend"),
+    ({"valid": torch.ones(B, L, dtype=torch.bool, device="meta")}, ValueError, "valid"),
     ({"plan": (1, 2, 3)}, TypeError, "plan"),
     ({"plan": sk.make_plan(B, Q + 1, L, H)}, ValueError, "plan"),
     ({"plan": sk.make_plan(B, Q, L, H)._replace(head=torch.full((B, Q), H, dtype=torch.int32))},
@@ -573,3 +577,23 @@ def test_drop_masked_bad_input():
         sk.drop_masked(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=blames("x")):
         sk.drop_masked(torch.randn(3), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^keep is on meta but x is on cpu"):
+        sk.drop_masked(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool, device="meta"))
+
+
+def test_make_plan_for_reads_the_sizes_and_names_bad_tensors():
+    q, k, _ = inputs()
+    plan = sk.make_plan_for(q, k, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plan.head, sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(0)).head)
+    with pytest.raises(TypeError, match=blames("q", prefix="make_plan_for: ")):
+        sk.make_plan_for([1.0], k)
+    with pytest.raises(ValueError, match=blames("k", prefix="make_plan_for: ")):
+        sk.make_plan_for(q, k[0])
+
+
+def test_make_plan_takes_numpy_integers():
+    np = pytest.importorskip("numpy", reason="NumPy is not installed")
+    sizes = {"batch_size": np.int64(B), "num_queries": np.int32(Q), "num_tokens": np.uint8(L),
+             "num_heads": np.int64(H)}
+    plan = sk.make_plan(**sizes, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plan.token_rank, sk.make_plan(B, Q, L, H, generator=torch.Generator().manual_seed(0)).token_rank)
